@@ -1,0 +1,3 @@
+from mlx_dpo.cli import main
+
+main()

@@ -1,0 +1,27 @@
+"""Shared fixtures. Torch and an RTLD_GLOBAL OpenBLAS in one process oversubscribe the two
+cores (torch 3x slower), so BLAS threads are pinned to 1 before anything imports them."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import mlx_dpo  # noqa: E402,F401  (loads the fast BLAS before mlx.core)
+import pytest  # noqa: E402
+from tiny import build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """A random float32 Qwen2-architecture checkpoint with a ChatML template (tied head)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory) -> Path:
+    """A random float32 Llama-architecture checkpoint with an untied head."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama", tie_word_embeddings=False)

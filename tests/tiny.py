@@ -1,0 +1,125 @@
+"""Tiny Hugging Face-format checkpoints built by the tests themselves (no network).
+
+`build_tiny_model(path)` writes config.json, model.safetensors (random init, float32),
+tokenizer.json (a byte-level BPE trained here on a fixed corpus) and tokenizer_config.json
+with a ChatML chat template, in the layout both mlx-lm and transformers load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Please answer politely. Sure! Here is a short answer.",
+    "one two three four five six seven eight nine ten",
+    "user assistant system hello world good bad yes no",
+]
+
+
+def build_tokenizer(path: Path, vocab_size: int = 320, chat_template: str | None = CHATML) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok.save(str(path / "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "model_max_length": 4096,
+    }
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+
+
+def build_tiny_model(
+    path: str | Path,
+    *,
+    arch: str = "qwen2",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+    chat_template: str | None = CHATML,
+) -> Path:
+    """Write a random float32 checkpoint of `arch` ("qwen2" or "llama") and return its path."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(path, chat_template=chat_template)
+    vocab = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]
+    vocab_size = 64 * ((len(vocab) + 63) // 64)  # padded like real checkpoints
+    eos_id = vocab["<|im_end|>"]
+    heads, kv_heads, inter = 4, 2, 2 * hidden_size
+    config = {
+        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+        "model_type": arch,
+        "hidden_size": hidden_size,
+        "intermediate_size": inter,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab_size,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": tie_word_embeddings,
+        "torch_dtype": "float32",
+        "eos_token_id": eos_id,
+        "bos_token_id": None,
+        "hidden_act": "silu",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    rng = np.random.default_rng(seed)
+    d, hd = hidden_size, hidden_size // heads
+
+    def w(*shape: int, std: float = 0.08) -> np.ndarray:
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    weights = {"model.embed_tokens.weight": w(vocab_size, d, std=0.5), "model.norm.weight": 1 + w(d)}
+    if not tie_word_embeddings:
+        weights["lm_head.weight"] = w(vocab_size, d, std=0.2)
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        weights |= {
+            p + "input_layernorm.weight": 1 + w(d),
+            p + "post_attention_layernorm.weight": 1 + w(d),
+            p + "self_attn.q_proj.weight": w(heads * hd, d),
+            p + "self_attn.k_proj.weight": w(kv_heads * hd, d),
+            p + "self_attn.v_proj.weight": w(kv_heads * hd, d),
+            p + "self_attn.o_proj.weight": w(d, heads * hd),
+            p + "mlp.gate_proj.weight": w(inter, d),
+            p + "mlp.up_proj.weight": w(inter, d),
+            p + "mlp.down_proj.weight": w(d, inter),
+        }
+        if arch == "qwen2":  # Qwen2 has q/k/v biases
+            weights |= {
+                p + "self_attn.q_proj.bias": w(heads * hd),
+                p + "self_attn.k_proj.bias": w(kv_heads * hd),
+                p + "self_attn.v_proj.bias": w(kv_heads * hd),
+            }
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
