@@ -54,7 +54,9 @@ def _openblas_candidates() -> list[str]:
 def _mkl_candidates() -> list[str]:
     # The `mkl` wheel puts libmkl_rt in <prefix>/lib; it exports unprefixed cblas_* and sgemm_.
     prefixes = {sys.prefix, sys.base_prefix}
-    return sorted(p for pre in prefixes for p in glob.glob(os.path.join(pre, "lib", "libmkl_rt.so*")))
+    return sorted(
+        p for pre in prefixes for p in glob.glob(os.path.join(pre, "lib", "libmkl_rt.so*"))
+    )
 
 
 def preload() -> BlasState:

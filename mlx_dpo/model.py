@@ -1,0 +1,303 @@
+"""Load an mlx-lm model, pick the compute path, and add (or remove) LoRA/DoRA adapters.
+
+Decisions:
+- The reference is the same weights with the adapters off; no second copy (DESIGN.md).
+- On MLX's CPU backend `quantized_matmul` runs at ~3 GFLOP/s and bf16 matmul at ~7 against
+  ~400 for fp32 sgemm, so there a quantized base keeps its 4/8-bit storage and is dequantized to
+  float32 right before each matmul (`DequantLinear`); on Metal and CUDA the native kernels stay.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+ADAPTER_LAYERS = (LoRALinear, DoRALinear, LoRAEmbedding, DoRAEmbedding, LoRASwitchLinear)
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    path: Path  # local directory holding the weights
+    config: dict  # the model's config.json (after our fixes)
+    notes: list[str]  # things the user should know (quantization choices, compute path)
+
+
+def resolve_path(model: str, revision: str | None = None) -> Path:
+    """A local directory, or a Hub id resolved through huggingface-hub's cache."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path}: not a model directory (no config.json)")
+        return path
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelError(
+            f"--model {model}: no such directory, and not a Hub id of the form org/name"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+    try:
+        return Path(
+            snapshot_download(model, revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS)
+        )
+    except LocalEntryNotFoundError:
+        raise ModelError(
+            f"--model {model}: not in the local Hugging Face cache and the Hub cannot be reached "
+            "(offline?). Download it once with `hf download " + model + "`."
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ModelError(
+            f"--model {model}: could not fetch from the Hub ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _config_fixes(path: Path) -> dict:
+    # transformers >= 5 writes rope_theta under rope_parameters; mlx-lm 0.32 ignores it and
+    # silently falls back to its own default (logits drift by up to 0.2).
+    config = json.loads((path / "config.json").read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" not in config and isinstance(rope, dict) and "rope_theta" in rope:
+        return {"rope_theta": rope["rope_theta"]}
+    return {}
+
+
+def load(
+    model: str,
+    *,
+    revision: str | None = None,
+    quantize: int | None = None,
+    q_group_size: int = 64,
+    compute_dtype: str = "auto",
+) -> LoadedModel:
+    """Load model and tokenizer, optionally quantize, and set up the compute path."""
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    path = resolve_path(model, revision)
+    fixes = _config_fixes(path)
+    try:
+        net, config = load_model(path, model_config=fixes)
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ModelError(f"{path}: cannot be loaded by mlx-lm ({type(e).__name__}: {e})") from None
+    notes = [f"rope_theta={fixes['rope_theta']} taken from rope_parameters"] if fixes else []
+    if quantize:
+        notes += quantize_model(net, bits=quantize, group_size=q_group_size)
+    notes += set_compute_path(net, compute_dtype)
+    net.freeze()
+    net.eval()
+    return LoadedModel(net, tokenizer, path, config, notes)
+
+
+def _group_size_for(width: int, preferred: int) -> int | None:
+    for g in (preferred, 128, 64, 32):
+        if width % g == 0:
+            return g
+    return None
+
+
+def quantize_model(model: nn.Module, *, bits: int, group_size: int) -> list[str]:
+    """Quantize every Linear/Embedding; a layer whose width the group size does not divide gets
+    a smaller group size that does, or stays unquantized (and is named in the notes)."""
+    skipped, regrouped = [], {}
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            return False
+        g = _group_size_for(module.weight.shape[-1], group_size)
+        if g is None:
+            skipped.append(path)
+            return False
+        if g != group_size:
+            regrouped[path] = g
+        return {"group_size": g, "bits": bits}
+
+    nn.quantize(model, class_predicate=predicate)
+    notes = [f"quantized to {bits} bits (group size {group_size})"]
+    if regrouped:
+        notes.append(
+            f"{len(regrouped)} layers use a smaller group size: {sorted(set(regrouped.values()))}"
+        )
+    if skipped:
+        notes.append(
+            f"{len(skipped)} layers left unquantized (width not a multiple of 32): {skipped[:4]}"
+        )
+    return notes
+
+
+class DequantLinear(nn.QuantizedLinear):
+    """Quantized storage, float32 compute: dequantize right before the matmul (fast on CPU)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = mx.dequantize(
+            self["weight"],
+            self["scales"],
+            self.get("biases"),
+            self.group_size,
+            self.bits,
+            mode=self.mode,
+        )
+        y = x.astype(mx.float32) @ w.T
+        return y + self["bias"] if "bias" in self else y
+
+
+class DequantEmbedding(nn.QuantizedEmbedding):
+    """Quantized embedding whose tied output projection runs in float32 (see DequantLinear)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return super().__call__(x).astype(mx.float32)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        w = mx.dequantize(
+            self["weight"],
+            self["scales"],
+            self.get("biases"),
+            self.group_size,
+            self.bits,
+            mode=self.mode,
+        )
+        return x.astype(mx.float32) @ w.T
+
+
+def set_compute_path(model: nn.Module, compute_dtype: str = "auto") -> list[str]:
+    """Choose how the frozen base computes; returns a note for the user."""
+    on_cpu = mx.default_device() == mx.cpu
+    if compute_dtype == "native" or (compute_dtype == "auto" and not on_cpu):
+        return []
+    dtype = mx.float32 if compute_dtype == "auto" else getattr(mx, compute_dtype)
+    n_quant = 0
+    for _, module in model.named_modules():
+        if type(module) is nn.QuantizedLinear and dtype == mx.float32:
+            module.__class__, n_quant = DequantLinear, n_quant + 1
+        elif type(module) is nn.QuantizedEmbedding and dtype == mx.float32:
+            module.__class__, n_quant = DequantEmbedding, n_quant + 1
+    floats = {
+        k: v.astype(dtype)
+        for k, v in tree_flatten(model.parameters())
+        if mx.issubdtype(v.dtype, mx.floating)
+    }
+    n_cast = sum(
+        v.dtype != floats[k].dtype for k, v in tree_flatten(model.parameters()) if k in floats
+    )
+    if n_cast:
+        model.update(tree_unflatten(list(floats.items())))
+    notes = []
+    if n_quant:
+        notes.append(
+            f"{n_quant} quantized layers dequantized at use for {dtype} compute (fast on CPU)"
+        )
+    if n_cast:
+        notes.append(f"{n_cast} tensors cast to {dtype} for compute")
+    return notes
+
+
+def lora_parameters(cfg) -> dict:
+    """mlx-lm's `lora_parameters` block of adapter_config.json."""
+    params = {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout}
+    if cfg.lora_keys:
+        params["keys"] = list(cfg.lora_keys)
+    return params
+
+
+def num_blocks(model: nn.Module) -> int:
+    return len(model.layers)
+
+
+def apply_adapters(model: nn.Module, cfg, seed: int = 0) -> int:
+    """Freeze the base and insert LoRA/DoRA layers (lora_b = 0: policy == reference at step 0).
+    Returns the number of trainable parameters."""
+    model.freeze()
+    mx.random.seed(seed)  # lora_a's random init
+    n = num_blocks(model) if cfg.num_layers < 0 else min(cfg.num_layers, num_blocks(model))
+    linear_to_lora_layers(model, n, lora_parameters(cfg), use_dora=cfg.fine_tune_type == "dora")
+    return trainable_count(model)
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def load_adapter_dir(model: nn.Module, path: str | Path) -> dict:
+    """Insert the adapter layers described by `path`/adapter_config.json and load its weights."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    path = Path(path)
+    if not (path / "adapter_config.json").exists() or not (path / "adapters.safetensors").exists():
+        raise ModelError(
+            f"{path}: not an adapter directory (needs adapter_config.json and adapters.safetensors)"
+        )
+    model.freeze()
+    try:
+        load_adapters(model, str(path))
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"{path}: adapter does not fit this model ({e})") from None
+    return json.loads((path / "adapter_config.json").read_text())
+
+
+@contextmanager
+def adapters_off(model: nn.Module):
+    """Temporarily swap every adapter layer for its base layer: exact base outputs (also DoRA)."""
+    swapped = [(name, m) for name, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)]
+    if swapped:
+        model.update_modules(
+            tree_unflatten(
+                [(name, m.linear if hasattr(m, "linear") else m.embedding) for name, m in swapped]
+            )
+        )
+    try:
+        yield model
+    finally:
+        if swapped:
+            model.update_modules(tree_unflatten(swapped))
+
+
+def enable_grad_checkpoint(model: nn.Module) -> None:
+    """Recompute each transformer block in the backward pass (mx.checkpoint), per instance."""
+    for block in model.layers:
+        base = type(block)
+        if getattr(base, "_mlx_dpo_checkpointed", False):
+            continue
+        call = base.__call__
+
+        def checkpointed(self, *args, _call=call, **kwargs):
+            def inner(params, *args, **kwargs):
+                self.update(params)
+                return _call(self, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        # A subclass per block type keeps other models of the same class untouched.
+        block.__class__ = type(
+            base.__name__, (base,), {"__call__": checkpointed, "_mlx_dpo_checkpointed": True}
+        )
+
+
+def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def adapter_config(cfg, model: nn.Module) -> dict:
+    """adapter_config.json in mlx-lm's format (so mlx_lm.load/fuse read it), plus our config."""
+    n = num_blocks(model) if cfg.num_layers < 0 else min(cfg.num_layers, num_blocks(model))
+    return {
+        **cfg.to_dict(),
+        "fine_tune_type": cfg.fine_tune_type,
+        "num_layers": n,
+        "lora_parameters": lora_parameters(cfg),
+    }
