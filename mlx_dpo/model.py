@@ -105,6 +105,15 @@ def load(
     return LoadedModel(net, tokenizer, path, config, notes)
 
 
+def load_tokenizer_only(model: str, revision: str | None = None):
+    """The tokenizer of `model` without loading its weights (for `data check`)."""
+    from mlx_lm.utils import load_config, load_tokenizer
+
+    path = resolve_path(model, revision)
+    config = load_config(path)
+    return load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+
+
 def _group_size_for(width: int, preferred: int) -> int | None:
     for g in (preferred, 128, 64, 32):
         if width % g == 0:

@@ -1,0 +1,62 @@
+"""`mlx_dpo doctor`: what this machine gives MLX, in a few lines."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+from mlx_dpo import _blas
+
+
+def _matmul_gflops() -> float:
+    import mlx.core as mx
+
+    n = 512
+    a = mx.random.normal((n, n))
+    mx.eval(a @ a)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        mx.eval(a @ a)
+    return 5 * 2 * n**3 / (time.perf_counter() - t0) / 1e9
+
+
+def backend_lines() -> list[str]:
+    import mlx.core as mx
+
+    device = mx.default_device()
+    if mx.metal.is_available():
+        backend = "Metal"
+    elif mx.cuda.is_available():
+        backend = "CUDA"
+    else:
+        backend = "CPU"
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    lines = [f"mlx {mx.__version__}: backend {backend}, default device {device}"]
+    if info.get("device_name"):
+        lines.append(f"device: {info['device_name']} ({info.get('architecture', '?')})")
+    # Key names differ per backend (Metal has max_recommended_working_set_size); never assume one.
+    for key in ("memory_size", "max_recommended_working_set_size", "total_memory"):
+        if key in info:
+            lines.append(f"{key.replace('_', ' ')}: {info[key] / 2**30:.1f} GiB")
+    return lines
+
+
+def report() -> str:
+    import huggingface_hub
+    import mlx_lm
+
+    state = _blas.preload()
+    lines = [f"python {sys.version.split()[0]} on {platform.system()} {platform.machine()}"]
+    lines += backend_lines()
+    lines.append(f"mlx-lm {mlx_lm.__version__}")
+    if sys.platform.startswith("linux"):
+        lines.append(f"blas: {state.reason}")
+        lines.append(f"cpu fp32 matmul 512^3: {_matmul_gflops():.0f} GFLOP/s")
+    lines.append(
+        f"huggingface-hub {huggingface_hub.__version__}, cache {huggingface_hub.constants.HF_HUB_CACHE}"
+    )
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    lines.append(f"hub offline mode: {'on' if offline else 'off'} (HF_HUB_OFFLINE)")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Reference log-probs: computed once, before training, with the adapters off, and cached.
+
+The reference policy is the base model (plus an `--init-adapter`, when given) at step 0, so
+its per-pair summed completion log-probs never change during training: one no-grad pass
+replaces two reference forwards per step and no second model is held. The cache file is keyed
+by the model's identity, the compute path and the exact token ids of every pair, so the next
+run on the same model and data reuses it, and any change in tokenization misses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_dpo.data import iterate_batches
+from mlx_dpo.logps import forward_logps
+
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MLX_DPO_CACHE") or Path.home() / ".cache" / "mlx_dpo"
+    return Path(root) / "reference"
+
+
+def fingerprint_dir(path: Path) -> dict:
+    """Cheap identity of a model/adapter directory: a Hub snapshot's commit, else the weight
+    files' names, sizes and modification times plus config.json's content."""
+    path = Path(path).resolve()
+    if path.parent.name == "snapshots":
+        return {"hub_commit": path.name, "repo": path.parent.parent.name}
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    config = (path / "config.json").read_text() if (path / "config.json").exists() else ""
+    return {
+        "path": str(path),
+        "files": stats,
+        "config": hashlib.sha256(config.encode()).hexdigest(),
+    }
+
+
+def cache_key(model_identity: dict, pairs) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": CACHE_VERSION, "model": model_identity}, sort_keys=True).encode())
+    for p in pairs:
+        for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids):
+            h.update(np.asarray(ids, dtype=np.int64).tobytes())
+            h.update(b"|")
+    return h.hexdigest()[:32]
+
+
+def compute(model, pairs, *, batch_size: int, group=None) -> tuple[np.ndarray, np.ndarray]:
+    """Summed completion log-probs of every pair under `model` (no gradient), float32.
+    Distributed: each rank scores every world-th batch and the shards are summed together."""
+    world, rank = (group.size(), group.rank()) if group else (1, 0)
+    chosen = np.zeros(len(pairs), np.float32)
+    rejected = np.zeros(len(pairs), np.float32)
+    for i, update in enumerate(iterate_batches(pairs, batch_size, loop=False)):
+        if i % world != rank:
+            continue
+        for batch in update.micro_batches:
+            logps, _ = forward_logps(model, batch)
+            logps = np.array(mx.stop_gradient(logps).astype(mx.float32))
+            chosen[batch.index] = logps[: batch.size]
+            rejected[batch.index] = logps[batch.size :]
+    if world > 1:
+        both = mx.distributed.all_sum(mx.array(np.stack([chosen, rejected])), group=group)
+        chosen, rejected = np.array(both[0]), np.array(both[1])
+    return chosen, rejected
+
+
+def cached_compute(
+    model, pairs, model_identity: dict, *, batch_size: int, use_cache=True, group=None, log=print
+):
+    """`compute`, through the on-disk cache. Returns (chosen, rejected, cache hit?)."""
+    if not pairs:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32), False
+    path = cache_dir() / f"{cache_key(model_identity, pairs)}.npz"
+    if use_cache and path.exists():
+        try:
+            with np.load(path) as f:
+                if len(f["chosen"]) == len(pairs):
+                    return f["chosen"], f["rejected"], True
+        except (OSError, ValueError, KeyError):
+            log(f"ignoring an unreadable reference cache file {path}")
+    chosen, rejected = compute(model, pairs, batch_size=batch_size, group=group)
+    is_main = group is None or group.rank() == 0
+    if use_cache and is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, chosen=chosen, rejected=rejected)
+        os.replace(tmp, path)
+    return chosen, rejected, False

@@ -1,0 +1,245 @@
+"""Compose a training run: load -> data -> reference log-probs -> adapters -> train -> save.
+
+`run_training(cfg)` is the Python API behind `mlx_dpo train`. It owns no math: each step is a
+call into the module that owns it (model, data, reference, trainer).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_dpo import checkpoint, data, reference, trainer
+from mlx_dpo import model as model_lib
+from mlx_dpo.config import ConfigError, TrainConfig
+from mlx_dpo.report import JsonlSink, Reporter, make_sinks
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    train_metrics: dict
+    valid_metrics: dict
+    summary: dict | None = None
+
+
+def distributed_group():
+    """MLX's own distributed group when launched with `mlx.launch` (size > 1), else None."""
+    if not mx.distributed.is_available():
+        return None
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
+def with_demo_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fill in the bundled demo model/data where --model/--data were not given."""
+    from mlx_dpo import demo
+
+    return replace(cfg, model=cfg.model or str(demo.MODEL_DIR), data=cfg.data or str(demo.DATA_DIR))
+
+
+def load_pairs(cfg: TrainConfig, tokenizer, log) -> tuple[list, list]:
+    splits = data.load_splits(
+        cfg.data,
+        prompt_field=cfg.prompt_field,
+        chosen_field=cfg.chosen_field,
+        rejected_field=cfg.rejected_field,
+        valid_fraction=cfg.valid_fraction,
+        seed=cfg.seed,
+        data_split=cfg.data_split,
+        data_config=cfg.data_config,
+        data_revision=cfg.data_revision,
+    )
+    out = []
+    for split in ("train", "valid"):
+        pairs, stats = data.tokenize_rows(
+            splits.get(split, []),
+            tokenizer,
+            max_length=cfg.max_length,
+            max_prompt_length=cfg.max_prompt_length,
+            truncation_mode=cfg.truncation_mode,
+            chat_template=cfg.chat_template,
+        )
+        log(f"{split}: {stats}")
+        out.append(pairs)
+    if not out[0]:
+        raise data.DataError(
+            f"{cfg.data}: no training pairs left after tokenization and truncation"
+        )
+    return out[0], out[1]
+
+
+def model_identity(cfg: TrainConfig, loaded) -> dict:
+    ident = {
+        "model": reference.fingerprint_dir(loaded.path),
+        "quantize": cfg.quantize,
+        "q_group_size": cfg.q_group_size if cfg.quantize else None,
+        "compute_dtype": cfg.compute_dtype,
+        "device": str(mx.default_device()),
+        "mlx": mx.__version__,
+    }
+    if cfg.init_adapter:
+        ident["init_adapter"] = reference.fingerprint_dir(Path(cfg.init_adapter))
+    if cfg.ref_model:
+        ident["ref_model"] = reference.fingerprint_dir(model_lib.resolve_path(cfg.ref_model))
+    return ident
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    run_dir = Path(cfg.adapter_path)
+    has_run = (run_dir / "checkpoints" / "latest").exists() or (
+        run_dir / "adapters.safetensors"
+    ).exists()
+    if has_run and not cfg.resume:
+        raise ConfigError(
+            f"--adapter-path {run_dir} already holds a run; pass --resume to continue it "
+            "or choose another --adapter-path (nothing was overwritten)"
+        )
+    if cfg.resume and not (run_dir / "checkpoints" / "latest").exists():
+        raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def reference_logps(cfg, loaded, identity, train_pairs, valid_pairs, group, log):
+    """(train_refs, valid_refs); the separate --ref-model is loaded, used and freed here."""
+    model = loaded.model
+    if cfg.ref_model:
+        ref = model_lib.load(cfg.ref_model, compute_dtype=cfg.compute_dtype)
+        if (
+            ref.model.args.vocab_size != loaded.model.args.vocab_size
+            if hasattr(ref.model, "args")
+            else False
+        ):
+            raise ConfigError(f"--ref-model {cfg.ref_model}: its vocabulary differs from --model's")
+        model = ref.model
+    refs = []
+    for name, pairs in (("train", train_pairs), ("valid", valid_pairs)):
+        chosen, rejected, hit = reference.cached_compute(
+            model,
+            pairs,
+            identity,
+            batch_size=2 * cfg.batch_size,
+            use_cache=cfg.reference_cache,
+            group=group,
+            log=log,
+        )
+        if pairs:
+            log(f"reference log-probs ({name}): {'reused from cache' if hit else 'computed'}")
+        refs.append((chosen, rejected))
+    del model
+    gc.collect()
+    return refs[0], refs[1]
+
+
+def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
+    """Train LoRA/DoRA adapters with the DPO loss family as configured; returns the final metrics."""
+    is_demo = cfg.model is None
+    cfg = with_demo_defaults(cfg)
+    group = distributed_group()
+    is_main = group is None or group.rank() == 0
+    say = log if is_main else (lambda *_: None)
+    if mx.default_device() == mx.cpu:
+        mx.set_cache_limit(8 << 30)  # the default 32 MB makes big temporaries page-fault every step
+    run_dir = prepare_run_dir(cfg) if is_main else Path(cfg.adapter_path)
+    loaded = model_lib.load(
+        cfg.model,
+        revision=cfg.revision,
+        quantize=cfg.quantize,
+        q_group_size=cfg.q_group_size,
+        compute_dtype=cfg.compute_dtype,
+    )
+    for note in loaded.notes:
+        say(f"model: {note}")
+    train_pairs, valid_pairs = load_pairs(cfg, loaded.tokenizer, say)
+    if cfg.init_adapter:
+        init_config = model_lib.load_adapter_dir(loaded.model, cfg.init_adapter)
+        cfg = _adopt_adapter_config(cfg, init_config, say)
+    identity = model_identity(cfg, loaded)
+    train_refs, valid_refs = reference_logps(
+        cfg, loaded, identity, train_pairs, valid_pairs, group, say
+    )
+    if not cfg.init_adapter:
+        n_train = model_lib.apply_adapters(loaded.model, cfg, seed=cfg.seed)
+    else:
+        n_train = model_lib.trainable_count(loaded.model)
+    if cfg.grad_checkpoint:
+        model_lib.enable_grad_checkpoint(loaded.model)
+    say(f"adapters: {cfg.fine_tune_type}, {n_train / 1e6:.3f}M trainable parameters")
+    loaded.model.train() if cfg.lora_dropout > 0 else loaded.model.eval()
+    world = group.size() if group else 1
+    total = trainer.total_updates(cfg, len(train_pairs), world)
+    optimizer = trainer.build_optimizer(cfg, total)
+    start_step = _restore(cfg, run_dir, loaded.model, optimizer, say)
+    if is_main:
+        checkpoint.atomic_write_text(
+            run_dir / "adapter_config.json",
+            json.dumps(model_lib.adapter_config(cfg, loaded.model), indent=2),
+        )
+    sinks = [JsonlSink(run_dir / "metrics.jsonl", append=cfg.resume)] if is_main else []
+    if is_main:
+        sinks += make_sinks(cfg.report_to, run_dir, cfg.to_dict())
+    reporter = Reporter(total, sinks, enabled=is_main, interactive=interactive, out=None)
+    say(
+        f"training {total} updates of {cfg.batch_size * cfg.grad_accumulation_steps * world} pairs on {len(train_pairs)} pairs ({len(valid_pairs)} held out)"
+    )
+    try:
+        result = trainer.train(
+            loaded.model,
+            optimizer,
+            train_pairs,
+            valid_pairs,
+            train_refs,
+            valid_refs,
+            cfg,
+            run_dir=run_dir,
+            reporter=reporter,
+            start_step=start_step,
+            group=group,
+        )
+    finally:
+        reporter.close()
+    say(
+        f"adapters saved to {run_dir}/adapters.safetensors (load with mlx_lm.load(model, adapter_path='{run_dir}'))"
+    )
+    summary = None
+    if is_demo and cfg.demo_summary and is_main and valid_pairs:
+        from mlx_dpo.summary import demo_summary
+
+        summary = demo_summary(loaded, valid_pairs, valid_refs, cfg, log=say)
+    return RunResult(run_dir, result.step, result.train_metrics, result.valid_metrics, summary)
+
+
+def _adopt_adapter_config(cfg: TrainConfig, init: dict, log) -> TrainConfig:
+    params = init.get("lora_parameters", {})
+    adopted = replace(
+        cfg,
+        fine_tune_type=init.get("fine_tune_type", "lora"),
+        num_layers=init.get("num_layers", cfg.num_layers),
+        lora_rank=params.get("rank", cfg.lora_rank),
+        lora_scale=params.get("scale", cfg.lora_scale),
+        lora_dropout=params.get("dropout", cfg.lora_dropout),
+        lora_keys=params.get("keys", cfg.lora_keys),
+    )
+    log(
+        f"init adapter {cfg.init_adapter}: training continues from it (rank {adopted.lora_rank}); it is part of the reference"
+    )
+    return adopted
+
+
+def _restore(cfg, run_dir, model, optimizer, log) -> int:
+    optimizer.init(model.trainable_parameters())
+    if not cfg.resume:
+        return 0
+    ckpt = checkpoint.load(run_dir)
+    model.load_weights(list(ckpt.adapters.items()), strict=False)
+    optimizer.state = ckpt.optimizer_state
+    mx.random.state[0] = ckpt.rng
+    mx.eval(model.parameters(), optimizer.state)
+    log(f"resumed from step {ckpt.step}")
+    return ckpt.step

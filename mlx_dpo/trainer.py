@@ -1,0 +1,337 @@
+"""The training loop: one function around one compiled gradient step.
+
+Per update: `grad_accumulation_steps` micro-batches, each ONE forward over [chosen rows;
+rejected rows] with completion-only log-probs, `nn.value_and_grad` over the LoRA parameters,
+gradients averaged (over micro-batches and, distributed, over ranks with `all_sum`), clipped,
+applied. The loop body is: eval when due -> step -> report when due -> save when due. Host syncs
+happen only at report/eval/save time; metrics accumulate as lazy MLX arrays in between.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from mlx_dpo import checkpoint
+from mlx_dpo.data import iterate_batches
+from mlx_dpo.logps import forward_logps
+from mlx_dpo.losses import dpo_loss, dpo_metrics
+
+BATCH_FIELDS = (
+    "tokens",
+    "mask",
+    "positions",
+    "targets",
+    "target_mask",
+    "ref_chosen",
+    "ref_rejected",
+)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_metrics: dict[str, float]
+    valid_metrics: dict[str, float]
+
+
+def batch_arrays(batch) -> tuple:
+    return tuple(getattr(batch, name) for name in BATCH_FIELDS)
+
+
+def batch_loss(model: nn.Module, arrays: tuple, loss_kwargs: dict):
+    """DPO loss of one micro-batch. Returns (loss, metrics dict of scalars)."""
+    batch = SimpleNamespace(**dict(zip(BATCH_FIELDS, arrays, strict=True)))
+    logps, counts = forward_logps(model, batch)
+    b = batch.ref_chosen.shape[0]
+    policy_chosen, policy_rejected = logps[:b], logps[b:]
+    out = dpo_loss(
+        policy_chosen,
+        policy_rejected,
+        batch.ref_chosen,
+        batch.ref_rejected,
+        chosen_lengths=counts[:b],
+        rejected_lengths=counts[b:],
+        **loss_kwargs,
+    )
+    metrics = dpo_metrics(out, policy_chosen, policy_rejected)
+    metrics["loss"] = out.loss
+    return out.loss, metrics
+
+
+def build_schedule(cfg, total_steps: int):
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    decay = {
+        "cosine": lambda: optim.cosine_decay(cfg.learning_rate, decay_steps, 0.0),
+        "linear": lambda: optim.linear_schedule(cfg.learning_rate, 0.0, decay_steps),
+        "constant": lambda: lambda _: cfg.learning_rate,
+    }[cfg.lr_schedule]()
+    if cfg.warmup_steps <= 0:
+        return decay
+    warmup = optim.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    return optim.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def build_optimizer(cfg, total_steps: int) -> optim.Optimizer:
+    lr = build_schedule(cfg, total_steps)
+    makers = {
+        "adamw": lambda: optim.AdamW(lr, weight_decay=cfg.weight_decay),
+        "adam": lambda: optim.Adam(lr),
+        "sgd": lambda: optim.SGD(lr),
+        "adafactor": lambda: optim.Adafactor(lr),
+        "lion": lambda: optim.Lion(lr, weight_decay=cfg.weight_decay),
+        "muon": lambda: optim.Muon(lr),
+    }
+    return makers[cfg.optimizer]()
+
+
+def total_updates(cfg, n_pairs: int, world_size: int = 1) -> int:
+    if cfg.epochs is None:
+        return cfg.iters
+    per_update = cfg.batch_size * cfg.grad_accumulation_steps * world_size
+    return max(1, math.ceil(cfg.epochs * (n_pairs // per_update)))
+
+
+def evaluate(model, pairs, refs, cfg, *, max_batches: int = -1, group=None) -> dict[str, float]:
+    """Pair-weighted mean of the training metrics over `pairs`, without gradients."""
+    world, rank = (group.size(), group.rank()) if group else (1, 0)
+    loss_kwargs = cfg.loss_kwargs()
+    sums: dict[str, mx.array] = {}
+    n = 0
+    batches = iterate_batches(
+        pairs, cfg.batch_size, ref_chosen=refs[0], ref_rejected=refs[1], loop=False
+    )
+    for i, update in enumerate(batches):
+        if 0 <= max_batches <= i:
+            break
+        if i % world != rank:
+            continue  # each rank takes every world-th batch
+        for batch in update.micro_batches:
+            _, metrics = batch_loss(model, batch_arrays(batch), loss_kwargs)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * batch.size
+            n += batch.size
+            mx.eval(sums)
+    keys = [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ]
+    totals = mx.array([float(n)] + [sums[k].item() if k in sums else 0.0 for k in keys])
+    if world > 1:
+        totals = mx.distributed.all_sum(totals, group=group)
+    totals = totals.tolist()
+    return {k: v / max(totals[0], 1) for k, v in zip(keys, totals[1:], strict=True)}
+
+
+def train(
+    model,
+    optimizer,
+    train_pairs,
+    valid_pairs,
+    train_refs,
+    valid_refs,
+    cfg,
+    *,
+    run_dir: Path,
+    reporter,
+    start_step: int = 0,
+    group=None,
+    on_save=None,
+) -> TrainResult:
+    """Run updates start_step+1 .. total. `*_refs` are (chosen, rejected) numpy arrays."""
+    world, rank = (group.size(), group.rank()) if group else (1, 0)
+    total = total_updates(cfg, len(train_pairs), world)
+    loss_kwargs = cfg.loss_kwargs()
+    loss_and_grad = nn.value_and_grad(model, partial(_loss_for_grad, loss_kwargs=loss_kwargs))
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def grad_step(*arrays):
+        (loss, metrics), grads = loss_and_grad(model, arrays)
+        return metrics, grads
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def apply_update(grads):
+        grads, norm = _clip(grads, cfg.max_grad_norm)
+        optimizer.update(model, grads)
+        return norm
+
+    updates = iterate_batches(
+        train_pairs,
+        cfg.batch_size,
+        grad_accumulation_steps=cfg.grad_accumulation_steps,
+        seed=cfg.seed,
+        start_step=start_step,
+        rank=rank,
+        world_size=world,
+        ref_chosen=train_refs[0],
+        ref_rejected=train_refs[1],
+    )
+    window = _Window()
+    step, last_train, last_valid = start_step, {}, {}
+    finite = mx.array(True)
+    with _StopOnSigint() as stop:
+        for update in updates:
+            if step >= total:
+                break
+            if (
+                cfg.steps_per_eval
+                and step > start_step
+                and step % cfg.steps_per_eval == 0
+                and valid_pairs
+            ):
+                last_valid = evaluate(
+                    model, valid_pairs, valid_refs, cfg, max_batches=cfg.val_batches, group=group
+                )
+                reporter.log("valid", step, last_valid)
+            grads, metrics = None, None
+            for batch in update.micro_batches:
+                m, g = grad_step(*batch_arrays(batch))
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                metrics = m if metrics is None else {k: metrics[k] + m[k] for k in m}
+                window.tokens += batch.n_tokens
+                window.pairs += batch.size
+            scale = 1.0 / (len(update.micro_batches) * world)
+            grads = tree_map(lambda g, s=scale: g * s, grads)
+            if world > 1:
+                grads = tree_map(lambda g: mx.distributed.all_sum(g, group=group), grads)
+            norm = apply_update(grads)
+            finite = finite & mx.isfinite(metrics["loss"]) & mx.isfinite(norm)
+            window.add({k: v / len(update.micro_batches) for k, v in metrics.items()}, norm)
+            mx.eval(state, window.sums, finite)
+            step = update.step
+            reporter.progress(step)
+            if step % cfg.steps_per_report == 0 or step == total:
+                _check_finite(finite, step)
+                last_train = window.flush(optimizer, world, group)
+                reporter.log("train", step, last_train)
+            if step % cfg.save_every == 0 or step == total:
+                _check_finite(finite, step)
+                _save(run_dir, step, model, optimizer, update.epoch, rank, on_save)
+            elif stop.requested:
+                _check_finite(finite, step)
+                _save(run_dir, step, model, optimizer, update.epoch, rank, on_save)
+            if stop.requested:
+                raise Interrupted(
+                    f"interrupted after step {step}; checkpoint saved in {run_dir} (continue with --resume)"
+                )
+    if valid_pairs and cfg.steps_per_eval:
+        last_valid = evaluate(
+            model, valid_pairs, valid_refs, cfg, max_batches=cfg.val_batches, group=group
+        )
+        reporter.log("valid", step, last_valid)
+    return TrainResult(step, last_train, last_valid)
+
+
+def _loss_for_grad(model, arrays, loss_kwargs):
+    return batch_loss(model, arrays, loss_kwargs)
+
+
+def _clip(grads, max_norm: float):
+    if max_norm and max_norm > 0:
+        return optim.clip_grad_norm(grads, max_norm)
+    from mlx.utils import tree_flatten
+
+    norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+    return grads, norm
+
+
+def _check_finite(finite: mx.array, step: int) -> None:
+    if not finite.item():
+        raise NonFiniteLoss(
+            f"the loss or gradient became NaN/inf by step {step}; the last good checkpoint is kept. "
+            "Lower --learning-rate or --beta, or set --max-grad-norm."
+        )
+
+
+def _save(run_dir, step, model, optimizer, epoch, rank, on_save) -> None:
+    if rank != 0:
+        return
+    from mlx_dpo.model import adapter_weights
+
+    checkpoint.save(run_dir, step, adapter_weights(model), optimizer.state, {"epoch": epoch})
+    if on_save:
+        on_save(step)
+
+
+class _StopOnSigint:
+    """Ctrl-C asks the loop to finish the current update, save and stop; a second one kills."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+class _Window:
+    """Metrics accumulated between two reports, as lazy arrays (no host sync per step)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums: dict[str, mx.array] = {}
+        self.steps, self.tokens, self.pairs = 0, 0, 0
+        self.t0 = time.perf_counter()
+        mx.reset_peak_memory()
+
+    def add(self, metrics: dict, norm: mx.array) -> None:
+        for k, v in {**metrics, "grad_norm": norm}.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+
+    def flush(self, optimizer, world: int, group) -> dict[str, float]:
+        keys = sorted(self.sums)
+        values = mx.stack([self.sums[k] for k in keys]) / max(self.steps, 1)
+        if world > 1:  # every rank saw different pairs: average the means over ranks
+            values = mx.distributed.all_sum(values, group=group) / world
+        out = dict(zip(keys, values.tolist(), strict=True))
+        seconds = max(time.perf_counter() - self.t0, 1e-9)
+        out["lr"] = float(optimizer.learning_rate.item())
+        out["tokens_per_sec"] = self.tokens * world / seconds
+        out["pairs_per_sec"] = self.pairs * world / seconds
+        out["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+        self.reset()
+        return out
