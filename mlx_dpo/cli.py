@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -87,7 +88,7 @@ def build_config(config_path: str | None, flags: dict) -> TrainConfig:
     if overrides.get("model") is None and values.get("model") is None:
         from mlx_dpo import demo
 
-        values = {**read_yaml(demo.CONFIG), **values}
+        values = {**read_yaml(Path(demo.__file__).parent / "demo.yaml"), **values}
     return TrainConfig.from_dict({**values, **overrides}, source=config_path or "flags")
 
 
@@ -210,6 +211,16 @@ def doctor():
     from mlx_dpo.doctor import report
 
     click.echo(report())
+
+
+def _add_commands() -> None:
+    from mlx_dpo.commands import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_add_commands()
 
 
 def _say_blas() -> None:
