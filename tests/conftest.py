@@ -10,9 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import mlx_dpo  # noqa: E402,F401  (loads the fast BLAS before mlx.core)
 import pytest  # noqa: E402
 from tiny import build_tiny_model  # noqa: E402
+
+import mlx_dpo  # noqa: E402,F401  (loads the fast BLAS before mlx.core)
 
 
 @pytest.fixture(scope="session")
@@ -24,4 +25,6 @@ def tiny_model_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory) -> Path:
     """A random float32 Llama-architecture checkpoint with an untied head."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama", tie_word_embeddings=False)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-llama"), arch="llama", tie_word_embeddings=False
+    )
