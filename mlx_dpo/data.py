@@ -43,6 +43,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from jinja2 import TemplateError
 
 from mlx_dpo.data_sources import DataError, capped, common_prefix_length, load_splits
 
@@ -250,7 +251,7 @@ def tokenize_rows(
     for row in rows:
         try:
             prompt_ids, chosen_ids, rejected_ids, merged = tokenize_pair(row, enc)
-        except Exception as e:  # noqa: BLE001  (template errors come in many types)
+        except (ValueError, TypeError, KeyError, TemplateError) as e:  # bad row or template
             problems.append(f"{row['source']}: {str(e).splitlines()[0] or type(e).__name__}")
             continue
         stats.n_boundary_merged += merged > 0
@@ -283,7 +284,8 @@ def tokenize_rows(
             stacklevel=2,
         )
     if rows and not pairs:
-        raise DataError(f"no pairs left to train on: {stats}; raise --max-length")
+        fix = "raise --max-length" if stats.n_dropped else "check the chosen/rejected fields"
+        raise DataError(f"no pairs left to train on: {stats}; {fix}")
     return pairs, stats
 
 

@@ -69,7 +69,7 @@ def read_records(path: Path, name: str) -> tuple[list[tuple[str, Any]], list[str
     `name` is how the file is shown in sources and messages (the path the user gave).
     """
     suffix = path.suffix.lower()
-    if suffix not in DATA_SUFFIXES and suffix not in ("", ".txt"):
+    if suffix not in (*DATA_SUFFIXES, ""):
         return [], [f"{name}: unsupported file type '{suffix}'; use .jsonl, .json or .parquet"]
     if suffix == ".parquet":
         records, problems = _read_parquet(path, name)
@@ -109,8 +109,9 @@ def _parse_json_text(text: str, name: str, suffix: str) -> tuple[list, list[str]
             rows = doc if isinstance(doc, list) else [doc]
             return [(f"{name}:row {i}", rec) for i, rec in enumerate(rows)], []
     # JSON Lines, also in a `.json` file that is not one document (as `datasets` accepts).
+    # Split on "\n" only: str.splitlines() would also split inside strings at U+2028 etc.
     records, problems = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -369,13 +370,13 @@ def download_dataset(repo_id: str, revision: str | None) -> Path:
     except LocalEntryNotFoundError:
         why = "downloads are off (HF_HUB_OFFLINE=1)" if offline else "the Hub could not be reached"
         raise DataError(
-            f"{repo_id}: dataset{at} is not in the local Hugging Face cache and {why}; fetch it "
-            f"once with network access (`hf download {repo_id} --repo-type dataset`) or pass a "
-            "local path"
+            f"{repo_id}: no such local path, and dataset{at} is not in the local Hugging Face "
+            f"cache and {why}; fetch it once with network access "
+            f"(`hf download {repo_id} --repo-type dataset`) or pass a local path"
         ) from None
     except HfHubHTTPError as e:
         raise DataError(
-            f"{repo_id}: could not get the dataset{at} from the Hugging Face Hub "
+            f"{repo_id}: no such local path, and the Hugging Face Hub did not give dataset{at} "
             f"({str(e).splitlines()[0]}); check the id, or log in (`hf auth login`) if it is gated"
         ) from None
     return Path(path)
@@ -427,35 +428,48 @@ def load_splits(
     data = str(data)
     keywords = split_keywords(data_split, tuple(splits))
     files, hub_id = resolve_data(data, keywords, data_config, data_revision)
-    if "train" in splits and "train" not in files:
-        raise DataError(
-            f"{data}: no train split; expected train.jsonl (or .json/.parquet), "
-            "data/train-*.parquet, or a file whose name contains 'train' (or use --data-split)"
-        )
+    for split, words in keywords.items():
+        named = words != SPLIT_KEYWORDS.get(split)  # given with --data-split: must exist
+        if split in splits and split not in files and (split == "train" or named):
+            raise DataError(
+                f"{data}: no files for the {split} split; looked for {words[0]}.jsonl (or .json/"
+                f".parquet), data/{words[0]}-*.parquet, a {words[0]}/ folder or a file name "
+                f"containing '{words[0]}' (name it with --data-split)"
+            )
     fields = (prompt_field, chosen_field, rejected_field)
     rows, problems = {}, []
     for split in (s for s in splits if s in files):
-        rows[split] = []
-        for path, name in files[split]:
-            records, file_problems = read_records(path, name)
-            if hub_id is not None:  # rows of a Hub split are counted across its shards
-                start = len(rows[split])
-                records = [
-                    (f"{hub_id}[{split}]:row {start + i}", r) for i, (_, r) in enumerate(records)
-                ]
-            bad = []
-            for source, record in records:
-                row, problem = normalize_row(record, source, fields)
-                if problem:
-                    bad.append(problem)
-                else:
-                    rows[split].append(row)
-            problems += file_problems + capped(bad, name)
+        rows[split], split_problems = _read_split(
+            files[split], fields, hub_id and f"{hub_id}[{split}]"
+        )
+        problems += split_problems
     if problems:
         raise DataError(problems)
     if "valid" in splits and "valid" not in rows and valid_fraction > 0 and "train" in rows:
-        rows["train"], rows["valid"] = carve_valid(rows["train"], valid_fraction, seed)
+        train, valid = carve_valid(rows["train"], valid_fraction, seed)
+        if valid:
+            rows["train"], rows["valid"] = train, valid
     return rows
+
+
+def _read_split(
+    files: list[tuple[Path, str]], fields: tuple[str, str, str], hub_split: str | None
+) -> tuple[list[dict], list[str]]:
+    rows, problems, n_records = [], [], 0
+    for path, name in files:
+        records, file_problems = read_records(path, name)
+        if hub_split:  # rows of a Hub split are counted across its shards, like `datasets`
+            records = [(f"{hub_split}:row {n_records + i}", r) for i, (_, r) in enumerate(records)]
+        n_records += len(records)
+        bad = []
+        for source, record in records:
+            row, problem = normalize_row(record, source, fields)
+            if problem:
+                bad.append(problem)
+            else:
+                rows.append(row)
+        problems += file_problems + capped(bad, name)
+    return rows, problems
 
 
 def carve_valid(train: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -198,6 +198,18 @@ def test_hub_dataset_from_the_local_cache(hub_cache):
     assert len(load_splits("org/name", data_config="de", valid_fraction=0)["train"]) == 6
 
 
+def test_hub_dataset_bad_row_is_named_by_split_and_row(tmp_path, monkeypatch):
+    bad = [*std_rows(2), {"prompt": "P", "chosen": "C", "rejected": None}]
+    files = {
+        "data/train-00000-of-00002.parquet": std_rows(3),
+        "data/train-00001-of-00002.parquet": bad,
+    }
+    monkeypatch.setenv("HF_HUB_CACHE", str(make_hub_cache(tmp_path, "org/bad", files)))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"^org/bad\[train\]:row 5: missing field 'rejected'"):
+        load_splits("org/bad")
+
+
 def test_hub_dataset_missing_offline_says_how_to_get_it(hub_cache):
     with pytest.raises(DataError) as err:
         load_splits("org/other")
@@ -551,18 +563,19 @@ def test_more_than_ten_bad_rows_are_summarised(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("content", "problem"),
+    ("name", "content", "problem"),
     [
-        (b"", ": the file is empty"),
-        (b"\n  \n", ": the file is empty"),
-        (b'{"prompt": "P", "chosen": "C", "rejected": "R"}\n{"prompt": "caf\xe9"}\n',
+        ("x.jsonl", b"", ": the file is empty"),
+        ("x.jsonl", b"\n  \n", ": the file is empty"),
+        ("x.jsonl", b'{"prompt": "P", "chosen": "C", "rejected": "R"}\n{"prompt": "caf\xe9"}\n',
          ":2: not valid UTF-8 (byte 0xe9 at column 16); re-save the file as UTF-8"),
-        (b"[{\"prompt\": \"P\",\n \"chosen\": }]", ":2: malformed JSON"),
-        (b"[]", "the file has no rows"),
+        ("x.json", b'[{"prompt": "P",\n "chosen": }]', ":2: malformed JSON"),
+        ("x.json", b"[]", ": the file has no rows"),
+        ("x.parquet", b"PAR1 but not really", ": not a readable Parquet file"),
     ],
 )  # fmt: skip
-def test_unreadable_files(tmp_path, content, problem):
-    path = tmp_path / ("x.json" if content.startswith(b"[") else "x.jsonl")
+def test_unreadable_files(tmp_path, name, content, problem):
+    path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(DataError) as err:
         load_splits(str(path))
@@ -570,12 +583,22 @@ def test_unreadable_files(tmp_path, content, problem):
     assert message.startswith(str(path)) and problem in message and len(message.splitlines()) == 1
 
 
+def test_line_separators_inside_strings_do_not_split_rows(tmp_path):
+    path = tmp_path / "u.jsonl"
+    row = {"prompt": "a\u2028b", "chosen": "C", "rejected": "R"}
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_splits(str(path), valid_fraction=0)["train"][0]["prompt"] == "a\u2028b"
+
+
 def test_unknown_paths_and_missing_train_split(tmp_path):
     with pytest.raises(DataError, match="no-such.jsonl: no such file or directory; --data takes"):
         load_splits(str(tmp_path / "no-such.jsonl"))
     write_jsonl(tmp_path / "valid.jsonl", std_rows(2))
-    with pytest.raises(DataError, match="no train split; expected train.jsonl"):
+    with pytest.raises(DataError, match="no files for the train split; looked for train.jsonl"):
         load_splits(str(tmp_path))
+    write_jsonl(tmp_path / "train.jsonl", std_rows(2))
+    with pytest.raises(DataError, match="no files for the valid split; looked for dev.jsonl"):
+        load_splits(str(tmp_path), data_split="valid=dev")
     (tmp_path / "train.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported file type '.csv'"):
         load_splits(str(tmp_path / "train.csv"))
