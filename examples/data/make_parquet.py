@@ -1,7 +1,4 @@
-"""Write conversational.parquet from conversational.jsonl (the Parquet example).
-
-    python examples/data/make_parquet.py
-"""
+"""Write conversational.parquet from conversational.jsonl: `python examples/data/make_parquet.py`."""
 
 import json
 from pathlib import Path
