@@ -131,10 +131,10 @@ class _Encoder:
         self.template = resolve_chat_template(chat_template)
         hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's TokenizerWrapper wraps HF
         self.hf = hf
-        has_own = getattr(tokenizer, "has_chat_template", None)
-        self.has_template = self.template is not None or bool(
-            has_own if has_own is not None else getattr(hf, "chat_template", None)
-        )
+        own = getattr(tokenizer, "has_chat_template", None)  # the wrapper knows custom renderers
+        if own is None:
+            own = getattr(hf, "chat_template", None) is not None
+        self.has_template = self.template is not None or bool(own)
         self.eos_text = getattr(hf, "eos_token", None)
         # BOS only where the tokenizer adds one on its own (Llama, Gemma; not Qwen/ChatML).
         bos = getattr(hf, "bos_token_id", None)
@@ -433,6 +433,7 @@ def iterate_batches(
     for name, values in (("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
         if values is not None and len(values) != len(pairs):
             raise ValueError(f"{name} has {len(values)} values for {len(pairs)} pairs")
+    refs = [None if v is None else np.asarray(v, np.float32) for v in (ref_chosen, ref_rejected)]
     lengths = np.array(
         [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
     )
@@ -441,8 +442,8 @@ def iterate_batches(
         return collate(
             [pairs[i] for i in idx],
             index=idx,
-            ref_chosen=None if ref_chosen is None else np.asarray(ref_chosen)[idx],
-            ref_rejected=None if ref_rejected is None else np.asarray(ref_rejected)[idx],
+            ref_chosen=None if refs[0] is None else refs[0][idx],
+            ref_rejected=None if refs[1] is None else refs[1][idx],
             pad_to=pad_to,
         )
 
