@@ -1,8 +1,9 @@
 """Checkpoints for an exact resume, written atomically.
 
 A checkpoint is a directory `checkpoints/<step>/` holding the adapters, the optimizer state
-(which includes its step, so the learning-rate schedule resumes too), the RNG key and the data
-cursor. It is written under a temporary name and renamed; `checkpoints/latest` then points at it
+(which includes its step, so the learning-rate schedule resumes too) and the step, which is also
+the data cursor (batches are a pure function of seed and step) and the RNG position (the trainer
+reseeds MLX's generator from seed and step before every update). It is written under a temporary name and renamed; `checkpoints/latest` then points at it
 (os.replace), so a kill at any moment leaves the previous checkpoint usable. The run directory's
 `adapters.safetensors` (what mlx-lm loads) is replaced the same way.
 """
@@ -19,7 +20,6 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 KEEP = 2  # checkpoints kept on disk; older ones are deleted after a new one lands
-RNG_KEY = "__mlx_dpo_rng__"
 
 
 @dataclass
@@ -27,7 +27,6 @@ class Checkpoint:
     step: int
     adapters: dict[str, mx.array]
     optimizer_state: dict
-    rng: mx.array
     meta: dict
 
 
@@ -52,9 +51,7 @@ def save(run_dir: Path, step: int, adapters: dict, optimizer_state: dict, meta: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
-    opt = dict(tree_flatten(optimizer_state))
-    opt[RNG_KEY] = mx.random.state[0]
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt)
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer_state)))
     (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -73,11 +70,9 @@ def load(run_dir: Path) -> Checkpoint | None:
     ckpt = run_dir / "checkpoints" / latest.read_text().strip()
     meta = json.loads((ckpt / "state.json").read_text())
     opt = mx.load(str(ckpt / "optimizer.safetensors"))
-    rng = opt.pop(RNG_KEY)
     return Checkpoint(
         step=meta["step"],
         adapters=mx.load(str(ckpt / "adapters.safetensors")),
         optimizer_state=tree_unflatten(list(opt.items())),
-        rng=rng,
         meta=meta,
     )

@@ -81,13 +81,13 @@ def cached_compute(
     if not pairs:
         return np.zeros(0, np.float32), np.zeros(0, np.float32), False
     path = cache_dir() / f"{cache_key(model_identity, pairs)}.npz"
-    if use_cache and path.exists():
-        try:
-            with np.load(path) as f:
-                if len(f["chosen"]) == len(pairs):
-                    return f["chosen"], f["rejected"], True
-        except (OSError, ValueError, KeyError):
-            log(f"ignoring an unreadable reference cache file {path}")
+    cached = _read_cache(path, len(pairs), log) if use_cache else None
+    if group is not None and group.size() > 1:
+        # all ranks must agree, or some would wait forever in compute's all_sum
+        hits = mx.distributed.all_sum(mx.array(int(cached is not None)), group=group).item()
+        cached = cached if hits == group.size() else None
+    if cached is not None:
+        return cached[0], cached[1], True
     chosen, rejected = compute(model, pairs, batch_size=batch_size, group=group)
     is_main = group is None or group.rank() == 0
     if use_cache and is_main:
@@ -96,3 +96,15 @@ def cached_compute(
         np.savez(tmp, chosen=chosen, rejected=rejected)
         os.replace(tmp, path)
     return chosen, rejected, False
+
+
+def _read_cache(path: Path, n: int, log) -> tuple[np.ndarray, np.ndarray] | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as f:
+            if len(f["chosen"]) == n:
+                return f["chosen"], f["rejected"]
+    except (OSError, ValueError, KeyError):
+        log(f"ignoring an unreadable reference cache file {path}")
+    return None

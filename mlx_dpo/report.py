@@ -94,7 +94,8 @@ def format_line(prefix: str, step: int, m: dict[str, float]) -> str:
     if "pairs_per_sec" in m:
         parts.append(f"{m['pairs_per_sec']:.2f} pairs/s")
     if "peak_memory_gb" in m:
-        parts.append(f"{m['peak_memory_gb']:.2f} GB")
+        gb = m["peak_memory_gb"]
+        parts.append(f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1000:.0f} MB")
     return " | ".join(parts)
 
 

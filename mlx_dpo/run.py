@@ -239,7 +239,6 @@ def _restore(cfg, run_dir, model, optimizer, log) -> int:
     ckpt = checkpoint.load(run_dir)
     model.load_weights(list(ckpt.adapters.items()), strict=False)
     optimizer.state = ckpt.optimizer_state
-    mx.random.state[0] = ckpt.rng
     mx.eval(model.parameters(), optimizer.state)
     log(f"resumed from step {ckpt.step}")
     return ckpt.step

@@ -81,7 +81,7 @@ def build_schedule(cfg, total_steps: int):
     decay = {
         "cosine": lambda: optim.cosine_decay(cfg.learning_rate, decay_steps, 0.0),
         "linear": lambda: optim.linear_schedule(cfg.learning_rate, 0.0, decay_steps),
-        "constant": lambda: lambda _: cfg.learning_rate,
+        "constant": lambda: lambda _: mx.array(cfg.learning_rate, dtype=mx.float32),
     }[cfg.lr_schedule]()
     if cfg.warmup_steps <= 0:
         return decay
@@ -206,6 +206,8 @@ def train(
                     model, valid_pairs, valid_refs, cfg, max_batches=cfg.val_batches, group=group
                 )
                 reporter.log("valid", step, last_valid)
+            # dropout's randomness is a function of (seed, step): a resumed run replays it exactly
+            mx.random.seed(cfg.seed * 1_000_003 + update.step)
             grads, metrics = None, None
             for batch in update.micro_batches:
                 m, g = grad_step(*batch_arrays(batch))
@@ -218,10 +220,11 @@ def train(
             if world > 1:
                 grads = tree_map(lambda g: mx.distributed.all_sum(g, group=group), grads)
             norm = apply_update(grads)
-            finite = finite & mx.isfinite(metrics["loss"]) & mx.isfinite(norm)
+            # the norm is of the rank-averaged gradient, so every rank takes the same decision
+            finite = finite & mx.isfinite(norm)
             window.add({k: v / len(update.micro_batches) for k, v in metrics.items()}, norm)
             mx.eval(state, window.sums, finite)
-            step = update.step
+            step = update.step + 1  # updates done (Update.step counts from 0)
             reporter.progress(step)
             if step % cfg.steps_per_report == 0 or step == total:
                 _check_finite(finite, step)

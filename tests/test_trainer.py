@@ -24,7 +24,7 @@ def write_pairs(path, n: int, seed: int = 0, *, offset: int = 0) -> None:
             row = {
                 "prompt": f"Question {i + offset}: say {a} or {b}?",
                 "chosen": f"Sure! {a}.",
-                "rejected": f"No. {b}.",
+                "rejected": f"No. {a}.",
             }
             f.write(json.dumps(row) + "\n")
 
@@ -72,9 +72,10 @@ def test_step0_loss_is_ln2_and_rewards_zero(tiny_model_path, toy_data, tmp_path)
     first = read_metrics(tmp_path / "run")[0]
     # policy == reference at step 0 (lora_b = 0), so the sigmoid loss is exactly -log sigmoid(0)
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
-    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
-    assert first["rewards/accuracies"] == 0.0  # strict >: ties are not correct
+    # The reference pass batches pairs differently from the training step, so the summed
+    # log-probs (~ -230) agree to float32 round-off (~3e-5), not bit for bit: rewards ~ 1e-6.
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-5)
 
 
 def test_quantized_base_trains_and_step0_is_ln2(tiny_model_path, toy_data, tmp_path):
