@@ -1,25 +1,240 @@
-"""Per-sequence log-probabilities. OWNED BY HELPER A (issue 2) — interface stub, to be implemented.
+"""Per-sequence log-probabilities of completions: the input of every DPO loss.
 
-Public interface (others code against it; keep these names and shapes):
-
-sequence_logps(logits, labels, average=False) -> mx.array (B,) float32
-    The paper code's _get_batch_logps. logits (B, T, V), labels (B, T) with -100 where a token
-    does not count; logit t scores label t+1. Sum (or mean over counted tokens; 0 for a row
-    with none) in float32. Shape mismatch -> ValueError.
-
-class LMHead:
-    LMHead.from_model(model) -> LMHead | None  # None when the head is not a plain/quantized
-        linear or tied (quantized) embedding, or the model post-processes logits (soft-capping,
-        logit scale): callers then use the plain path.
-    .vocab_size: int
-
-lean_token_logps(hidden, head, targets, *, vocab_chunk=..., token_chunk=...) -> mx.array (N,)
-    hidden (N, D), targets (N,) int; log p(target | hidden) through the LM head in chunks with
-    an online logsumexp and a custom VJP (gradient w.r.t. hidden), never materialising N x V.
-
-forward_logps(model, batch, *, lean=True) -> tuple[mx.array, mx.array]
-    One forward over batch.tokens[:, :-1] (2B rows), completion-only scoring at batch.positions.
-    Returns (logps (2B,) float32 summed over completion tokens, counts (2B,) float32).
-    Rows 0..B-1 are chosen, B..2B-1 rejected. Falls back to full logits when
-    LMHead.from_model(model) is None or lean=False.
+sequence_logps(logits, labels, average=False) -> (B,) float32
+    The paper code's ``_get_batch_logps``: logit t scores label t+1, labels are -100 where a token
+    does not count; sum (or mean over counted tokens, 0 for a row with none) in float32.
+LMHead.from_model(model) -> LMHead | None
+    The model's output projection as fp32 weight rows (dequantized on the fly), or None when the
+    head is not a plain/quantized linear or tied embedding, or the model post-processes logits.
+lean_token_logps(hidden, head, targets) -> (N,) float32
+    log p(target | hidden) in token x vocab tiles with an online logsumexp and a custom VJP, so
+    the N x V logits never exist.
+forward_logps(model, batch, lean=True) -> (logps (2B,), counts (2B,))
+    One forward over batch.tokens[:, :-1] (rows 0..B-1 chosen, B..2B-1 rejected), scoring only
+    completion positions; falls back to full logits when there is no LMHead or lean=False.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+IGNORE_INDEX = -100
+# Model args that change logits after the head; the lean path cannot reproduce them.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logits_scaling", "logit_scale")
+_LOGIT_POSTPROCESSING += ("dim_model_base",)  # MiniCPM scales the hidden state before its head
+
+
+def _as_mx(x: Any, dtype: mx.Dtype | None = None) -> mx.array:
+    x = x if isinstance(x, mx.array) else mx.array(x)
+    return x if dtype is None else x.astype(dtype)
+
+
+def sequence_logps(logits: Any, labels: Any, average: bool = False) -> mx.array:
+    """Summed (or mean) log-probs of the labelled tokens of each row.
+
+    Args:
+        logits: (B, T, V) pre-softmax scores; logit t scores label t+1.
+        labels: (B, T) token ids, -100 where a token is not counted (prompt, padding).
+        average: divide by the number of counted tokens (a row with none gives 0, not NaN).
+
+    Returns:
+        (B,) float32.
+    """
+    logits, labels = _as_mx(logits), _as_mx(labels, mx.int32)
+    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            "logits (B, T, V) and labels (B, T) must agree on (B, T); got logits "
+            f"{tuple(logits.shape)} and labels {tuple(labels.shape)}"
+        )
+    if labels.shape[1] < 2:  # no token has a predecessor to score it
+        return mx.zeros(labels.shape[:1], dtype=mx.float32)
+    # The shift: logit t predicts token t+1, so drop the last logit and the first label.
+    logits = logits[:, :-1].astype(mx.float32)
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    # -100 is no valid index: gather id 0 there; the mask discards it (id 0 stays a real label).
+    picked = mx.take_along_axis(logits, mx.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
+    token_logps = mx.where(mask, picked - mx.logsumexp(logits, axis=-1), 0.0)
+    total = token_logps.sum(-1)
+    if not average:
+        return total
+    return total / mx.maximum(mask.sum(-1), 1).astype(mx.float32)
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """An mlx-lm output projection read as fp32 rows of its (vocab_size, D) weight.
+
+    ``arrays`` holds ``weight`` (+ ``scales``, ``biases`` when quantized); ``group_size``,
+    ``bits``, ``mode`` are the quantization settings (None: a float weight).
+    """
+
+    arrays: dict[str, mx.array]
+    group_size: int | None = None
+    bits: int | None = None
+    mode: str = "affine"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.arrays["weight"].shape[0]
+
+    @property
+    def quantized(self) -> bool:
+        return self.group_size is not None
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> LMHead | None:
+        """The head of an mlx-lm model, or None when only the plain path computes its logits
+        (a LoRA-wrapped or biased head, soft-capped or scaled logits, no ``model.model``)."""
+        backbone, args = getattr(model, "model", None), getattr(model, "args", None)
+        post = [k for k in _LOGIT_POSTPROCESSING if getattr(args, k, None) is not None]
+        if backbone is None or post:
+            return None
+        tied = getattr(args, "tie_word_embeddings", False) or not hasattr(model, "lm_head")
+        head = getattr(backbone, "embed_tokens", None) if tied else model.lm_head
+        # isinstance admits subclasses; a LoRA wrapper is another module type and is refused.
+        if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and "bias" not in head:
+            arrays = {k: head[k] for k in ("weight", "scales", "biases") if head.get(k) is not None}
+            return cls(arrays, head.group_size, head.bits, head.mode)
+        if isinstance(head, (nn.Linear, nn.Embedding)) and "bias" not in head:
+            return cls({"weight": head.weight})
+        return None
+
+    def rows(self, index: slice | mx.array) -> mx.array:
+        """fp32 weight rows at ``index`` (a vocab slice or (N,) ids) -> (n, D)."""
+        a = self.arrays
+        if not self.quantized:
+            return a["weight"][index].astype(mx.float32)
+        biases = a["biases"][index] if "biases" in a else None
+        return mx.dequantize(
+            a["weight"][index], a["scales"][index], biases,
+            self.group_size, self.bits, self.mode, dtype=mx.float32,
+        )  # fmt: skip
+
+
+def _tiles(n: int, size: int) -> list[slice]:
+    return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _after(x: mx.array, previous: mx.array | None) -> mx.array:
+    # Without this edge MLX may run every tile's matmul before the reductions, keeping the whole
+    # N x V alive; with it, tiles run in order and peak ~ the ~10 tasks MLX keeps in flight.
+    return x if previous is None else mx.depends(x, previous)
+
+
+def lean_token_logps(
+    hidden: mx.array,
+    head: LMHead,
+    targets: mx.array,
+    *,
+    vocab_chunk: int = 8192,
+    token_chunk: int = 256,
+) -> mx.array:
+    """log p(target | hidden) through ``head`` without materialising the N x V logits.
+
+    Args:
+        hidden: (N, D) final-normed hidden states (any float dtype; computed in fp32).
+        head: the LM head (``LMHead.from_model``).
+        targets: (N,) int token ids.
+        vocab_chunk, token_chunk: tile sizes. Peak memory is about a dozen fp32 tiles of
+            token_chunk x vocab_chunk (8 MB each by default) on the CPU, whatever N and V.
+
+    Returns:
+        (N,) float32. Differentiable w.r.t. ``hidden`` (and a float head's weight; a quantized
+        head gets zero gradients) by a VJP that recomputes the softmax tile by tile. Works under
+        ``mx.compile`` and ``nn.value_and_grad``.
+    """
+    if hidden.ndim != 2 or tuple(targets.shape) != tuple(hidden.shape[:1]):
+        raise ValueError(
+            f"hidden must be (N, D) and targets (N,); got {tuple(hidden.shape)} "
+            f"and {tuple(targets.shape)}"
+        )
+    token_tiles = _tiles(hidden.shape[0], token_chunk)
+    vocab_tiles = _tiles(head.vocab_size, vocab_chunk)
+
+    @mx.custom_function
+    def token_logps(hidden: mx.array, targets: mx.array, arrays: dict) -> mx.array:
+        w, h = replace(head, arrays=arrays), hidden.astype(mx.float32)
+        lse, lse_rows = None, []
+        for t in token_tiles:
+            for v in vocab_tiles:
+                # Online logsumexp: fold each tile's logsumexp into the running one.
+                tile = mx.logsumexp(_after(h[t], lse) @ w.rows(v).T, axis=-1)
+                lse = tile if v.start == 0 else mx.logaddexp(lse, tile)
+            lse_rows.append(lse)
+        # The target logit is one dot product per token with its weight row.
+        return (h * w.rows(targets)).sum(-1) - mx.concatenate(lse_rows)
+
+    @token_logps.vjp
+    def token_logps_vjp(primals: tuple, cotangent: mx.array, output: mx.array) -> tuple:
+        hidden, targets, arrays = primals
+        w, h, g = replace(head, arrays=arrays), hidden.astype(mx.float32), cotangent[:, None]
+        w_target = w.rows(targets)
+        # lse recovered from the output (logp = target_logit - lse): no second logsumexp pass.
+        lse = (h * w_target).sum(-1) - output
+        grad_h, grad_w, expected = [], [0.0] * len(vocab_tiles), None
+        for t in token_tiles:
+            for k, v in enumerate(vocab_tiles):
+                rows = w.rows(v)
+                p = mx.exp(_after(h[t], expected) @ rows.T - lse[t, None])  # a softmax tile
+                # E_p[W row] = softmax @ W, summed over the vocab tiles.
+                expected = p @ rows if v.start == 0 else expected + p @ rows
+                # d logp / dW_v = (1[v = target] - p_v) h: the -p part. MLX is lazy, so this is
+                # only computed when a float head is trained; a frozen head never asks for it.
+                grad_w[k] = grad_w[k] - p.T @ (g[t] * h[t])
+            grad_h.append(g[t] * (w_target[t] - expected))  # d logp / dh = W[target] - E_p[W]
+        grads = {k: mx.zeros_like(a) for k, a in arrays.items()}
+        if not w.quantized:  # a quantized head cannot be trained: its gradients stay zero
+            dw = mx.concatenate(grad_w).at[targets].add(g * h)
+            grads["weight"] = dw.astype(arrays["weight"].dtype)
+        grad_hidden = mx.concatenate(grad_h).astype(hidden.dtype)
+        return grad_hidden, mx.zeros_like(targets), grads
+
+    return token_logps(hidden, targets.astype(mx.int32), head.arrays)
+
+
+def forward_logps(
+    model: nn.Module,
+    batch: Any,
+    *,
+    lean: bool = True,
+    vocab_chunk: int = 8192,
+    token_chunk: int = 256,
+) -> tuple[mx.array, mx.array]:
+    """Summed completion log-probs of every row of a preference batch, in one forward.
+
+    Args:
+        model: an mlx-lm model (``model.model`` is the backbone returning final-normed hidden).
+        batch: any object with ``tokens`` (2B, T) int, ``positions`` (2B, C) int (index t into
+            tokens[:, :-1] whose next token is a completion token), ``targets`` (2B, C) int
+            (= tokens[r, positions + 1]) and ``target_mask`` (2B, C) (1 on real completion tokens).
+        lean: project only completion positions through the head in tiles (``lean_token_logps``);
+            False, or a head ``LMHead`` cannot read, computes full logits first.
+
+    Returns:
+        logps (2B,) float32 and counts (2B,) float32 (completion tokens per row).
+    """
+    inputs = _as_mx(batch.tokens)[:, :-1]
+    positions, targets = _as_mx(batch.positions, mx.int32), _as_mx(batch.targets, mx.int32)
+    target_mask = _as_mx(batch.target_mask, mx.float32)
+    head = LMHead.from_model(model) if lean else None
+    if head is None:
+        # Full logits, but the logsumexp only at completion positions: (2B, C, V) in fp32.
+        logits = mx.take_along_axis(model(inputs), positions[..., None], axis=1)
+        logits = logits.astype(mx.float32)
+        picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        token_logps = picked - mx.logsumexp(logits, axis=-1)
+    else:
+        hidden = mx.take_along_axis(model.model(inputs), positions[..., None], axis=1)
+        rows, width = positions.shape
+        flat = lean_token_logps(
+            hidden.reshape(rows * width, -1), head, targets.reshape(-1),
+            vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+        )  # fmt: skip
+        token_logps = flat.reshape(rows, width)
+    logps = mx.where(target_mask > 0, token_logps * target_mask, 0.0).sum(-1)
+    return logps, target_mask.sum(-1)
