@@ -43,8 +43,9 @@ def with_demo_defaults(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, model=cfg.model or str(demo.MODEL_DIR), data=cfg.data or str(demo.DATA_DIR))
 
 
-def load_pairs(cfg: TrainConfig, tokenizer, log) -> tuple[list, list]:
-    splits = data.load_splits(
+def read_rows(cfg: TrainConfig) -> dict[str, list[dict]]:
+    """Read and check every row (cheap: done before the model loads, so bad data fails fast)."""
+    return data.load_splits(
         cfg.data,
         prompt_field=cfg.prompt_field,
         chosen_field=cfg.chosen_field,
@@ -55,6 +56,11 @@ def load_pairs(cfg: TrainConfig, tokenizer, log) -> tuple[list, list]:
         data_config=cfg.data_config,
         data_revision=cfg.data_revision,
     )
+
+
+def load_pairs(cfg: TrainConfig, tokenizer, log, splits: dict | None = None) -> tuple[list, list]:
+    """Tokenized (train, valid) pairs."""
+    splits = read_rows(cfg) if splits is None else splits
     out = []
     for split in ("train", "valid"):
         pairs, stats = data.tokenize_rows(
@@ -68,9 +74,7 @@ def load_pairs(cfg: TrainConfig, tokenizer, log) -> tuple[list, list]:
         log(f"{split}: {stats}")
         out.append(pairs)
     if not out[0]:
-        raise data.DataError(
-            f"{cfg.data}: no training pairs left after tokenization and truncation"
-        )
+        raise data.DataError(f"{cfg.data}: no training pairs left after tokenization and truncation")
     return out[0], out[1]
 
 
@@ -147,6 +151,7 @@ def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
     if mx.default_device() == mx.cpu:
         mx.set_cache_limit(8 << 30)  # the default 32 MB makes big temporaries page-fault every step
     run_dir = prepare_run_dir(cfg) if is_main else Path(cfg.adapter_path)
+    rows = read_rows(cfg)
     loaded = model_lib.load(
         cfg.model,
         revision=cfg.revision,
@@ -156,7 +161,7 @@ def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
     )
     for note in loaded.notes:
         say(f"model: {note}")
-    train_pairs, valid_pairs = load_pairs(cfg, loaded.tokenizer, say)
+    train_pairs, valid_pairs = load_pairs(cfg, loaded.tokenizer, say, rows)
     if cfg.init_adapter:
         init_config = model_lib.load_adapter_dir(loaded.model, cfg.init_adapter)
         cfg = _adopt_adapter_config(cfg, init_config, say)

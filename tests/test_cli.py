@@ -83,11 +83,13 @@ def test_loss_flags_reach_the_config():
         (["--data", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
         (["--beta", "0"], "beta must be > 0"),
         (["--loss-type", "sigmoid,hinge", "--loss-weights", "1"], "one weight per loss type"),
-        (["--model", "/nonexistent/model"], "/nonexistent/model"),
+        (["--model", "/nonexistent/model", "--data", "DATA"], "/nonexistent/model"),
         (["--batch-size", "0"], "batch_size must be a positive integer"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(tmp_path, args, message):
+    write_pairs(tmp_path / "d.jsonl", 8)
+    args = [str(tmp_path / "d.jsonl") if a == "DATA" else a for a in args]
     result = run("train", "--adapter-path", str(tmp_path / "run"), *args)
     assert result.exit_code == 2, result.output
     assert message in result.output

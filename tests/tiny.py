@@ -99,7 +99,10 @@ def build_tiny_model(
     def w(*shape: int, std: float = 0.08) -> np.ndarray:
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    weights = {"model.embed_tokens.weight": w(vocab_size, d, std=0.5), "model.norm.weight": 1 + w(d)}
+    weights = {
+        "model.embed_tokens.weight": w(vocab_size, d, std=0.5),
+        "model.norm.weight": 1 + w(d),
+    }
     if not tie_word_embeddings:
         weights["lm_head.weight"] = w(vocab_size, d, std=0.2)
     for i in range(num_layers):
