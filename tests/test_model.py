@@ -147,7 +147,7 @@ def test_hub_model_id_resolves_from_local_cache_offline(tiny_model_path, tmp_pat
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "run" / "adapters.safetensors").exists()
     missing = subprocess.run(
-        [*cmd[:5], "mlx-dpo-test/absent", *cmd[6:]],
+        [*cmd[:5], "mlx-dpo-test/absent", *cmd[6:-5], str(tmp_path / "run2"), *cmd[-4:]],
         env=env,
         capture_output=True,
         text=True,
