@@ -146,13 +146,9 @@ def test_hub_model_id_resolves_from_local_cache_offline(tiny_model_path, tmp_pat
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "run" / "adapters.safetensors").exists()
-    missing = subprocess.run(
-        [*cmd[:5], "mlx-dpo-test/absent", *cmd[6:-5], str(tmp_path / "run2"), *cmd[-4:]],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    absent = [a.replace("mlx-dpo-test/tiny", "mlx-dpo-test/absent") for a in cmd]
+    absent[absent.index(str(tmp_path / "run"))] = str(tmp_path / "run2")
+    missing = subprocess.run(absent, env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2
     assert "not in the local Hugging Face cache" in missing.stderr
     assert "Traceback" not in missing.stderr
