@@ -33,6 +33,8 @@ EXP_CLAMP = 80.0  # largest exponent passed to exp: e^80 ~ 5.5e34 < float32 max 
 # TRL 1.16 accepts a non-default f-divergence only on these ("difference" losses).
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")
 F_DIVERGENCE_LOSSES += ("sft",)
+# The losses that read label_smoothing; on any other it would silently do nothing.
+LABEL_SMOOTHING_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")
 
 
 class DPOOutput(NamedTuple):
@@ -324,11 +326,10 @@ def dpo_loss(
         DPOOutput(loss (), losses (B,), chosen_rewards (B,), rejected_rewards (B,)) with rewards
         β·(policy - reference) logps, detached (β·policy logps without a reference).
     """
-    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = [1.0] * len(names) if loss_weights is None else [float(w) for w in loss_weights]
-    if rpo_alpha is not None:
-        names, weights = names + ["sft"], weights + [float(rpo_alpha)]
-    _check_options(names, weights, beta, label_smoothing, f_divergence_type)
+    names, weights = check_loss_options(
+        loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing,
+        f_divergence_type=f_divergence_type, rpo_alpha=rpo_alpha,
+    )  # fmt: skip
 
     policy_chosen = _vector(policy_chosen_logps, "policy_chosen_logps")
     policy_rejected = _vector(policy_rejected_logps, "policy_rejected_logps")
@@ -360,9 +361,28 @@ def dpo_loss(
     return DPOOutput(losses.mean(), losses, chosen_rewards, rejected_rewards)
 
 
-def _check_options(
-    names: list[str], weights: list[float], beta: float, eps: float, f_divergence_type: str
-) -> None:
+def check_loss_options(
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    rpo_alpha: float | None = None,
+    **other_options: Any,
+) -> tuple[list[str], list[float]]:
+    """Check ``dpo_loss``'s options without any data (a config can call it with all of them).
+
+    Returns:
+        The loss type names and their weights, ``sft`` appended when ``rpo_alpha`` is set.
+    Raises:
+        ValueError naming the bad option and the valid choices.
+    """
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(names) if loss_weights is None else [float(w) for w in loss_weights]
+    if rpo_alpha is not None:
+        names, weights = names + ["sft"], weights + [float(rpo_alpha)]
+    eps = label_smoothing
     unknown = [n for n in names if n not in LOSSES]
     if unknown or not names:
         raise ValueError(f"unknown loss_type {unknown or names}; valid ones: {sorted(LOSSES)}")
@@ -374,6 +394,8 @@ def _check_options(
         raise ValueError(f"label_smoothing is a label-flip probability in [0, 0.5), got {eps}")
     if "exo_pair" in names and eps <= 0:
         raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (1e-3 is a common value)")
+    if eps > 0 and not set(names) & set(LABEL_SMOOTHING_LOSSES):
+        raise ValueError(f"label_smoothing only applies to {LABEL_SMOOTHING_LOSSES}, not {names}")
     if f_divergence_type not in F_DIVERGENCES:
         raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCES)}")
     refused = [n for n in names if n not in F_DIVERGENCE_LOSSES]
@@ -382,6 +404,7 @@ def _check_options(
             f"f_divergence_type={f_divergence_type!r} only applies to {F_DIVERGENCE_LOSSES}; "
             f"not to {refused}"
         )
+    return names, weights
 
 
 def dpo_metrics(

@@ -8,7 +8,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_dpo.losses import F_DIVERGENCE_LOSSES, LOSSES, DPOOutput, dpo_loss, dpo_metrics
+from mlx_dpo.losses import (
+    F_DIVERGENCE_LOSSES,
+    LOSSES,
+    DPOOutput,
+    check_loss_options,
+    dpo_loss,
+    dpo_metrics,
+)
 
 LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
 
@@ -169,6 +176,7 @@ def test_rpo_alpha_is_sigmoid_plus_weighted_sft():
         (dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]), "loss_weights"),
         (dict(loss_type="exo_pair"), "label_smoothing > 0"),
         (dict(label_smoothing=0.5), "label-flip"),
+        (dict(loss_type="hinge", label_smoothing=0.1), "only applies"),
         (dict(beta=0.0), "beta"),
         (dict(loss_type="ipo"), "chosen_lengths"),
         (dict(loss_type="sigmoid_norm"), "chosen_lengths"),
@@ -184,6 +192,14 @@ def test_rpo_alpha_is_sigmoid_plus_weighted_sft():
 def test_bad_options_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         dpo_loss([-1.0, -2.0], [-2.0, -3.0], [-1.0, -2.0], [-2.0, -3.0], **kwargs)
+
+
+def test_check_loss_options_without_data():
+    """A config can check every dpo_loss keyword before any data exists (others are ignored)."""
+    names = check_loss_options(loss_type=["sigmoid"], rpo_alpha=0.5, discopop_tau=0.1, beta=0.2)
+    assert names == (["sigmoid", "sft"], [1.0, 0.5])
+    with pytest.raises(ValueError, match="valid ones"):
+        check_loss_options(loss_type="nope", simpo_gamma=1.0)
 
 
 def test_bad_shapes_raise():
