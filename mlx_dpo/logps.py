@@ -91,8 +91,8 @@ class LMHead:
         """The head of an mlx-lm model, or None when only the plain path computes its logits
         (a LoRA-wrapped or biased head, soft-capped or scaled logits, no ``model.model``)."""
         backbone, args = getattr(model, "model", None), getattr(model, "args", None)
-        post = [k for k in _LOGIT_POSTPROCESSING if getattr(args, k, None) is not None]
-        if backbone is None or post:
+        postprocessed = [k for k in _LOGIT_POSTPROCESSING if getattr(args, k, None) is not None]
+        if backbone is None or postprocessed:
             return None
         tied = getattr(args, "tie_word_embeddings", False) or not hasattr(model, "lm_head")
         head = getattr(backbone, "embed_tokens", None) if tied else model.lm_head

@@ -297,6 +297,23 @@ def test_forward_logps_parameter_gradients_agree(kind):
             np.testing.assert_allclose(_np(lean[name]), _np(g), atol=1e-5 * scale, err_msg=name)
 
 
+def test_lmhead_reads_subclasses_of_the_mlx_layers():
+    """mlx_dpo.model swaps quantized layers for dequantize-at-use subclasses on the CPU."""
+
+    class DequantAtUse(nn.QuantizedLinear):
+        pass
+
+    model = _tiny_model("untied")
+    model.lm_head = nn.QuantizedLinear.from_linear(model.lm_head, 64, 4)
+    model.lm_head.__class__ = DequantAtUse
+    head = LMHead.from_model(model)
+    assert head is not None and head.quantized and head.vocab_size == 320
+    batch = _batch(4, vocab=320)
+    lean, _ = forward_logps(model, batch, vocab_chunk=100)
+    plain, _ = forward_logps(model, batch, lean=False)
+    np.testing.assert_allclose(_np(lean), _np(plain), rtol=1e-5, atol=1e-5)
+
+
 def test_head_that_lean_cannot_read_falls_back_to_plain():
     from mlx_lm.tuner.lora import LoRALinear
 
