@@ -340,15 +340,16 @@ def dpo_loss(
     else:
         reference_chosen = _vector(reference_chosen_logps, "reference_chosen_logps")
         reference_rejected = _vector(reference_rejected_logps, "reference_rejected_logps")
-    lengths = [None if v is None else _vector(v, n) for v, n in
-               ((chosen_lengths, "chosen_lengths"), (rejected_lengths, "rejected_lengths"))]  # fmt: skip
-    arrays = [policy_chosen, policy_rejected, reference_chosen, reference_rejected, *lengths]
-    shapes = {tuple(a.shape) for a in arrays if a is not None}
+    given = {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
+    lengths = {k: None if v is None else _vector(v, k) for k, v in given.items()}
+    arrays = [policy_chosen, policy_rejected, reference_chosen, reference_rejected]
+    arrays += [v for v in lengths.values() if v is not None]
+    shapes = {tuple(a.shape) for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"all inputs must be (B,) with the same B, got shapes {sorted(shapes)}")
 
     pairs = PairLogps(
-        policy_chosen, policy_rejected, reference_chosen, reference_rejected, *lengths,
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected, **lengths,
         beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
         ipo_length_normalize=ipo_length_normalize, simpo_gamma=simpo_gamma,
