@@ -21,11 +21,14 @@ COMMANDS: list = []
 # that importing this module before cli.py also works (see the end of this file).
 from mlx_dpo.cli import DATA_FIELDS, config_options, main, user_errors  # noqa: E402
 
-MODEL_FIELDS = ["model", "revision", "quantize", "q_group_size", "compute_dtype"]
+# --model and --data get their own help: here they default to the run's, not the demo's.
+MODEL_FIELDS = ["revision", "quantize", "q_group_size", "compute_dtype"]
+DATA_ONLY = [f for f in DATA_FIELDS if f not in ("model", "data", "seed")]
 EVAL_FIELDS = (
-    DATA_FIELDS
-    + MODEL_FIELDS[2:]
+    DATA_ONLY
+    + MODEL_FIELDS
     + [
+        "seed",
         "batch_size",
         "init_adapter",
         "ref_model",
@@ -33,7 +36,7 @@ EVAL_FIELDS = (
         *LOSS_FIELDS,
     ]
 )
-COMPARE_FIELDS = [f for f in DATA_FIELDS if f != "seed"] + MODEL_FIELDS[2:]
+COMPARE_FIELDS = DATA_ONLY + MODEL_FIELDS
 SPLIT = click.Choice(["train", "valid", "test"])
 
 
@@ -41,6 +44,20 @@ def _adapter_option(required: bool, help: str):
     return click.option(
         "--adapter-path", type=click.Path(file_okay=False), required=required, help=help
     )
+
+
+def _model_option(fn):
+    return click.option(
+        "--model",
+        help="Hugging Face id or local path of the base model [default: the run's model].",
+    )(fn)
+
+
+def _data_option(fn):
+    return click.option(
+        "--data",
+        help="Directory, file (.jsonl/.json/.parquet) or Hub dataset id [default: the run's data].",
+    )(fn)
 
 
 @click.command("eval")
@@ -54,10 +71,15 @@ def _adapter_option(required: bool, help: str):
     help="Write per-pair scores here (JSON lines): policy and reference log-probs, rewards, loss.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+@_model_option
+@_data_option
 @config_options(EVAL_FIELDS)
 @user_errors
 def eval_command(adapter_path, split, output, as_json, **flags):
-    """DPO metrics of adapters on a data split (loss, reward accuracy and margin, log-probs)."""
+    """DPO metrics of adapters on a data split (loss, reward accuracy and margin, log-probs).
+
+    Flags left out take the run's settings from ADAPTER_PATH/adapter_config.json.
+    """
     from mlx_dpo.evaluate import config_for, evaluate_adapters, format_metrics, write_scores
 
     cfg = config_for(adapter_path, flags)
@@ -123,6 +145,8 @@ def eval_command(adapter_path, split, output, as_json, **flags):
     type=click.Path(dir_okay=False),
     help="Also write the answers to a .jsonl or .md file.",
 )
+@_model_option
+@_data_option
 @config_options(COMPARE_FIELDS)
 @user_errors
 def compare(
@@ -138,7 +162,10 @@ def compare(
     output,
     **flags,
 ):
-    """Generate from the base (adapters off) and the tuned model, same prompts and seeds."""
+    """Generate from the base (adapters off) and the tuned model, same prompts and seeds.
+
+    Flags left out take the run's settings from ADAPTER_PATH/adapter_config.json.
+    """
     from mlx_dpo import compare as lib
     from mlx_dpo import model as model_lib
     from mlx_dpo.config import ConfigError
@@ -206,10 +233,14 @@ def compare(
     help="Write float weights (a quantized base is dequantized); also a Hugging Face checkpoint for standard architectures.",
 )
 @click.option("--upload-repo", help="Upload the fused model to this Hugging Face repo (org/name).")
-@config_options(MODEL_FIELDS)
+@_model_option
+@config_options(["revision", "quantize", "q_group_size"])
 @user_errors
 def fuse(adapter_path, output, dequantize, upload_repo, **flags):
-    """Fuse adapters into the base weights: a standalone model that mlx_lm.load reads."""
+    """Fuse adapters into the base weights: a standalone model that mlx_lm.load reads.
+
+    Flags left out take the run's settings from ADAPTER_PATH/adapter_config.json.
+    """
     from mlx_dpo.config import ConfigError
     from mlx_dpo.evaluate import config_for
     from mlx_dpo.export import fuse as fuse_model
