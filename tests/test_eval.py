@@ -232,3 +232,30 @@ def test_config_for_adapters_trained_elsewhere(tmp_path):
     )
     cfg = config_for(tmp_path, {"beta": 0.3, "data": None})
     assert cfg.model == "org/name" and cfg.beta == 0.3 and cfg.lr_schedule == "cosine"
+
+
+def test_run_from_an_init_adapter_keeps_it_in_the_reference(run, tmp_path):
+    """A run started from --init-adapter has base + that adapter as its reference."""
+    from dataclasses import replace
+
+    from mlx_dpo.run import load_pairs, run_training
+
+    second = replace(run, adapter_path=str(tmp_path / "second"), init_adapter=run.adapter_path)
+    run_training(second, log=lambda *_: None)
+    metrics, _ = invoke(
+        "--adapter-path", second.adapter_path, "--output", str(tmp_path / "s.jsonl")
+    )
+    scores = read_scores(tmp_path / "s.jsonl")
+
+    loaded = model_lib.load(run.model)
+    _, valid = load_pairs(run, loaded.tokenizer, log=lambda *_: None)
+    model_lib.load_adapter_dir(loaded.model, run.adapter_path)
+    init = reference.compute(loaded.model, valid, batch_size=4)
+    loaded.model.load_weights(str(Path(second.adapter_path) / "adapters.safetensors"), strict=False)
+    policy = reference.compute(loaded.model, valid, batch_size=4)
+    np.testing.assert_allclose([s["reference_chosen_logps"] for s in scores], init[0], rtol=1e-5)
+    np.testing.assert_allclose([s["chosen_logps"] for s in scores], policy[0], rtol=1e-5)
+    assert np.abs(policy[0] - init[0]).max() > 1e-3
+    lines = (Path(second.adapter_path) / "metrics.jsonl").read_text().splitlines()
+    last_valid = [json.loads(line) for line in lines if '"valid"' in line][-1]
+    assert metrics["loss"] == pytest.approx(last_valid["loss"], rel=1e-4, abs=1e-5)
