@@ -200,6 +200,12 @@ class TrainConfig:
                 )
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        from mlx_dpo.losses import check_loss_options  # the loss module owns its option rules
+
+        try:
+            check_loss_options(**self.loss_kwargs())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     # --- conversions
     def loss_kwargs(self) -> dict[str, Any]:

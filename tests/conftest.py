@@ -3,11 +3,14 @@ cores (torch 3x slower), so BLAS threads are pinned to 1 before anything imports
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# reference log-prob caches of test runs stay out of the user's ~/.cache
+os.environ.setdefault("MLX_DPO_CACHE", tempfile.mkdtemp(prefix="mlx_dpo_cache_"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

@@ -252,3 +252,61 @@ def test_reference_cache_is_reused(tiny_model_path, toy_data, tmp_path, monkeypa
     )
     assert any("reference log-probs (train): reused from cache" in m for m in messages)
     assert not calls
+
+
+@pytest.fixture(scope="module")
+def option_runs(tiny_model_path, tmp_path_factory):
+    """Second-step losses of short runs, keyed by the options; cached across the parametrization."""
+    root = tmp_path_factory.mktemp("options")
+    write_pairs(root / "d.jsonl", 24)
+    cache = {}
+
+    def second_loss(**options) -> float:
+        key = json.dumps(options, sort_keys=True)
+        if key not in cache:
+            run_dir = root / f"run{len(cache)}"
+            run_training(make_cfg(tiny_model_path, root / "d.jsonl", run_dir, **options), log=quiet)
+            cache[key] = read_metrics(run_dir)[1]["loss"]
+        return cache[key]
+
+    return second_loss
+
+
+@pytest.mark.parametrize(
+    "base, changed",
+    [
+        ({}, {"beta": 0.5}),
+        ({}, {"label_smoothing": 0.2}),
+        ({}, {"reference_free": True}),
+        ({}, {"f_divergence_type": "js_divergence"}),
+        (
+            {"f_divergence_type": "alpha_divergence"},
+            {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.9},
+        ),
+        ({"loss_type": ["discopop"]}, {"loss_type": ["discopop"], "discopop_tau": 0.5}),
+        ({"loss_type": ["ipo"]}, {"loss_type": ["ipo"], "ipo_length_normalize": False}),
+        ({}, {"rpo_alpha": 1.0}),
+        ({"loss_type": ["simpo"]}, {"loss_type": ["simpo"], "simpo_gamma": 2.0}),
+        (
+            {"loss_type": ["sigmoid", "sft"]},
+            {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 3.0]},
+        ),
+    ],
+)
+def test_each_loss_option_takes_effect(option_runs, base, changed):
+    # after one update the policy differs from the reference, so every option must matter
+    assert option_runs(**base) != pytest.approx(option_runs(**changed), rel=1e-4)
+
+
+def test_loss_options_from_yaml_reach_the_trainer(tiny_model_path, tmp_path):
+    from mlx_dpo.cli import build_config
+
+    write_pairs(tmp_path / "d.jsonl", 24)
+    (tmp_path / "c.yaml").write_text("loss_type: [ipo]\nbeta: 0.1\niters: 1\nsteps_per_report: 1\n")
+    flags = {
+        "model": str(tiny_model_path),
+        "data": str(tmp_path / "d.jsonl"),
+        "adapter_path": str(tmp_path / "run"),
+    }
+    run_training(build_config(str(tmp_path / "c.yaml"), flags), log=quiet)
+    assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(25.0, rel=1e-5)
