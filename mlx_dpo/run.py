@@ -74,7 +74,9 @@ def load_pairs(cfg: TrainConfig, tokenizer, log, splits: dict | None = None) -> 
         log(f"{split}: {stats}")
         out.append(pairs)
     if not out[0]:
-        raise data.DataError(f"{cfg.data}: no training pairs left after tokenization and truncation")
+        raise data.DataError(
+            f"{cfg.data}: no training pairs left after tokenization and truncation"
+        )
     return out[0], out[1]
 
 
@@ -212,6 +214,11 @@ def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
     say(
         f"adapters saved to {run_dir}/adapters.safetensors (load with mlx_lm.load(model, adapter_path='{run_dir}'))"
     )
+    if is_main:
+        from mlx_dpo.plot import plot_run
+
+        if (png := plot_run(run_dir)) is not None:
+            say(f"plot: {png}")
     summary = None
     if is_demo and cfg.demo_summary and is_main and valid_pairs:
         from mlx_dpo.summary import demo_summary
