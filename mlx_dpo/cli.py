@@ -104,8 +104,10 @@ def user_errors(fn):
         except USER_ERRORS as e:
             lines = str(e).strip().splitlines() or [type(e).__name__]
             click.echo(f"Error: {lines[0]}", err=True)
-            for line in lines[1:]:
+            for line in lines[1:11]:
                 click.echo(f"  {line}", err=True)
+            if len(lines) > 11:
+                click.echo(f"  ... and {len(lines) - 11} more", err=True)
             sys.exit(2)
 
     return wrapper
