@@ -88,8 +88,20 @@ def build_config(config_path: str | None, flags: dict) -> TrainConfig:
     if overrides.get("model") is None and values.get("model") is None:
         from mlx_dpo import demo
 
-        values = {**read_yaml(Path(demo.__file__).parent / "demo.yaml"), **values}
+        demo_values = read_yaml(Path(demo.__file__).parent / "demo.yaml")
+        if "adapter_path" not in values:  # rerunning the demo starts a new run directory
+            demo_values["adapter_path"] = _fresh_dir(Path(demo_values["adapter_path"]))
+        values = {**demo_values, **values}
     return TrainConfig.from_dict({**values, **overrides}, source=config_path or "flags")
+
+
+def _fresh_dir(path: Path) -> str:
+    """`path`, or `path-2`, `path-3`, ... the first that holds no run yet."""
+    candidate, n = path, 1
+    while (candidate / "adapters.safetensors").exists() or (candidate / "checkpoints").exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return str(candidate)
 
 
 def user_errors(fn):
