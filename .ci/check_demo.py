@@ -16,6 +16,8 @@ def pair(label: str) -> tuple[float, float]:
 
 _, reward_after = pair("DPO reward accuracy")
 share_before, share_after = pair("sampled answers with the preferred behaviour")
-print(f"check_demo: reward accuracy after {reward_after}%, preferred share {share_before}% -> {share_after}%")
+print(
+    f"check_demo: reward accuracy after {reward_after}%, preferred share {share_before}% -> {share_after}%"
+)
 if reward_after < 90 or share_after < share_before + 20:
     sys.exit("check_demo: the demo did not show the expected improvement")
