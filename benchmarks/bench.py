@@ -1,0 +1,436 @@
+#!/usr/bin/env python
+"""Benchmark one LoRA DPO step of mlx_dpo, side by side with the same step in PyTorch.
+
+    python benchmarks/bench.py                      # mid-qwen2 (40M, vocab 32k), 2 pairs x 256
+    python benchmarks/bench.py --compare-torch      # + the PyTorch step, in its own process
+    python benchmarks/bench.py --levers             # + each speed/memory lever on its own
+    python benchmarks/bench.py --memory             # vocab 152k: peak vs naive, vs length
+    python benchmarks/bench.py --all                # everything above + BLAS off + both kernels
+    python benchmarks/bench.py --tiny               # a seconds-long smoke run (tests)
+
+Every measurement runs in a fresh process (the BLAS choice is fixed when MLX loads; torch and
+the OpenBLAS preload must not share a process), one after the other; within a process the
+variants' rounds are interleaved. Times are min and median over --repeats after --warmup.
+Prints one table and writes JSON (--json; default benchmarks/out/bench-<time>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's mlx_dpo, and common.py
+
+from common import SPECS, Spec, load_average, max_rss_mb, read_spec, write_checkpoint  # noqa: E402
+
+DEFAULT_VARIANTS = ["mlx_dpo", "mlx_dpo+fastexp"]
+LEVER_VARIANTS = [
+    "plain-logits",
+    "naive-logits",
+    "no-compile",
+    "cache-32MB",
+    "online-ref",
+    "grad-ckpt",
+    "grad-ckpt+fastexp",
+    "q4-dequant",
+    "q4-native",
+]
+MEMORY_VARIANTS = ["mlx_dpo", "grad-ckpt", "naive-logits", "naive+ckpt", "mlx_dpo+fastexp"]
+TORCH_VARIANTS = ["own:completion", "own:full", "hf:completion", "hf:full"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Time and size one mlx_dpo LoRA DPO step (and the same step in PyTorch).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[1],
+    )
+    p.add_argument("--model", help="an HF-format Qwen2/Llama directory (default: random init)")
+    p.add_argument("--spec", default="mid", choices=sorted(SPECS), help="random-init shape")
+    p.add_argument("--pairs", type=int, default=2, help="preference pairs per step (2 rows each)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--completion-len", type=int, default=128)
+    p.add_argument("--ref-batch-pairs", type=int, default=8, help="the precompute's batch")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-scale", type=float, default=20.0)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", nargs="+", help="MLX variants (mlx_worker.VARIANTS)")
+    p.add_argument("--levers", action="store_true", help="measure every lever")
+    p.add_argument("--compare-torch", action="store_true", help="the same step in PyTorch")
+    p.add_argument("--torch-variants", nargs="+", default=None)
+    p.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+    p.add_argument("--memory", action="store_true", help="vocab-152k memory vs naive and T")
+    p.add_argument("--blas-off", action="store_true", help="also without the fast BLAS")
+    p.add_argument("--both-kernels", action="store_true", help="also OpenBLAS's native kernel")
+    p.add_argument("--all", action="store_true", help="everything")
+    p.add_argument("--tiny", "--quick", action="store_true", help="tiny model, 1 repeat")
+    p.add_argument("--json", help="output path (default benchmarks/out/bench-<time>.json)")
+    p.add_argument("--worker", choices=["mlx"], help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--lora-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.all:
+        args.levers = args.compare_torch = args.memory = args.blas_off = True
+        args.both_kernels = True
+    if args.tiny:
+        args.spec, args.warmup, args.repeats = "tiny", 1, 1
+        args.prompt_len, args.completion_len = (
+            min(args.prompt_len, 32),
+            min(args.completion_len, 32),
+        )
+        args.ref_batch_pairs = min(args.ref_batch_pairs, 4)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes
+
+
+def worker_args(args, model_dir, json_path, variants, **over) -> list[str]:
+    vals = {
+        "pairs": args.pairs,
+        "prompt_len": args.prompt_len,
+        "completion_len": args.completion_len,
+        "ref_batch_pairs": args.ref_batch_pairs,
+        "lora_rank": args.lora_rank,
+        "lora_scale": args.lora_scale,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        **over,
+    }
+    out = [f"--{k.replace('_', '-')}={v}" for k, v in vals.items()]
+    out += ["--model-dir", str(model_dir), "--json", str(json_path), "--variants", *variants]
+    return out + (["--tiny"] if args.tiny else [])
+
+
+def run_process(cmd: list[str], env: dict | None, label: str, json_path: Path) -> dict:
+    print(f"[bench] {label} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        return {"error": f"{label} failed with status {proc.returncode}"}
+    out = json.loads(json_path.read_text())
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def mlx_run(args, model_dir, tmp, label, variants, env_over=None, **over) -> dict:
+    path = Path(tmp) / f"{label}.json"
+    env = {**os.environ, **(env_over or {})}
+    env = {k: v for k, v in env.items() if v is not None}
+    cmd = [sys.executable, __file__, "--worker", "mlx"]
+    cmd += worker_args(args, model_dir, path, variants, **over)
+    out = run_process(cmd, env, f"mlx {label}: {' '.join(variants)}", path)
+    out["env"] = {k: v for k, v in (env_over or {}).items()}
+    return out
+
+
+def torch_run(args, model_dir, tmp, lora_init) -> dict:
+    path = Path(tmp) / "torch.json"
+    variants = args.torch_variants or (
+        ["own:completion", "own:full"] if args.tiny else TORCH_VARIANTS
+    )
+    cmd = [sys.executable, str(HERE / "torch_step.py"), "--lora-init", str(lora_init)]
+    cmd += [f"--threads={args.torch_threads}", f"--beta={0.1}"]
+    cmd += worker_args(args, model_dir, path, variants)
+    cmd.remove(f"--ref-batch-pairs={args.ref_batch_pairs}")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.torch_threads or os.cpu_count())}
+    return run_process(cmd, env, f"torch: {' '.join(variants)}", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def step_row(name: str, res: dict, batch: dict, pairs: int, peak: float) -> dict:
+    step_s = res["step"]["min_ms"] / 1e3
+    fl = res["flops"]["step"]
+    ref = res.get("reference")
+    ref_big = res.get("reference_big")
+    row = {
+        "variant": name,
+        "ref_ms_per_pair": ref["min_ms"] / pairs if ref else None,
+        "fwd_bwd_ms": res["fwd_bwd"]["min_ms"],
+        "optimizer_ms": res["optimizer"]["min_ms"],
+        "step_min_ms": res["step"]["min_ms"],
+        "step_median_ms": res["step"]["median_ms"],
+        "pairs_per_s": pairs / step_s,
+        "tokens_per_s": batch["tokens"] / step_s,
+        "gflops": fl / step_s / 1e9,
+        "mfu": fl / step_s / 1e9 / peak,
+        "peak_mb": res["step"].get("peak_mb"),
+        "peak_above_mb": res["step"].get("peak_above_mb"),
+    }
+    if ref_big:
+        row["ref_big_ms_per_pair"] = ref_big["min_ms"] / ref_big.get("pairs", 1)
+    return row
+
+
+def fmt(x, spec="{:.0f}") -> str:
+    return "-" if x is None else spec.format(x)
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        f"{'variant':<26} {'ref/pair':>8} {'fwd+bwd':>8} {'opt':>5} {'step min':>9} "
+        f"{'median':>7} {'pairs/s':>7} {'tok/s':>6} {'GF/s':>5} {'MFU':>5} {'peak MB':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['variant']:<26} {fmt(r['ref_ms_per_pair']):>8} {fmt(r['fwd_bwd_ms']):>8} "
+            f"{fmt(r['optimizer_ms']):>5} {fmt(r['step_min_ms']):>9} "
+            f"{fmt(r['step_median_ms']):>7} {fmt(r['pairs_per_s'], '{:.2f}'):>7} "
+            f"{fmt(r['tokens_per_s']):>6} {fmt(r['gflops']):>5} "
+            f"{fmt(100 * r['mfu'], '{:.0f}%'):>5} {fmt(r['peak_mb']):>8}"
+        )
+    return "\n".join(lines)
+
+
+def rows_of(run: dict, pairs: int, peak: float, prefix: str = "") -> list[dict]:
+    if "results" not in run:
+        return []
+    out = []
+    for name, res in run["results"].items():
+        if "step" in res:
+            out.append(step_row(prefix + name, res, run["batch"], pairs, peak))
+    return out
+
+
+def close(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
+
+
+def agreement(mlx_step0: dict, torch_res: dict) -> dict:
+    """Largest relative differences of the step-0 numbers, MLX vs each torch variant."""
+    out = {}
+    for name, res in torch_res.get("results", {}).items():
+        t0 = res.get("step0")
+        if not t0:
+            continue
+        names = sorted(mlx_step0["grad_norms"])
+        m_g = [mlx_step0["grad_norms"][n] for n in names]
+        t_g = [t0["grad_norms"][n] for n in names]
+        big = [i for i, g in enumerate(m_g) if g > 1e-6 * max(m_g)]
+        out[name] = {
+            "policy_logps_rel": close(mlx_step0["policy_logps"], t0["policy_logps"]),
+            "loss_abs": abs(mlx_step0["loss"] - t0["loss"]),
+            "grad_norms_rel": close([m_g[i] for i in big], [t_g[i] for i in big]),
+        }
+    return out
+
+
+def memory_section(args, model_dir_152k, tmp) -> dict:
+    """Vocab 152k: the step's peak, lean vs naive, at the standard batch and over T."""
+    out = {"standard": mlx_run(args, model_dir_152k, tmp, "mem152k", MEMORY_VARIANTS, repeats=2)}
+    sweep = {}
+    lengths = [64, 128, 256] if args.tiny else [128, 256, 512, 1024]
+    for n in lengths:
+        variants = ["mlx_dpo", "grad-ckpt"] + (["naive-logits"] if n <= 256 else [])
+        sweep[n * 2] = mlx_run(
+            args, model_dir_152k, tmp, f"mem152k-T{2 * n}", variants,
+            pairs=1, prompt_len=n, completion_len=n, warmup=1, repeats=1,
+        )  # fmt: skip
+    out["length_sweep_1pair"] = sweep
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+    variants = args.variants or (DEFAULT_VARIANTS + (LEVER_VARIANTS if args.levers else []))
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    report: dict = {
+        "meta": {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "started": started,
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "load_average_before": load_average(),
+            "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},
+        },
+        "args": {k: v for k, v in vars(args).items() if not k.startswith(("worker", "model_dir"))},
+    }
+    with tempfile.TemporaryDirectory(prefix="mlx_dpo_bench_") as tmp:
+        if args.model:
+            model_dir = Path(args.model)
+        else:
+            model_dir = write_checkpoint(Path(tmp) / args.spec, SPECS[args.spec], seed=args.seed)
+        spec = read_spec(model_dir)
+        report["model"] = {"path": str(args.model or f"random init ({args.spec})"), **vars(spec)}
+        report["model"]["params"] = spec.params()
+        lora = Path(tmp) / "lora_init.safetensors"
+        report["mlx"] = mlx_run(args, model_dir, tmp, "main", variants, lora_out=lora)
+        if args.compare_torch and lora.exists():
+            report["torch"] = torch_run(args, model_dir, tmp, lora)
+        if args.blas_off:
+            report["mlx_blas_off"] = mlx_run(
+                args, model_dir, tmp, "blas-off", ["mlx_dpo"],
+                env_over={"MLX_DPO_NO_FAST_BLAS": "1"}, warmup=1, repeats=1, ref_batch_pairs=0,
+            )  # fmt: skip
+        if args.both_kernels:
+            report["mlx_native_kernel"] = mlx_run(
+                args, model_dir, tmp, "native-kernel", DEFAULT_VARIANTS,
+                env_over={"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None},
+            )  # fmt: skip
+        if args.memory:
+            big = SPECS["tiny"] if args.tiny else SPECS["mid-152k"]
+            if args.tiny:
+                big = Spec(**{**vars(big), "vocab_size": 4096})
+            dir_152k = write_checkpoint(Path(tmp) / "vocab-big", big, seed=args.seed)
+            report["memory"] = memory_section(args, dir_152k, tmp)
+    report["meta"]["load_average_after"] = load_average()
+    report["meta"]["max_rss_mb_orchestrator"] = max_rss_mb()
+    summarize_report(report, args)
+    path = Path(args.json) if args.json else HERE / "out" / f"bench-{started}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=str))
+    print(f"\nJSON: {path}")
+    return report
+
+
+def summarize_report(report: dict, args) -> None:
+    """Compute the derived figures (MFU, ratios, memory ratios) into report['summary'] and
+    print them."""
+    mlx = report["mlx"]
+    if "error" in mlx:
+        raise SystemExit(f"the MLX run failed: {mlx['error']}")
+    torch_run_ = report.get("torch", {})
+    peaks = {"mlx_blas": mlx["gemm_peak_gflops"]}
+    if "gemm_peak_gflops" in torch_run_:
+        peaks["torch"] = torch_run_["gemm_peak_gflops"]
+    native = report.get("mlx_native_kernel", {})
+    if "gemm_peak_gflops" in native:
+        peaks["mlx_blas_native_kernel"] = native["gemm_peak_gflops"]
+    machine_peak = max(peaks.values())
+    summary: dict = {"gemm_peak_gflops": peaks, "machine_peak_gflops": machine_peak}
+    rows = rows_of(mlx, args.pairs, machine_peak)
+    rows += rows_of(torch_run_, args.pairs, machine_peak)
+    if "results" in native:
+        rows += rows_of(native, args.pairs, machine_peak, prefix="[native] ")
+    off = report.get("mlx_blas_off", {})
+    if "results" in off:
+        rows += rows_of(off, args.pairs, machine_peak, prefix="[no fast BLAS] ")
+    summary["rows"] = rows
+    by = {r["variant"]: r for r in rows}
+    torch_rows = [r for r in rows if r["variant"].startswith("torch-")]
+    same = [r for r in torch_rows if "completion" in r["variant"]]
+    if torch_rows:
+        best = min(same or torch_rows, key=lambda r: r["step_min_ms"])
+        summary["torch_best"] = best["variant"]
+        summary["ratio_step_vs_best_torch"] = {
+            r["variant"]: r["step_min_ms"] / best["step_min_ms"]
+            for r in rows
+            if not r["variant"].startswith("torch-")
+        }
+        summary["agreement"] = agreement(mlx.get("step0", {}), torch_run_)
+    summary["mfu_vs_mlx_blas_peak"] = {
+        r["variant"]: r["gflops"] / peaks["mlx_blas"] for r in rows if r["variant"] in by
+    }
+    if "memory" in report:
+        summary["memory"] = memory_summary(report["memory"])
+    report["summary"] = summary
+
+    m = report["model"]
+    b = mlx["batch"]
+    print(
+        f"\nmodel: {m['path']}: {m['params']['total'] / 1e6:.1f}M params, vocab {m['vocab_size']}, "
+        f"{m['num_hidden_layers']} layers, hidden {m['hidden_size']}; LoRA r{args.lora_rank} "
+        f"on q/k/v/o/gate/up/down of every block"
+    )
+    print(
+        f"batch: {args.pairs} pairs = {b['rows']} rows x T={b['T']} ({args.prompt_len} prompt + "
+        f"{args.completion_len} completion), {b['tokens']} tokens; fp32; cached reference"
+    )
+    print(
+        f"BLAS: {mlx['blas']}; OPENBLAS_CORETYPE={report['meta']['env']['OPENBLAS_CORETYPE']}; "
+        f"fp32 GEMM peak (GFLOP/s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+        + f"; load avg {report['meta']['load_average_before']} -> "
+        f"{report['meta']['load_average_after']}"
+    )
+    print(f"times in ms (min over {args.repeats} after {args.warmup} warm-up; median for step);")
+    print(f"MFU = model FLOPs / step time / {machine_peak:.0f} GFLOP/s (best fp32 GEMM measured)\n")
+    print(table(rows))
+    if "ratio_step_vs_best_torch" in summary:
+        print(f"\nstep time / best torch ({summary['torch_best']}):")
+        for k, v in summary["ratio_step_vs_best_torch"].items():
+            print(f"  {k:<28} {v:.2f}x")
+        for k, v in summary["agreement"].items():
+            print(
+                f"  agreement with {k}: log-probs {v['policy_logps_rel']:.1e} rel, loss "
+                f"{v['loss_abs']:.1e} abs, LoRA grad norms {v['grad_norms_rel']:.1e} rel"
+            )
+    plan = mlx.get("memory_plan", {})
+    if plan and "mlx_dpo" in mlx["results"]:
+        measured = mlx["results"]["mlx_dpo"]["step"]["peak_mb"]
+        print(
+            f"\nmemory planner: {plan['default']['total_mb']:.0f} MB planned vs "
+            f"{measured:.0f} MB measured peak (mlx_dpo step)"
+        )
+    if "memory" in summary:
+        print("\n" + memory_text(summary["memory"]))
+
+
+def memory_summary(mem: dict) -> dict:
+    std = mem["standard"].get("results", {})
+    out: dict = {"standard": {}}
+    for name, res in std.items():
+        out["standard"][name] = {
+            "peak_mb": res["step"]["peak_mb"],
+            "peak_above_mb": res["step"]["peak_above_mb"],
+            "step_ms": res["step"]["min_ms"],
+        }
+    naive = out["standard"].get("naive-logits")
+    if naive:
+        for r in out["standard"].values():
+            r["vs_naive"] = r["peak_mb"] / naive["peak_mb"]
+            r["above_vs_naive"] = r["peak_above_mb"] / naive["peak_above_mb"]
+    sweep = {}
+    for T, run in mem.get("length_sweep_1pair", {}).items():
+        for name, res in run.get("results", {}).items():
+            sweep.setdefault(name, {})[int(T)] = res["step"]["peak_above_mb"]
+    out["length_sweep_peak_above_mb"] = sweep
+    out["weights_mb"] = mem["standard"].get("weights_mb")
+    return out
+
+
+def memory_text(ms: dict) -> str:
+    lines = [f"vocab-152k step memory (weights {fmt(ms.get('weights_mb'))} MB):"]
+    for name, r in ms["standard"].items():
+        ratio = f"  {100 * r['vs_naive']:.0f}% of naive ({100 * r['above_vs_naive']:.0f}% above weights)"
+        lines.append(
+            f"  {name:<18} peak {r['peak_mb']:6.0f} MB, above weights {r['peak_above_mb']:6.0f} MB,"
+            f" step {r['step_ms']:6.0f} ms" + (ratio if "vs_naive" in r else "")
+        )
+    lines.append("  peak above weights (MB) vs row length T, 1 pair:")
+    for name, by_t in ms["length_sweep_peak_above_mb"].items():
+        lines.append(f"    {name:<18} " + ", ".join(f"T={t}: {v:.0f}" for t, v in by_t.items()))
+    return "\n".join(lines)
+
+
+def worker_main(args) -> dict:
+    import mlx_worker
+
+    out = mlx_worker.run_worker(args)
+    out["max_rss_mb"] = max_rss_mb()
+    Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""The MLX side of the benchmark, run in its own process by bench.py (`--worker mlx`).
+
+It loads the checkpoint, builds one synthetic preference batch, inserts LoRA adapters as
+`mlx_dpo train` does, and times each variant's phases with their rounds interleaved. A variant
+is the trainer's own step (trainer.batch_loss under nn.value_and_grad, compiled the same way,
+AdamW with clipping) with one lever changed; see VARIANTS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+from mlx_dpo import _blas
+
+_blas.preload()  # importing mlx_dpo did it already; it must precede mlx.core
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from common import Geometry, read_spec, step_flops, summarize, synthetic_token_ids  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from mlx_dpo import data, memory, trainer  # noqa: E402
+from mlx_dpo import model as model_lib  # noqa: E402
+from mlx_dpo.config import TrainConfig  # noqa: E402
+from mlx_dpo.logps import forward_logps  # noqa: E402
+
+BIG_CACHE = 8 << 30  # what run.py sets on the CPU
+MLX_DEFAULT_CACHE = 32 << 20  # MLX 0.32's CPU default
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the step. `logps`: lean (completion-only, chunked: the default),
+    plain (full logits, logsumexp at completion positions), naive (log_softmax over
+    rows x T x V, then gather: what a straightforward implementation does)."""
+
+    name: str
+    logps: str = "lean"
+    compile: bool = True
+    fast: bool = False  # benchmarks/fastops.py prototype
+    ckpt: bool = False
+    cache_limit: int = BIG_CACHE
+    online_ref: bool = False
+    quantize: int | None = None
+    compute_dtype: str = "auto"
+    rounds: int | None = None  # cap (q4 native takes ~20 s a step)
+    ref: bool = True  # time the reference forward too (the same as mlx_dpo's for some)
+    ref_big: bool = False  # and the precompute at --ref-batch-pairs
+    warmup: int | None = None  # cap
+    note: str = ""
+
+
+VARIANTS = {
+    v.name: v
+    for v in [
+        Variant(
+            "mlx_dpo",
+            ref_big=True,
+            note="the trainer's step: lean log-probs, compiled, cached reference",
+        ),
+        Variant(
+            "mlx_dpo+fastexp", fast=True, ref_big=True, note="prototype: benchmarks/fastops.py"
+        ),
+        Variant("plain-logits", logps="plain", note="full logits, lse at completion positions"),
+        Variant("naive-logits", logps="naive", note="log_softmax over rows x T x V"),
+        Variant("no-compile", compile=False),
+        Variant("cache-32MB", cache_limit=MLX_DEFAULT_CACHE, note="MLX's default cache limit"),
+        Variant(
+            "online-ref", online_ref=True, ref=False, note="reference forward inside every step"
+        ),
+        Variant("grad-ckpt", ckpt=True, ref=False, note="mx.checkpoint per block"),
+        Variant("grad-ckpt+fastexp", ckpt=True, fast=True, ref=False),
+        Variant("q4-dequant", quantize=4, note="4-bit storage, fp32 compute (model.DequantLinear)"),
+        Variant(
+            "q4-native",
+            quantize=4,
+            compute_dtype="native",
+            rounds=1,
+            warmup=1,
+            note="QuantizedLinear (quantized_matmul)",
+        ),
+        Variant("naive+ckpt", logps="naive", ckpt=True, ref=False),
+    ]
+}
+
+
+def naive_forward_logps(model, batch, **_):
+    """Summed completion log-probs the straightforward way: full log_softmax, then gather."""
+    tokens = batch.tokens
+    logp = nn.log_softmax(model(tokens[:, :-1]).astype(mx.float32), axis=-1)
+    picked = mx.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return (picked * batch.mask).sum(-1), batch.mask.sum(-1)
+
+
+LOGPS = {
+    "lean": forward_logps,
+    "plain": functools.partial(forward_logps, lean=False),
+    "naive": naive_forward_logps,
+}
+
+
+@contextlib.contextmanager
+def patched(obj, name, value):
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
+@contextlib.contextmanager
+def variant_context(variant: Variant, model):
+    """Everything the variant changes, undone on exit (steps are traced inside it)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patched(trainer, "forward_logps", LOGPS[variant.logps]))
+        previous = mx.set_cache_limit(variant.cache_limit)
+        stack.callback(mx.set_cache_limit, previous)
+        if variant.fast:
+            from fastops import use_fast_ops
+
+            stack.enter_context(use_fast_ops(model))
+        if variant.ckpt:
+            saved = [(b, type(b)) for b in model.layers]
+            model_lib.enable_grad_checkpoint(model)
+            stack.callback(lambda: [setattr(b, "__class__", c) for b, c in saved])
+        yield
+
+
+def train_config(args) -> TrainConfig:
+    return TrainConfig(
+        num_layers=-1, lora_rank=args.lora_rank, lora_scale=args.lora_scale, batch_size=args.pairs
+    )
+
+
+def load_model(path: str, quantize=None, compute_dtype="auto"):
+    from mlx_lm.utils import load_model as mlx_load
+
+    path = Path(path)
+    net, _ = mlx_load(path, model_config=model_lib._config_fixes(path))
+    notes = model_lib.quantize_model(net, bits=quantize, group_size=64) if quantize else []
+    notes += model_lib.set_compute_path(net, compute_dtype)
+    net.freeze()
+    net.eval()
+    mx.eval(net.parameters())
+    return net, notes
+
+
+def make_batch(geo: Geometry, vocab: int, seed: int, refs=None):
+    prompts, chosen, rejected = synthetic_token_ids(geo, vocab, seed)
+    pairs = [
+        data.PreferencePair(p, c, r, source="synthetic", prompt="")
+        for p, c, r in zip(prompts, chosen, rejected, strict=True)
+    ]
+    kw = {} if refs is None else {"ref_chosen": refs[0], "ref_rejected": refs[1]}
+    return pairs, data.collate(pairs, **kw)
+
+
+def reference_logps(model, batch):
+    """No-grad summed completion log-probs with the adapters off, as reference.compute does."""
+    with model_lib.adapters_off(model):
+        logps, _ = trainer.forward_logps(model, batch)
+    return mx.stop_gradient(logps)
+
+
+class Step:
+    """The trainer's grad_step / apply_update pair for one variant (trainer.train's pattern)."""
+
+    def __init__(self, model, cfg: TrainConfig, variant: Variant):
+        self.model, self.variant = model, variant
+        loss_kwargs = cfg.loss_kwargs()
+        b = cfg.batch_size
+
+        def loss(model, arrays):
+            if variant.online_ref:
+                batch = SimpleNamespace(**dict(zip(trainer.BATCH_FIELDS, arrays, strict=True)))
+                ref = reference_logps(model, batch)
+                arrays = (*arrays[:5], ref[:b], ref[b:])
+            return trainer.batch_loss(model, arrays, loss_kwargs)
+
+        loss_and_grad = nn.value_and_grad(model, loss)
+        self.optimizer = trainer.build_optimizer(cfg, 1000)
+        self.optimizer.init(model.trainable_parameters())
+        self.state = [model.state, self.optimizer.state, mx.random.state]
+
+        def grad_step(*arrays):
+            (_, metrics), grads = loss_and_grad(model, arrays)
+            return metrics, grads
+
+        def apply_update(grads):
+            grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+            self.optimizer.update(model, grads)
+            return norm
+
+        if variant.compile:
+            compiled = functools.partial(mx.compile, inputs=self.state, outputs=self.state)
+            grad_step, apply_update = compiled(grad_step), compiled(apply_update)
+        self.grad_step, self.apply_update = grad_step, apply_update
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def measure_phases(step: Step, arrays, batch, big_batch, record: dict) -> None:
+    """One round: each phase timed and its allocator peak recorded (above the live memory
+    before it: weights, adapters, optimizer state)."""
+    model = step.model
+
+    def run(name, fn):
+        gc.collect()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        seconds, out = timed(fn)
+        rec = record.setdefault(name, {"seconds": [], "peak_above_bytes": 0, "peak_bytes": 0})
+        rec["seconds"].append(seconds)
+        peak = mx.get_peak_memory()
+        rec["peak_above_bytes"] = max(rec["peak_above_bytes"], peak - base)
+        rec["peak_bytes"] = max(rec["peak_bytes"], peak)
+        return out
+
+    if step.variant.ref:
+        run("reference", lambda: mx.eval(reference_logps(model, batch)))
+    if step.variant.ref_big and big_batch is not None:
+        run("reference_big", lambda: mx.eval(reference_logps(model, big_batch)))
+    run("fwd_bwd", lambda: mx.eval(step.grad_step(*arrays)))
+    _, grads = step.grad_step(*arrays)
+    mx.eval(grads)
+    run("optimizer", lambda: mx.eval(step.state, step.apply_update(grads)))
+
+    def whole():
+        metrics, grads = step.grad_step(*arrays)
+        norm = step.apply_update(grads)
+        mx.eval(step.state, metrics, norm)
+
+    run("step", whole)
+
+
+def gemm_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 matmul rate of MLX's BLAS in this process, GFLOP/s."""
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a, b, a @ b)
+    best = min(timed(lambda: mx.eval(a @ b))[0] for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def step0_numbers(model, batch, cfg) -> dict:
+    """The numbers the torch side must reproduce: policy log-probs at init, the loss and the
+    LoRA gradient norms of the first step."""
+    loss_kwargs = cfg.loss_kwargs()
+    logps, counts = forward_logps(model, batch)
+    (loss, _), grads = nn.value_and_grad(model, lambda m, a: trainer.batch_loss(m, a, loss_kwargs))(
+        model, trainer.batch_arrays(batch)
+    )
+    flat = dict(tree_flatten(grads))
+    mx.eval(logps, loss, flat)
+    return {
+        "policy_logps": np.array(logps).tolist(),
+        "loss": loss.item(),
+        "grad_norms": {k: float(mx.linalg.norm(v).item()) for k, v in flat.items()},
+    }
+
+
+def run_worker(args) -> dict:
+    spec = read_spec(args.model_dir)
+    geo = Geometry(args.pairs, args.prompt_len, args.completion_len)
+    cfg = train_config(args)
+    names = args.variants
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    out: dict = {
+        "blas": _blas.STATE.reason,
+        "blas_loaded": _blas.is_fast(),
+        "mlx_version": mx.__version__,
+        "device": str(mx.default_device()),
+    }
+    mx.set_cache_limit(BIG_CACHE)
+    out["gemm_peak_gflops"] = gemm_peak(512 if args.tiny else 2048)
+
+    models: dict = {}
+
+    def model_for(v: Variant):
+        key = (v.quantize, v.compute_dtype)
+        if key not in models:
+            net, notes = load_model(args.model_dir, v.quantize, v.compute_dtype)
+            models[key] = (net, notes)
+        return models[key][0]
+
+    base = model_for(VARIANTS[names[0]])
+    _, batch = make_batch(geo, spec.vocab_size, args.seed)
+    refs = np.array(reference_logps(base, batch)).reshape(2, -1)
+    pairs, batch = make_batch(geo, spec.vocab_size, args.seed, refs)
+    arrays = trainer.batch_arrays(batch)
+    big = None
+    if args.ref_batch_pairs and args.ref_batch_pairs != args.pairs:
+        big_geo = Geometry(args.ref_batch_pairs, args.prompt_len, args.completion_len)
+        _, big = make_batch(big_geo, spec.vocab_size, args.seed + 1)
+
+    lora_init = {}
+    steps: dict = {}
+    for name in names:
+        v = VARIANTS[name]
+        net = model_for(v)
+        if not any(isinstance(m, model_lib.ADAPTER_LAYERS) for _, m in net.named_modules()):
+            model_lib.apply_adapters(net, cfg, seed=args.seed)
+            mx.eval(net.parameters())
+            if not lora_init:  # lora_a's random init, for the torch side
+                lora_init = dict(tree_flatten(net.trainable_parameters()))
+                if args.lora_out:
+                    mx.save_safetensors(args.lora_out, lora_init)
+                out["step0"] = step0_numbers(net, batch, cfg)
+        with variant_context(v, net):
+            steps[name] = Step(net, cfg, v)
+
+    records = {name: {} for name in names}
+    t_warm = {}
+    for name in names:  # warm-up: the first call compiles (and pays the JIT)
+        v = VARIANTS[name]
+        with variant_context(v, steps[name].model):
+            t0 = time.perf_counter()
+            for _ in range(min(args.warmup, v.warmup or args.warmup)):
+                measure_phases(steps[name], arrays, batch, big, {})
+            t_warm[name] = time.perf_counter() - t0
+    for r in range(args.repeats):
+        for name in names:
+            v = VARIANTS[name]
+            if v.rounds is not None and r >= v.rounds:
+                continue
+            with variant_context(v, steps[name].model):
+                measure_phases(steps[name], arrays, batch, big, records[name])
+
+    positions = batch.tokens.shape[1] - 1
+    results = {}
+    for name in names:
+        v = VARIANTS[name]
+        scored = batch.positions.shape[1] if v.logps == "lean" else positions
+        fl = step_flops(spec, geo.rows, positions, scored, cfg.lora_rank)
+        res = {"note": v.note, "warmup_s": t_warm[name], "flops": fl}
+        for phase, rec in records[name].items():
+            n_pairs = args.ref_batch_pairs if phase == "reference_big" else args.pairs
+            res[phase] = {
+                "pairs": n_pairs,
+                **summarize(rec["seconds"]),
+                "peak_mb": rec["peak_bytes"] / 2**20,
+                "peak_above_mb": rec["peak_above_bytes"] / 2**20,
+            }
+        results[name] = res
+    net = models[(None, "auto")][0] if (None, "auto") in models else base
+    plans = {}
+    for ckpt in (False, True):
+        p = memory.plan(net, replace(cfg, grad_checkpoint=ckpt), geo.row_tokens, geo.rows)
+        plans["grad_ckpt" if ckpt else "default"] = {
+            "total_mb": p.total_bytes / 2**20,
+            "breakdown": str(p),
+        }
+    out.update(
+        {
+            "notes": models[next(iter(models))][1],
+            "batch": {
+                "pairs": geo.pairs,
+                "rows": geo.rows,
+                "T": int(batch.tokens.shape[1]),
+                "completion_positions": int(batch.positions.shape[1]),
+                "tokens": int(batch.n_tokens),
+            },
+            "results": results,
+            "memory_plan": plans,
+            "weights_mb": sum(v.nbytes for _, v in tree_flatten(base.parameters())) / 2**20,
+        }
+    )
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit("run through bench.py")

@@ -1,0 +1,325 @@
+"""Estimate the peak memory of a training step before training, and refuse what will not fit.
+
+`plan(model, cfg, max_tokens_per_row, rows)` adds up what a step holds at its peak:
+
+- weights: the model's arrays as stored (quantized storage counts its packed size);
+- adapters: LoRA parameters, their gradients, and the optimizer's state (AdamW: 2 per weight);
+- saved activations: what the backward keeps per block per token (every adapted block, or only
+  block inputs with --grad-checkpoint) and the attention probabilities (rows x heads x T^2);
+- dequantized weights: a quantized base computed in fp32 keeps each block's dequantized
+  weights for the backward (only one block's with --grad-checkpoint);
+- transient: the larger of one block's backward and the log-prob head's working set (the lean
+  head's vocabulary tiles, or the full rows x T x vocab logits when the lean path is off).
+
+The per-token and per-tile factors are not all derivable by hand: MLX's scheduler keeps ~10
+ops in flight, and the order it evaluates a lazy backward graph in keeps some gradient inputs
+alive longer. They were fitted against `mx.get_peak_memory()` of the compiled trainer step on
+MLX 0.32's CPU backend over 160 configurations (hidden 128-768, 1-8 blocks, vocab 1k-152k,
+T 128-2048, with and without checkpointing, fp32 and 4-bit; benchmarks/RESULTS.md) and land
+within ~20% of the measured peak. On Metal and CUDA the structure is the same; the factors were
+not re-measured there.
+
+`check_fits(plan)` compares the plan (plus the runtime's own ~0.5 GB) with the memory MLX can
+use: Metal's recommended working set when the device reports one, else the machine's RAM.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_dpo.config import ConfigError
+
+RUNTIME_OVERHEAD = 512 << 20  # Python, MLX, mlx-lm, tokenizer: resident but not in the plan
+PAD_TO = 32  # data.collate pads rows to a multiple of this
+
+# Fitted factors, indexed by --grad-checkpoint (see the module docstring). Per-token factors
+# multiply tokens x a width (qkv: q+k+v outputs, inter: MLP intermediate, hidden: model
+# width); "scores" multiplies rows x heads x T^2; "tiles" the lean head's tiles in flight.
+_SAVED = {  # kept from the forward for the backward, per differentiated block
+    False: {"qkv": 2.126, "inter": 3.536, "hidden": 3.261, "scores": 0.635},
+    True: {"qkv": 0.58, "inter": 1.03, "hidden": 2.539, "scores": 0.061},
+}
+_RETAINED = {  # gradient inputs held until the LoRA gradients run, per block, backward only
+    False: {"qkv": 0.752, "inter": 0.231, "hidden": 1.74, "scores": 0.736},
+    True: {"qkv": 0.598, "inter": 0.05, "hidden": 0.115, "scores": 0.057},
+}
+_LAYER_TRANSIENT = {  # one block's forward + backward working set (with its recompute)
+    False: {"qkv": 1.132, "inter": 5.495, "hidden": 8.897, "scores": 1.043},
+    True: {"qkv": 6.239, "inter": 9.493, "hidden": 14.285, "scores": 2.743},
+}
+_HEAD = {False: {"tiles": 0.976, "hidden": 23.898}, True: {"tiles": 0.583, "hidden": 50.82}}
+_FULL_LOGITS = 2.62  # plain path: rows x T x vocab fp32 arrays alive at its peak
+_DEQUANT_SAVED = 1.9  # dequantized fp32 weights (and their transposes) kept per block
+_TOKEN_TILE, _VOCAB_TILE, _TILES_IN_FLIGHT = 256, 8192, 12  # logps.lean_token_logps
+_OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "lion": 1, "muon": 1, "sgd": 0, "adafactor": 1}
+
+
+@dataclass
+class MemoryPlan:
+    """Estimated peak bytes of one training step, by part (insertion order = print order)."""
+
+    parts: dict[str, int]
+    notes: dict[str, str]
+    rows: int
+    tokens_per_row: int
+    _replan: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def grad_checkpoint(self) -> bool:
+        return "--grad-checkpoint" in self.notes.get("saved activations", "")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    def __str__(self) -> str:
+        width = max(map(len, self.parts))
+        lines = [
+            f"memory plan: {self.rows} rows x {self.tokens_per_row} tokens, "
+            f"peak ~{_gb(self.total_bytes)}"
+        ]
+        for name, n in self.parts.items():
+            lines.append(f"  {name:<{width}} {_gb(n):>9}  {self.notes.get(name, '')}".rstrip())
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Arch:
+    blocks: int
+    hidden: int
+    qkv: int  # q + k + v output width (queries + keys + values)
+    inter: int  # MLP intermediate width
+    heads: int
+    vocab: int
+    adapted: list  # [(block index, in, out)] of the linears LoRA goes on
+    block_linear_params: int  # weights of one block's linears (for dequantized copies)
+    quantized: bool
+
+
+def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a Linear/QuantizedLinear (or the base of a LoRA wrapper), else None."""
+    module = getattr(module, "linear", module)
+    if isinstance(module, nn.QuantizedLinear):
+        out, groups = module["scales"].shape
+        return groups * module.group_size, out
+    if isinstance(module, nn.Linear):
+        out, inp = module.weight.shape
+        return inp, out
+    return None
+
+
+def _arch(model: nn.Module, cfg) -> _Arch:
+    args = getattr(model, "args", None)
+    layers = model.layers
+    n_blocks = len(layers)
+    n_adapted = n_blocks if cfg.num_layers < 0 else min(cfg.num_layers, n_blocks)
+    keys = set(cfg.lora_keys) if cfg.lora_keys else None
+    adapted, first = [], {}
+    for i, block in enumerate(layers):
+        for name, module in block.named_modules():
+            dims = _linear_dims(module)
+            if dims is None or name.endswith(".linear"):
+                continue
+            if i == 0:
+                first[name] = dims
+            if i >= n_blocks - n_adapted and (keys is None or name in keys):
+                adapted.append((i, *dims))
+
+    def width(*names: str) -> int:
+        return sum(d[1] for n, d in first.items() if n.split(".")[-1] in names)
+
+    hidden = getattr(args, "hidden_size", None) or next(iter(first.values()), (0, 0))[0]
+    heads = getattr(args, "num_attention_heads", None) or 1
+    inter = getattr(args, "intermediate_size", None) or width("gate_proj", "up_proj", "w1") // 2
+    qkv = width("q_proj", "k_proj", "v_proj", "qkv_proj", "wqkv") or 3 * hidden
+    vocab = getattr(args, "vocab_size", None) or 0
+    quantized = any(
+        isinstance(getattr(m, "linear", m), nn.QuantizedLinear)
+        for _, m in layers[0].named_modules()
+    )
+    return _Arch(
+        blocks=n_blocks,
+        hidden=hidden,
+        qkv=qkv,
+        inter=inter,
+        heads=heads,
+        vocab=vocab,
+        adapted=adapted,
+        block_linear_params=sum(i * o for i, o in first.values()),
+        quantized=quantized,
+    )
+
+
+def _lean_head(model) -> bool:
+    from mlx_dpo.logps import LMHead
+
+    return LMHead.from_model(model) is not None
+
+
+def plan(
+    model: nn.Module,
+    cfg,
+    max_tokens_per_row: int,
+    rows: int,
+    *,
+    completion_tokens_per_row: int | None = None,
+    lean: bool | None = None,
+) -> MemoryPlan:
+    """Estimated peak memory of one training step.
+
+    Args:
+        model: the loaded mlx-lm model (quantized or not, with or without adapters yet).
+        cfg: a TrainConfig (lora_rank, num_layers, lora_keys, grad_checkpoint, optimizer).
+        max_tokens_per_row: the longest prompt + completion row (padded up to a multiple of 32).
+        rows: rows per micro-batch (2 x batch_size: chosen and rejected).
+        completion_tokens_per_row: scored tokens per row (default: the whole row, worst case).
+        lean: whether the completion-only log-prob head runs (default: when the model has one).
+    """
+    arch = _arch(model, cfg)
+    lean = _lean_head(model) if lean is None else lean
+    params = dict(tree_flatten(model.parameters()))
+    T = PAD_TO * -(-max_tokens_per_row // PAD_TO)
+    C = T if completion_tokens_per_row is None else PAD_TO * -(-completion_tokens_per_row // PAD_TO)
+    parts, notes = estimate(
+        arch,
+        rows=rows,
+        T=T,
+        C=min(C, T),
+        ckpt=bool(getattr(cfg, "grad_checkpoint", False)),
+        lean=lean,
+        act=4 if arch.quantized else _float_size(params),
+        lora_params=sum(cfg.lora_rank * (i + o) for _, i, o in arch.adapted),
+        n_states=_OPTIMIZER_STATES.get(getattr(cfg, "optimizer", "adamw"), 2),
+        weights=sum(v.nbytes for k, v in params.items() if "lora_" not in k),
+    )
+
+    def replan(**changes) -> MemoryPlan:
+        new_rows = changes.pop("rows", rows)
+        new_len = changes.pop("max_tokens_per_row", max_tokens_per_row)
+        return plan(model, _Override(cfg, changes), new_len, new_rows, lean=lean)
+
+    return MemoryPlan(parts, notes, rows, T, replan)
+
+
+def estimate(
+    arch: _Arch, *, rows, T, C, ckpt, lean, act, lora_params, n_states, weights
+) -> tuple[dict[str, int], dict[str, str]]:
+    """The plan's parts (bytes) and notes, from the architecture's numbers alone."""
+    n_tok, n_scored = rows * (T - 1), rows * C
+    scores = rows * arch.heads * T * T
+    # Blocks from the lowest adapted one up are differentiated through; those below are not.
+    deep = arch.blocks - min(i for i, _, _ in arch.adapted) if arch.adapted else 0
+
+    def per_token(f: dict) -> float:
+        widths = {"qkv": arch.qkv, "inter": arch.inter, "hidden": arch.hidden}
+        return n_tok * sum(f[k] * widths[k] for k in widths) + f["scores"] * scores
+
+    parts: dict[str, int] = {"weights": weights}
+    notes = {"weights": "quantized storage" if arch.quantized else "as stored"}
+    parts["adapters + optimizer"] = 4 * lora_params * (2 + n_states)
+    notes["adapters + optimizer"] = (
+        f"{lora_params / 1e6:.2f}M LoRA params, their grads, {n_states} optimizer states"
+    )
+    parts["saved activations"] = int(deep * act * per_token(_SAVED[ckpt]))
+    notes["saved activations"] = f"{deep} blocks" + (
+        ", block inputs (--grad-checkpoint)" if ckpt else ", per-token tensors + T^2 scores"
+    )
+    if arch.quantized:
+        kept = 1 if ckpt else deep
+        parts["dequantized weights"] = int(_DEQUANT_SAVED * kept * 4 * arch.block_linear_params)
+        notes["dequantized weights"] = f"fp32 copies of {kept} block(s) kept for the backward"
+    # The backward's gradient inputs MLX keeps until the LoRA gradients are evaluated grow
+    # block by block on the way down, on top of one block's working set.
+    layer = act * (deep * per_token(_RETAINED[ckpt]) + per_token(_LAYER_TRANSIENT[ckpt]))
+    if lean:
+        tile = min(n_scored, _TOKEN_TILE) * min(arch.vocab, _VOCAB_TILE)
+        n_tiles = -(-n_scored // _TOKEN_TILE) * -(-arch.vocab // _VOCAB_TILE)
+        h = _HEAD[ckpt]
+        head = 4 * (h["tiles"] * tile * min(2 * n_tiles + 1, _TILES_IN_FLIGHT))
+        head += 4 * h["hidden"] * n_scored * arch.hidden
+        head_note = f"lean log-probs ({n_scored} scored tokens, {n_tiles} tiles)"
+    else:
+        head = 4 * _FULL_LOGITS * n_tok * arch.vocab
+        head_note = f"full logits ({rows} x {T} x {arch.vocab})"
+    parts["transient"] = int(max(layer, head))
+    layer_note = f"the backward's working set ({_gb(layer)})"
+    head_note += f" ({_gb(head)})"
+    notes["transient"] = "the larger of " + (
+        f"{layer_note} and {head_note}" if layer >= head else f"{head_note} and {layer_note}"
+    )
+    return parts, notes
+
+
+class _Override:
+    """cfg with some attributes replaced (for the suggestions in check_fits)."""
+
+    def __init__(self, cfg, changes: dict):
+        self._cfg, self._changes = cfg, changes
+
+    def __getattr__(self, name: str):
+        return self._changes[name] if name in self._changes else getattr(self._cfg, name)
+
+
+def _float_size(params: dict) -> int:
+    sizes = [v.dtype.size for v in params.values() if mx.issubdtype(v.dtype, mx.floating)]
+    return max(set(sizes), key=sizes.count) if sizes else 4
+
+
+def available_bytes() -> tuple[int, str]:
+    """(bytes MLX may use, where the number comes from). Keys differ per backend: guarded."""
+    try:
+        info = mx.device_info()
+    except (AttributeError, RuntimeError):
+        info = {}
+    if "max_recommended_working_set_size" in info:  # Metal
+        return int(info["max_recommended_working_set_size"]), "Metal's recommended working set"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "total RAM"
+    except (ValueError, OSError, AttributeError):
+        return 0, "unknown"
+
+
+def check_fits(plan: MemoryPlan, available: int | None = None) -> None:
+    """Raise ConfigError, with the numbers and what to change, when the step will not fit."""
+    source = "given"
+    if available is None:
+        available, source = available_bytes()
+    need = plan.total_bytes + RUNTIME_OVERHEAD
+    if available <= 0 or need <= available:
+        return
+    big = sorted(plan.parts.items(), key=lambda kv: -kv[1])[:3]
+    options = []
+    if plan._replan is not None:
+        tries = []
+        if plan.rows > 2:
+            tries.append(("--batch-size " + str(max(plan.rows // 4, 1)), {"rows": plan.rows // 2}))
+        if not plan.grad_checkpoint:
+            tries.append(("--grad-checkpoint", {"grad_checkpoint": True}))
+        if plan.tokens_per_row > 2 * PAD_TO:
+            half = plan.tokens_per_row // 2
+            tries.append((f"--max-length {half}", {"max_tokens_per_row": half}))
+        for flag, change in tries:
+            try:
+                total = plan._replan(**change).total_bytes + RUNTIME_OVERHEAD
+            except (TypeError, ValueError, ZeroDivisionError):
+                continue
+            if total < need:
+                options.append(f"{flag} (~{_gb(total)})")
+    if "dequantized weights" not in plan.parts:
+        options.append("--quantize 4 (4-bit base weights)")
+    raise ConfigError(
+        f"a training step needs ~{_gb(need)} ({_gb(plan.total_bytes)} planned + "
+        f"{_gb(RUNTIME_OVERHEAD)} runtime) but only {_gb(available)} is available ({source}); "
+        f"largest parts: {', '.join(f'{k} {_gb(v)}' for k, v in big)}. "
+        f"Try: {'; '.join(options)}"
+    )
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"

@@ -1,0 +1,124 @@
+"""The memory planner against the allocator's measured peak of the trainer's compiled step."""
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.models import qwen2
+
+from mlx_dpo import data, memory, trainer
+from mlx_dpo import model as model_lib
+from mlx_dpo.config import ConfigError, TrainConfig
+
+
+def small_model(vocab: int, hidden: int = 128, layers: int = 2) -> nn.Module:
+    args = qwen2.ModelArgs(
+        model_type="qwen2",
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=3 * hidden,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        vocab_size=vocab,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    )
+    model = qwen2.Model(args)
+    model.freeze()
+    mx.eval(model.parameters())
+    return model
+
+
+def make_batch(pairs: int, prompt: int, completion: int, vocab: int) -> data.Batch:
+    rng = np.random.default_rng(0)
+
+    def ids(n):
+        return rng.integers(1, vocab, n).tolist()
+
+    rows = [data.PreferencePair(ids(prompt), ids(completion), ids(completion), "t", "")]
+    rows = rows * pairs
+    zeros = np.zeros(pairs, np.float32)
+    return data.collate(rows, ref_chosen=zeros, ref_rejected=zeros)
+
+
+def measured_peak(model, cfg: TrainConfig, batch) -> int:
+    """Peak of one update of trainer.train's compiled grad_step + apply_update (after warm-up)."""
+    model_lib.apply_adapters(model, cfg)
+    if cfg.grad_checkpoint:
+        model_lib.enable_grad_checkpoint(model)
+    optimizer = trainer.build_optimizer(cfg, 10)
+    optimizer.init(model.trainable_parameters())
+    loss_and_grad = nn.value_and_grad(
+        model, lambda m, a: trainer.batch_loss(m, a, cfg.loss_kwargs())
+    )
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(*arrays):
+        (loss, _), grads = loss_and_grad(model, arrays)
+        optimizer.update(model, grads)
+        return loss
+
+    arrays = trainer.batch_arrays(batch)
+    mx.eval(state, step(*arrays))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    mx.eval(state, step(*arrays))
+    return mx.get_peak_memory()
+
+
+@pytest.mark.parametrize(
+    "vocab,pairs,ckpt",
+    [(8192, 1, False), (8192, 4, True), (32000, 1, True), (32000, 4, False)],
+)
+def test_plan_within_25_percent_of_measured_peak(vocab, pairs, ckpt):
+    model = small_model(vocab)
+    cfg = TrainConfig(num_layers=-1, batch_size=pairs, grad_checkpoint=ckpt)
+    batch = make_batch(pairs, prompt=64, completion=64, vocab=vocab)
+    # plan before the adapters go in, as a run would
+    plan = memory.plan(model, cfg, 128, 2 * pairs, completion_tokens_per_row=64)
+    peak = measured_peak(model, cfg, batch)
+    assert abs(plan.total_bytes / peak - 1) < 0.25, f"{plan}\nmeasured {peak / 2**20:.1f} MB"
+    text = str(plan)
+    assert "saved activations" in text and "transient" in text
+
+
+def test_plan_follows_the_settings():
+    model = small_model(8192)
+    cfg = TrainConfig(num_layers=-1, batch_size=2)
+    base = memory.plan(model, cfg, 256, 4)
+    longer = memory.plan(model, cfg, 512, 4)
+    ckpt = memory.plan(model, TrainConfig(num_layers=-1, grad_checkpoint=True), 256, 4)
+    fewer = memory.plan(model, TrainConfig(num_layers=1), 256, 4)
+    assert longer.total_bytes > base.total_bytes > ckpt.total_bytes
+    assert fewer.parts["adapters + optimizer"] < base.parts["adapters + optimizer"]
+    assert fewer.parts["saved activations"] < base.parts["saved activations"]
+    plain = memory.plan(model, cfg, 256, 4, lean=False)
+    assert "full logits" in plain.notes["transient"]
+    model_lib.quantize_model(model, bits=4, group_size=64)
+    model_lib.set_compute_path(model, "float32")
+    quant = memory.plan(model, cfg, 256, 4)
+    assert quant.parts["weights"] < base.parts["weights"] / 3
+    assert "dequantized weights" in quant.parts
+
+
+def test_check_fits_raises_with_numbers_and_suggestions():
+    model = small_model(8192)
+    plan = memory.plan(model, TrainConfig(num_layers=-1, batch_size=4), 1024, 8)
+    memory.check_fits(plan, available=plan.total_bytes + memory.RUNTIME_OVERHEAD + 1)
+    with pytest.raises(ConfigError) as err:
+        memory.check_fits(plan, available=plan.total_bytes // 2)
+    msg = str(err.value)
+    assert "GB" in msg or "MB" in msg
+    for hint in ("--batch-size 2", "--grad-checkpoint", "--max-length 512", "--quantize 4"):
+        assert hint in msg, msg
+
+
+def test_available_bytes_without_metal():
+    n, source = memory.available_bytes()
+    assert n > 0
+    if mx.default_device() == mx.cpu:
+        assert source == "total RAM"
