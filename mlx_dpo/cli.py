@@ -195,27 +195,10 @@ def data_check(config_path, **flags):
 
     cfg = with_demo_defaults(build_config(config_path, flags))
     tokenizer = load_tokenizer_only(cfg.model, cfg.revision)
-    splits = data.load_splits(
-        cfg.data,
-        prompt_field=cfg.prompt_field,
-        chosen_field=cfg.chosen_field,
-        rejected_field=cfg.rejected_field,
-        valid_fraction=cfg.valid_fraction,
-        seed=cfg.seed,
-        data_split=cfg.data_split,
-        data_config=cfg.data_config,
-        data_revision=cfg.data_revision,
-    )
+    splits = data.load_splits(cfg.data, **cfg.data_kwargs())
     pairs, stats = {}, {}
     for name, rows in splits.items():
-        pairs[name], stats[name] = data.tokenize_rows(
-            rows,
-            tokenizer,
-            max_length=cfg.max_length,
-            max_prompt_length=cfg.max_prompt_length,
-            truncation_mode=cfg.truncation_mode,
-            chat_template=cfg.chat_template,
-        )
+        pairs[name], stats[name] = data.tokenize_rows(rows, tokenizer, **cfg.tokenize_kwargs())
     click.echo(data.dataset_stats(pairs, stats))
 
 

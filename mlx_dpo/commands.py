@@ -176,13 +176,7 @@ def compare(
     cfg = config_for(adapter_path, flags)
     if not prompts and not cfg.data:
         raise ConfigError("--prompts or --data is required (the adapter's config names no data)")
-    loaded = model_lib.load(
-        cfg.model,
-        revision=cfg.revision,
-        quantize=cfg.quantize,
-        q_group_size=cfg.q_group_size,
-        compute_dtype=cfg.compute_dtype,
-    )
+    loaded = model_lib.load(cfg.model, **cfg.model_kwargs())
     tokenizer = loaded.tokenizer
     if prompts:
         todo = lib.prompts_from_file(

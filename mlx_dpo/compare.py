@@ -147,17 +147,7 @@ def _rows_by_source(cfg, pairs) -> dict[str, dict]:
     from mlx_dpo import data
 
     try:
-        splits = data.load_splits(
-            cfg.data,
-            prompt_field=cfg.prompt_field,
-            chosen_field=cfg.chosen_field,
-            rejected_field=cfg.rejected_field,
-            valid_fraction=cfg.valid_fraction,
-            seed=cfg.seed,
-            data_split=cfg.data_split,
-            data_config=cfg.data_config,
-            data_revision=cfg.data_revision,
-        )
+        splits = data.load_splits(cfg.data, **cfg.data_kwargs())
     except DataError:
         return {}
     wanted = {p.source for p in pairs}

@@ -212,6 +212,22 @@ class TrainConfig:
         """Keyword arguments of `losses.dpo_loss` taken from this config."""
         return {name: getattr(self, name) for name in LOSS_FIELDS}
 
+    def data_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `data.load_splits` (how rows are found and read)."""
+        names = ("prompt_field", "chosen_field", "rejected_field", "valid_fraction", "seed")
+        names += ("data_split", "data_config", "data_revision")
+        return {name: getattr(self, name) for name in names}
+
+    def tokenize_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `data.tokenize_rows`."""
+        names = ("max_length", "max_prompt_length", "truncation_mode", "chat_template")
+        return {name: getattr(self, name) for name in names}
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `model.load` besides the model itself."""
+        names = ("revision", "quantize", "q_group_size", "compute_dtype")
+        return {name: getattr(self, name) for name in names}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -26,17 +26,9 @@ import numpy as np
 from mlx_dpo import data, reference
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
+from mlx_dpo.losses import METRIC_KEYS
 
 SPLITS = ("valid", "test", "train")  # the default order: the first that has pairs
-METRIC_KEYS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
 SCORE_FIELDS = (
     "source",
     "chosen_logps",
@@ -100,16 +92,7 @@ def load_eval_pairs(
     when the data has no validation file, so it is the run's held-out set."""
     if cfg.data is None:
         raise ConfigError("--data is required (the adapter's config names no data)")
-    kwargs = dict(
-        prompt_field=cfg.prompt_field,
-        chosen_field=cfg.chosen_field,
-        rejected_field=cfg.rejected_field,
-        valid_fraction=cfg.valid_fraction,
-        seed=cfg.seed,
-        data_split=cfg.data_split,
-        data_config=cfg.data_config,
-        data_revision=cfg.data_revision,
-    )
+    kwargs = cfg.data_kwargs()
     try:
         rows = data.load_splits(cfg.data, splits=("train", "valid", "test"), **kwargs)
     except data.DataError:
@@ -123,14 +106,7 @@ def load_eval_pairs(
         )
     if split is None and name == "train":
         log(f"{cfg.data}: no held-out split; evaluating on the training rows")
-    pairs, stats = data.tokenize_rows(
-        rows[name],
-        tokenizer,
-        max_length=cfg.max_length,
-        max_prompt_length=cfg.max_prompt_length,
-        truncation_mode=cfg.truncation_mode,
-        chat_template=cfg.chat_template,
-    )
+    pairs, stats = data.tokenize_rows(rows[name], tokenizer, **cfg.tokenize_kwargs())
     log(f"{name}: {stats}")
     return name, pairs
 
@@ -207,13 +183,7 @@ def evaluate_adapters(
     """Metrics and per-pair scores of `adapter_path` (None: the base model alone) on a split."""
     if cfg.model is None:
         raise ConfigError("--model is required (no adapter config names one)")
-    loaded = model_lib.load(
-        cfg.model,
-        revision=cfg.revision,
-        quantize=cfg.quantize,
-        q_group_size=cfg.q_group_size,
-        compute_dtype=cfg.compute_dtype,
-    )
+    loaded = model_lib.load(cfg.model, **cfg.model_kwargs())
     name, pairs = load_eval_pairs(cfg, loaded.tokenizer, split, log)
     if not pairs:
         raise data.DataError(f"{cfg.data}: the {name} split has no pairs to evaluate")

@@ -408,6 +408,18 @@ def check_loss_options(
     return names, weights
 
 
+# The metrics every report carries, in print order (dpo_metrics' keys plus the loss).
+METRIC_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
 def dpo_metrics(
     output: DPOOutput, policy_chosen_logps: Any, policy_rejected_logps: Any
 ) -> dict[str, mx.array]:

@@ -150,19 +150,23 @@ def quantize_model(model: nn.Module, *, bits: int, group_size: int) -> list[str]
     return notes
 
 
+def _dequantized(module: nn.Module) -> mx.array:
+    """The float weight of a quantized layer, rebuilt for one use and then freed."""
+    return mx.dequantize(
+        module["weight"],
+        module["scales"],
+        module.get("biases"),
+        module.group_size,
+        module.bits,
+        mode=module.mode,
+    )
+
+
 class DequantLinear(nn.QuantizedLinear):
     """Quantized storage, float32 compute: dequantize right before the matmul (fast on CPU)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        w = mx.dequantize(
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            self.group_size,
-            self.bits,
-            mode=self.mode,
-        )
-        y = x.astype(mx.float32) @ w.T
+        y = x.astype(mx.float32) @ _dequantized(self).T
         return y + self["bias"] if "bias" in self else y
 
 
@@ -173,15 +177,7 @@ class DequantEmbedding(nn.QuantizedEmbedding):
         return super().__call__(x).astype(mx.float32)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        w = mx.dequantize(
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            self.group_size,
-            self.bits,
-            mode=self.mode,
-        )
-        return x.astype(mx.float32) @ w.T
+        return x.astype(mx.float32) @ _dequantized(self).T
 
 
 def set_compute_path(model: nn.Module, compute_dtype: str = "auto") -> list[str]:

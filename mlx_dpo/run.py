@@ -45,17 +45,7 @@ def with_demo_defaults(cfg: TrainConfig) -> TrainConfig:
 
 def read_rows(cfg: TrainConfig) -> dict[str, list[dict]]:
     """Read and check every row (cheap: done before the model loads, so bad data fails fast)."""
-    return data.load_splits(
-        cfg.data,
-        prompt_field=cfg.prompt_field,
-        chosen_field=cfg.chosen_field,
-        rejected_field=cfg.rejected_field,
-        valid_fraction=cfg.valid_fraction,
-        seed=cfg.seed,
-        data_split=cfg.data_split,
-        data_config=cfg.data_config,
-        data_revision=cfg.data_revision,
-    )
+    return data.load_splits(cfg.data, **cfg.data_kwargs())
 
 
 def load_pairs(cfg: TrainConfig, tokenizer, log, splits: dict | None = None) -> tuple[list, list]:
@@ -63,14 +53,7 @@ def load_pairs(cfg: TrainConfig, tokenizer, log, splits: dict | None = None) -> 
     splits = read_rows(cfg) if splits is None else splits
     out = []
     for split in ("train", "valid"):
-        pairs, stats = data.tokenize_rows(
-            splits.get(split, []),
-            tokenizer,
-            max_length=cfg.max_length,
-            max_prompt_length=cfg.max_prompt_length,
-            truncation_mode=cfg.truncation_mode,
-            chat_template=cfg.chat_template,
-        )
+        pairs, stats = data.tokenize_rows(splits.get(split, []), tokenizer, **cfg.tokenize_kwargs())
         log(f"{split}: {stats}")
         out.append(pairs)
     if not out[0]:
@@ -154,13 +137,7 @@ def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
         mx.set_cache_limit(8 << 30)  # the default 32 MB makes big temporaries page-fault every step
     run_dir = prepare_run_dir(cfg) if is_main else Path(cfg.adapter_path)
     rows = read_rows(cfg)
-    loaded = model_lib.load(
-        cfg.model,
-        revision=cfg.revision,
-        quantize=cfg.quantize,
-        q_group_size=cfg.q_group_size,
-        compute_dtype=cfg.compute_dtype,
-    )
+    loaded = model_lib.load(cfg.model, **cfg.model_kwargs())
     for note in loaded.notes:
         say(f"model: {note}")
     train_pairs, valid_pairs = load_pairs(cfg, loaded.tokenizer, say, rows)

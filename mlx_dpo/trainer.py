@@ -24,7 +24,7 @@ from mlx.utils import tree_map
 from mlx_dpo import checkpoint
 from mlx_dpo.data import iterate_batches
 from mlx_dpo.logps import forward_logps
-from mlx_dpo.losses import dpo_loss, dpo_metrics
+from mlx_dpo.losses import METRIC_KEYS, dpo_loss, dpo_metrics
 
 BATCH_FIELDS = (
     "tokens",
@@ -129,15 +129,7 @@ def evaluate(model, pairs, refs, cfg, *, max_batches: int = -1, group=None) -> d
                 sums[k] = sums.get(k, 0.0) + v * batch.size
             n += batch.size
             mx.eval(sums)
-    keys = [
-        "loss",
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/accuracies",
-        "rewards/margins",
-        "logps/chosen",
-        "logps/rejected",
-    ]
+    keys = METRIC_KEYS
     totals = mx.array([float(n)] + [sums[k].item() if k in sums else 0.0 for k in keys])
     if world > 1:
         totals = mx.distributed.all_sum(totals, group=group)
