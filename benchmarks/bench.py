@@ -43,6 +43,7 @@ LEVER_VARIANTS = [
     "q4-dequant",
     "q4-native",
 ]
+STREAM_VARIANTS = ["mlx_dpo+fastexp", "2streams+fastexp", "mlx_dpo", "2streams"]
 MEMORY_VARIANTS = ["mlx_dpo", "grad-ckpt", "naive-logits", "naive+ckpt", "mlx_dpo+fastexp"]
 TORCH_VARIANTS = ["own:completion", "own:full", "hf:completion", "hf:full"]
 
@@ -69,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare-torch", action="store_true", help="the same step in PyTorch")
     p.add_argument("--torch-variants", nargs="+", default=None)
     p.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+    p.add_argument("--streams", action="store_true", help="2 CPU streams, OpenBLAS at 1 thread")
     p.add_argument("--memory", action="store_true", help="vocab-152k memory vs naive and T")
     p.add_argument("--blas-off", action="store_true", help="also without the fast BLAS")
     p.add_argument("--both-kernels", action="store_true", help="also OpenBLAS's native kernel")
@@ -78,9 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker", choices=["mlx"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--lora-out", help=argparse.SUPPRESS)
+    p.add_argument("--extras", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.all:
-        args.levers = args.compare_torch = args.memory = args.blas_off = True
+        args.levers = args.compare_torch = args.memory = args.blas_off = args.streams = True
         args.both_kernels = True
     if args.tiny:
         args.spec, args.warmup, args.repeats = "tiny", 1, 1
@@ -109,7 +112,9 @@ def worker_args(args, model_dir, json_path, variants, **over) -> list[str]:
         "seed": args.seed,
         **over,
     }
-    out = [f"--{k.replace('_', '-')}={v}" for k, v in vals.items()]
+    flags = [k for k, v in vals.items() if v is True]
+    out = [f"--{k.replace('_', '-')}={v}" for k, v in vals.items() if v is not True]
+    out += [f"--{k.replace('_', '-')}" for k in flags]
     out += ["--model-dir", str(model_dir), "--json", str(json_path), "--variants", *variants]
     return out + (["--tiny"] if args.tiny else [])
 
@@ -184,13 +189,13 @@ def fmt(x, spec="{:.0f}") -> str:
 
 def table(rows: list[dict]) -> str:
     head = (
-        f"{'variant':<26} {'ref/pair':>8} {'fwd+bwd':>8} {'opt':>5} {'step min':>9} "
+        f"{'variant':<34} {'ref/pair':>8} {'fwd+bwd':>8} {'opt':>5} {'step min':>9} "
         f"{'median':>7} {'pairs/s':>7} {'tok/s':>6} {'GF/s':>5} {'MFU':>5} {'peak MB':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['variant']:<26} {fmt(r['ref_ms_per_pair']):>8} {fmt(r['fwd_bwd_ms']):>8} "
+            f"{r['variant']:<34} {fmt(r['ref_ms_per_pair']):>8} {fmt(r['fwd_bwd_ms']):>8} "
             f"{fmt(r['optimizer_ms']):>5} {fmt(r['step_min_ms']):>9} "
             f"{fmt(r['step_median_ms']):>7} {fmt(r['pairs_per_s'], '{:.2f}'):>7} "
             f"{fmt(r['tokens_per_s']):>6} {fmt(r['gflops']):>5} "
@@ -274,9 +279,15 @@ def main(argv=None) -> dict:
         report["model"] = {"path": str(args.model or f"random init ({args.spec})"), **vars(spec)}
         report["model"]["params"] = spec.params()
         lora = Path(tmp) / "lora_init.safetensors"
-        report["mlx"] = mlx_run(args, model_dir, tmp, "main", variants, lora_out=lora)
+        extras = {"extras": True} if args.levers else {}
+        report["mlx"] = mlx_run(args, model_dir, tmp, "main", variants, lora_out=lora, **extras)
         if args.compare_torch and lora.exists():
             report["torch"] = torch_run(args, model_dir, tmp, lora)
+        if args.streams:  # one BLAS thread per stream, or 2 streams x 2 threads oversubscribe
+            report["mlx_streams"] = mlx_run(
+                args, model_dir, tmp, "streams", STREAM_VARIANTS,
+                env_over={"OPENBLAS_NUM_THREADS": "1"}, ref_batch_pairs=0,
+            )  # fmt: skip
         if args.blas_off:
             report["mlx_blas_off"] = mlx_run(
                 args, model_dir, tmp, "blas-off", ["mlx_dpo"],
@@ -322,6 +333,9 @@ def summarize_report(report: dict, args) -> None:
     rows += rows_of(torch_run_, args.pairs, machine_peak)
     if "results" in native:
         rows += rows_of(native, args.pairs, machine_peak, prefix="[native] ")
+    streams = report.get("mlx_streams", {})
+    if "results" in streams:
+        rows += rows_of(streams, args.pairs, machine_peak, prefix="[1 BLAS thread] ")
     off = report.get("mlx_blas_off", {})
     if "results" in off:
         rows += rows_of(off, args.pairs, machine_peak, prefix="[no fast BLAS] ")

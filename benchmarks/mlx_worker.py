@@ -25,7 +25,7 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from common import Geometry, read_spec, step_flops, summarize, synthetic_token_ids  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 from mlx_dpo import data, memory, trainer  # noqa: E402
 from mlx_dpo import model as model_lib  # noqa: E402
@@ -51,6 +51,7 @@ class Variant:
     online_ref: bool = False
     quantize: int | None = None
     compute_dtype: str = "auto"
+    streams: int = 1  # the batch's pairs split over this many CPU streams (prototype)
     rounds: int | None = None  # cap (q4 native takes ~20 s a step)
     ref: bool = True  # time the reference forward too (the same as mlx_dpo's for some)
     ref_big: bool = False  # and the precompute at --ref-batch-pairs
@@ -88,6 +89,8 @@ VARIANTS = {
             note="QuantizedLinear (quantized_matmul)",
         ),
         Variant("naive+ckpt", logps="naive", ckpt=True, ref=False),
+        Variant("2streams", streams=2, ref=False, note="pairs split over 2 CPU streams"),
+        Variant("2streams+fastexp", streams=2, fast=True, ref=False),
     ]
 }
 
@@ -177,12 +180,11 @@ class Step:
     def __init__(self, model, cfg: TrainConfig, variant: Variant):
         self.model, self.variant = model, variant
         loss_kwargs = cfg.loss_kwargs()
-        b = cfg.batch_size
 
         def loss(model, arrays):
             if variant.online_ref:
                 batch = SimpleNamespace(**dict(zip(trainer.BATCH_FIELDS, arrays, strict=True)))
-                ref = reference_logps(model, batch)
+                ref, b = reference_logps(model, batch), arrays[5].shape[0]
                 arrays = (*arrays[:5], ref[:b], ref[b:])
             return trainer.batch_loss(model, arrays, loss_kwargs)
 
@@ -200,10 +202,28 @@ class Step:
             self.optimizer.update(model, grads)
             return norm
 
+        self.streams = [mx.new_stream(mx.cpu) for _ in range(variant.streams)]
+        self.grad_steps = [grad_step] * variant.streams
         if variant.compile:
             compiled = functools.partial(mx.compile, inputs=self.state, outputs=self.state)
-            grad_step, apply_update = compiled(grad_step), compiled(apply_update)
-        self.grad_step, self.apply_update = grad_step, apply_update
+            # one compiled function per stream: each traces its ops onto its own stream
+            self.grad_steps = [compiled(grad_step) for _ in self.streams]
+            apply_update = compiled(apply_update)
+        self.apply_update = apply_update
+
+    def grads(self, micro: list[tuple]):
+        """Metrics and gradients averaged over micro-batches, as trainer.train accumulates;
+        with several streams the micro-batches run concurrently, one per CPU stream."""
+        if len(micro) == 1:
+            return self.grad_steps[0](*micro[0])
+        out = []
+        for stream, fn, arrays in zip(self.streams, self.grad_steps, micro, strict=True):
+            with mx.stream(stream):
+                out.append(fn(*arrays))
+        n = len(out)
+        metrics = {k: sum(m[k] for m, _ in out) / n for k in out[0][0]}
+        grads = tree_map(lambda *g: sum(g) / n, *(g for _, g in out))
+        return metrics, grads
 
 
 def timed(fn):
@@ -212,7 +232,7 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
-def measure_phases(step: Step, arrays, batch, big_batch, record: dict) -> None:
+def measure_phases(step: Step, micro, batch, big_batch, record: dict) -> None:
     """One round: each phase timed and its allocator peak recorded (above the live memory
     before it: weights, adapters, optimizer state)."""
     model = step.model
@@ -233,13 +253,13 @@ def measure_phases(step: Step, arrays, batch, big_batch, record: dict) -> None:
         run("reference", lambda: mx.eval(reference_logps(model, batch)))
     if step.variant.ref_big and big_batch is not None:
         run("reference_big", lambda: mx.eval(reference_logps(model, big_batch)))
-    run("fwd_bwd", lambda: mx.eval(step.grad_step(*arrays)))
-    _, grads = step.grad_step(*arrays)
+    run("fwd_bwd", lambda: mx.eval(step.grads(micro)))
+    _, grads = step.grads(micro)
     mx.eval(grads)
     run("optimizer", lambda: mx.eval(step.state, step.apply_update(grads)))
 
     def whole():
-        metrics, grads = step.grad_step(*arrays)
+        metrics, grads = step.grads(micro)
         norm = step.apply_update(grads)
         mx.eval(step.state, metrics, norm)
 
@@ -301,7 +321,21 @@ def run_worker(args) -> dict:
     _, batch = make_batch(geo, spec.vocab_size, args.seed)
     refs = np.array(reference_logps(base, batch)).reshape(2, -1)
     pairs, batch = make_batch(geo, spec.vocab_size, args.seed, refs)
-    arrays = trainer.batch_arrays(batch)
+    micro = {}
+    for name in names:
+        k = VARIANTS[name].streams
+        if k == 1:
+            micro[name] = [trainer.batch_arrays(batch)]
+        else:  # the pairs split over k micro-batches (as --grad-accumulation-steps k would)
+            split = np.array_split(np.arange(len(pairs)), k)
+            micro[name] = [
+                trainer.batch_arrays(
+                    data.collate(
+                        [pairs[i] for i in idx], ref_chosen=refs[0][idx], ref_rejected=refs[1][idx]
+                    )
+                )
+                for idx in split
+            ]
     big = None
     if args.ref_batch_pairs and args.ref_batch_pairs != args.pairs:
         big_geo = Geometry(args.ref_batch_pairs, args.prompt_len, args.completion_len)
@@ -330,7 +364,7 @@ def run_worker(args) -> dict:
         with variant_context(v, steps[name].model):
             t0 = time.perf_counter()
             for _ in range(min(args.warmup, v.warmup or args.warmup)):
-                measure_phases(steps[name], arrays, batch, big, {})
+                measure_phases(steps[name], micro[name], batch, big, {})
             t_warm[name] = time.perf_counter() - t0
     for r in range(args.repeats):
         for name in names:
@@ -338,7 +372,7 @@ def run_worker(args) -> dict:
             if v.rounds is not None and r >= v.rounds:
                 continue
             with variant_context(v, steps[name].model):
-                measure_phases(steps[name], arrays, batch, big, records[name])
+                measure_phases(steps[name], micro[name], batch, big, records[name])
 
     positions = batch.tokens.shape[1] - 1
     results = {}
@@ -364,6 +398,10 @@ def run_worker(args) -> dict:
             "total_mb": p.total_bytes / 2**20,
             "breakdown": str(p),
         }
+    if args.extras:
+        out["ops_ms"] = op_bench(spec, geo, args.repeats)
+        out["bucketing"] = bucketing_stats(args, spec.vocab_size)
+        out["new_shape"] = new_shape_cost(steps[names[0]], geo, spec, args)
     out.update(
         {
             "notes": models[next(iter(models))][1],
@@ -384,3 +422,138 @@ def run_worker(args) -> dict:
 
 if __name__ == "__main__":
     sys.exit("run through bench.py")
+
+
+def op_bench(spec, geo, repeats: int) -> dict:
+    """Single ops at the step's shapes: MLX's own, mx.compile'd, and the fastops prototype."""
+    import fastops
+
+    rows, T = geo.rows, geo.row_tokens - 1
+    d, h, hd = spec.hidden_size, spec.num_attention_heads, spec.head_dim
+    n_scored = rows * geo.completion_len
+    x_vocab = mx.random.normal((n_scored, min(spec.vocab_size, 32000)))
+    x_inter = mx.random.normal((rows, T, spec.intermediate_size))
+    x_up = mx.random.normal(x_inter.shape)
+    scores = mx.random.normal((rows, h, T, T))
+    hidden = mx.random.normal((rows, T, d))
+    w_norm = mx.ones((d,))
+    q = mx.random.normal((rows, h, T, hd))
+    kv = mx.random.normal((rows, spec.num_key_value_heads, T, hd))
+    mx.eval(x_vocab, x_inter, x_up, scores, hidden, w_norm, q, kv)
+
+    def rms(x, w):
+        return w * x * mx.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6)
+
+    def softmax_vjp(fn):
+        return mx.vjp(fn, [scores], [scores])[1][0]
+
+    def sdpa_grad(fn):
+        def f(q, k, v):
+            return (fn(q, k, v) * q).sum()
+
+        return mx.grad(f, argnums=(0, 1, 2))
+
+    compiled_exp, compiled_rms = mx.compile(mx.exp), mx.compile(rms)
+    ref_sdpa = functools.partial(
+        mx.fast.scaled_dot_product_attention, scale=hd**-0.5, mask="causal"
+    )
+    fast_sdpa = functools.partial(fastops.fast_sdpa, scale=hd**-0.5, mask="causal")
+    cases = {
+        f"exp {tuple(x_vocab.shape)}": {
+            "mx.exp": lambda: mx.exp(x_vocab),
+            "compiled mx.exp": lambda: compiled_exp(x_vocab),
+            "fastops.fast_exp": lambda: fastops.fast_exp(x_vocab),
+        },
+        f"logsumexp {tuple(x_vocab.shape)}": {
+            "mx.logsumexp": lambda: mx.logsumexp(x_vocab, axis=-1),
+            "fastops.fast_logsumexp": lambda: fastops.fast_logsumexp(x_vocab),
+        },
+        f"softmax {tuple(scores.shape)}": {
+            "mx.softmax": lambda: mx.softmax(scores, axis=-1, precise=True),
+            "fastops.fast_softmax": lambda: fastops.fast_softmax(scores),
+        },
+        f"softmax fwd+vjp {tuple(scores.shape)}": {
+            "mx.softmax": lambda: softmax_vjp(lambda s: mx.softmax(s, axis=-1, precise=True)),
+            "fastops.fast_softmax": lambda: softmax_vjp(fastops.fast_softmax),
+        },
+        f"silu(a)*b {tuple(x_inter.shape)}": {
+            "nn.silu (uncompiled)": lambda: nn.silu(x_inter) * x_up,
+            "mlx-lm swiglu (compiled)": lambda: _swiglu()(x_inter, x_up),
+            "fastops.fast_swiglu": lambda: fastops.fast_swiglu(x_inter, x_up),
+        },
+        f"rms_norm {tuple(hidden.shape)}": {
+            "mx.fast.rms_norm": lambda: mx.fast.rms_norm(hidden, w_norm, 1e-6),
+            "composed": lambda: rms(hidden, w_norm),
+            "composed, compiled": lambda: compiled_rms(hidden, w_norm),
+        },
+        f"sdpa fwd+bwd q{tuple(q.shape)} kv{tuple(kv.shape)}": {
+            "mx.fast.sdpa (CPU fallback)": lambda: sdpa_grad(ref_sdpa)(q, kv, kv),
+            "fastops.fast_sdpa": lambda: sdpa_grad(fast_sdpa)(q, kv, kv),
+        },
+    }
+    out = {}
+    for case, fns in cases.items():
+        res = {}
+        for _ in range(repeats + 1):  # the first round warms up (and JIT-compiles)
+            for name, fn in fns.items():
+                seconds, _ = timed(lambda fn=fn: mx.eval(fn()))
+                res.setdefault(name, []).append(seconds)
+        out[case] = {name: min(s[1:]) * 1e3 for name, s in res.items()}
+    return out
+
+
+def new_shape_cost(step: Step, geo: Geometry, spec, args) -> dict:
+    """What a batch of a new padded length costs in its first step (the compiled step traces
+    again) against the steady state; why batches are bucketed and padded to a multiple of 32."""
+    out = {}
+    for extra in (32, 64):
+        g = Geometry(geo.pairs, geo.prompt_len, geo.completion_len + extra)
+        _, b = make_batch(g, spec.vocab_size, args.seed, refs=np.zeros((2, geo.pairs)))
+        micro = [trainer.batch_arrays(b)]
+        times = []
+        for _ in range(3):
+            seconds, _ = timed(lambda m=micro: mx.eval(step.state, step.grads(m)))
+            times.append(seconds)
+        out[f"T={b.tokens.shape[1]}"] = {
+            "first_ms": times[0] * 1e3,
+            "steady_ms": min(times[1:]) * 1e3,
+        }
+    return out
+
+
+def _swiglu():
+    from mlx_lm.models.activations import swiglu
+
+    return swiglu
+
+
+def bucketing_stats(args, vocab: int) -> dict:
+    """Padding and distinct shapes of one epoch of 256 pairs with spread-out lengths: length-
+    bucketed (data.iterate_batches) vs random batches, padded to 32 or not at all."""
+    rng = np.random.default_rng(args.seed)
+    n = 256
+    prompt = rng.integers(16, 384, n)
+    chosen, rejected = rng.integers(8, 256, n), rng.integers(8, 256, n)
+    pairs = [
+        data.PreferencePair([1] * int(p), [2] * int(c), [3] * int(r), "synthetic", "")
+        for p, c, r in zip(prompt, chosen, rejected, strict=True)
+    ]
+    b = args.pairs
+
+    def stats(batches):
+        real = sum(bt.n_tokens for bt in batches)
+        padded = sum(int(np.prod(bt.tokens.shape)) for bt in batches)
+        shapes = {(bt.tokens.shape[1], bt.positions.shape[1]) for bt in batches}
+        return {"padding_fraction": 1 - real / padded, "distinct_shapes": len(shapes)}
+
+    bucketed = [mb for u in data.iterate_batches(pairs, b, loop=False) for mb in u.micro_batches]
+    order = rng.permutation(n)
+    random32 = [data.collate([pairs[i] for i in order[k : k + b]]) for k in range(0, n, b)]
+    random1 = [data.collate([pairs[i] for i in order[k : k + b]], pad_to=1) for k in range(0, n, b)]
+    return {
+        "pairs": n,
+        "batch_pairs": b,
+        "length-bucketed, pad to 32 (mlx_dpo)": stats(bucketed),
+        "random batches, pad to 32": stats(random32),
+        "random batches, no rounding": stats(random1),
+    }
