@@ -396,8 +396,82 @@ def summarize_report(report: dict, args) -> None:
             f"\nmemory planner: {plan['default']['total_mb']:.0f} MB planned vs "
             f"{measured:.0f} MB measured peak (mlx_dpo step)"
         )
+    summary["levers"] = levers(report)
+    if summary["levers"]:
+        print("\nlevers (each against its baseline in the same process; <1 is faster/smaller):")
+        for r in summary["levers"]:
+            print(
+                f"  {r['lever']:<48} step x{r['step_ratio']:.2f}"
+                + (f", peak x{r['peak_ratio']:.2f}" if r.get("peak_ratio") else "")
+            )
+    if "ops_ms" in mlx:
+        print("\nsingle ops at the step's shapes (min ms):")
+        for case, res in mlx["ops_ms"].items():
+            print(f"  {case}: " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()))
+    if "bucketing" in mlx:
+        bk = mlx["bucketing"]
+        print(
+            f"\nbatching {bk['pairs']} pairs of spread-out lengths, {bk['batch_pairs']} per batch:"
+        )
+        for k, v in bk.items():
+            if isinstance(v, dict):
+                print(
+                    f"  {k:<40} padding {100 * v['padding_fraction']:.0f}%, "
+                    f"{v['distinct_shapes']} distinct shapes (one trace each)"
+                )
+        for k, v in mlx.get("new_shape", {}).items():
+            print(f"  first step at a new {k}: {v['first_ms']:.0f} ms vs {v['steady_ms']:.0f} ms")
     if "memory" in summary:
         print("\n" + memory_text(summary["memory"]))
+
+
+LEVERS = [  # (lever, process key, variant, baseline variant)
+    ("completion-only chunked log-probs vs full logits", "mlx", "mlx_dpo", "plain-logits"),
+    ("completion-only chunked log-probs vs naive", "mlx", "mlx_dpo", "naive-logits"),
+    ("cached reference vs reference in every step", "mlx", "mlx_dpo", "online-ref"),
+    ("mx.compile on the step", "mlx", "mlx_dpo", "no-compile"),
+    ("mx.set_cache_limit(8 GB) vs MLX's 32 MB", "mlx", "mlx_dpo", "cache-32MB"),
+    ("grad checkpointing (cost)", "mlx", "grad-ckpt", "mlx_dpo"),
+    ("fused-arithmetic exp (fastops) [prototype]", "mlx", "mlx_dpo+fastexp", "mlx_dpo"),
+    ("q4 dequantize-at-use vs q4 QuantizedLinear", "mlx", "q4-dequant", "q4-native"),
+    ("q4 dequantize-at-use vs fp32", "mlx", "q4-dequant", "mlx_dpo"),
+    ("2 CPU streams, 1 BLAS thread each [prototype]", "mlx_streams", "2streams", "mlx_dpo"),
+    (
+        "2 streams + fastexp vs fastexp, 1 BLAS thread",
+        "mlx_streams",
+        "2streams+fastexp",
+        "mlx_dpo+fastexp",
+    ),
+]
+
+
+def levers(report: dict) -> list[dict]:
+    out = []
+    for lever, key, variant, base in LEVERS:
+        res = report.get(key, {}).get("results", {})
+        if variant in res and base in res:
+            a, b = res[variant]["step"], res[base]["step"]
+            out.append(
+                {
+                    "lever": lever,
+                    "step_ratio": a["min_ms"] / b["min_ms"],
+                    "peak_ratio": a["peak_above_mb"] / b["peak_above_mb"],
+                }
+            )
+    main = report.get("mlx", {}).get("results", {}).get("mlx_dpo")
+    off = report.get("mlx_blas_off", {}).get("results", {}).get("mlx_dpo")
+    if main and off:
+        out.append(
+            {"lever": "fast BLAS preload (vs MLX_DPO_NO_FAST_BLAS=1)",
+             "step_ratio": main["step"]["min_ms"] / off["step"]["min_ms"]}
+        )  # fmt: skip
+    nat = report.get("mlx_native_kernel", {}).get("results", {}).get("mlx_dpo")
+    if main and nat:
+        out.append(
+            {"lever": "OpenBLAS AVX-512 kernel vs Haswell (env)",
+             "step_ratio": nat["step"]["min_ms"] / main["step"]["min_ms"]}
+        )  # fmt: skip
+    return out
 
 
 def memory_summary(mem: dict) -> dict:

@@ -256,6 +256,16 @@ def estimate(
     return parts, notes
 
 
+def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
+    """`plan` for the longest row and longest completion of tokenized `PreferencePair`s, at
+    2 x cfg.batch_size rows (chosen and rejected)."""
+    longest = max(
+        (len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1
+    )
+    completion = max((max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1)
+    return plan(model, cfg, longest, 2 * cfg.batch_size, completion_tokens_per_row=completion)
+
+
 class _Override:
     """cfg with some attributes replaced (for the suggestions in check_fits)."""
 

@@ -105,6 +105,17 @@ def test_plan_follows_the_settings():
     assert "dequantized weights" in quant.parts
 
 
+def test_plan_for_pairs_takes_the_longest_row():
+    model = small_model(8192)
+    cfg = TrainConfig(num_layers=-1, batch_size=3)
+    pairs = [
+        data.PreferencePair([1] * 40, [2] * 10, [3] * 90, "t", ""),
+        data.PreferencePair([1] * 5, [2] * 20, [3], "t", ""),
+    ]
+    plan = memory.plan_for_pairs(model, cfg, pairs)
+    assert (plan.rows, plan.tokens_per_row) == (6, 160)  # 40 + 90 -> 130, padded to 32
+
+
 def test_check_fits_raises_with_numbers_and_suggestions():
     model = small_model(8192)
     plan = memory.plan(model, TrainConfig(num_layers=-1, batch_size=4), 1024, 8)
