@@ -278,7 +278,7 @@ def step0_numbers(model, batch, cfg) -> dict:
     """The numbers the torch side must reproduce: policy log-probs at init, the loss and the
     LoRA gradient norms of the first step."""
     loss_kwargs = cfg.loss_kwargs()
-    logps, counts = forward_logps(model, batch)
+    logps, _ = trainer.forward_logps(model, batch)
     (loss, _), grads = nn.value_and_grad(model, lambda m, a: trainer.batch_loss(m, a, loss_kwargs))(
         model, trainer.batch_arrays(batch)
     )
@@ -354,6 +354,9 @@ def run_worker(args) -> dict:
                 if args.lora_out:
                     mx.save_safetensors(args.lora_out, lora_init)
                 out["step0"] = step0_numbers(net, batch, cfg)
+                if "mlx_dpo+fastexp" in names:  # the prototype must give the same numbers
+                    with variant_context(VARIANTS["mlx_dpo+fastexp"], net):
+                        out["step0_fastexp"] = step0_numbers(net, batch, cfg)
         with variant_context(v, net):
             steps[name] = Step(net, cfg, v)
 
