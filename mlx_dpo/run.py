@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_dpo import checkpoint, data, reference, trainer
+from mlx_dpo import checkpoint, data, memory, reference, trainer
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
 from mlx_dpo.report import JsonlSink, Reporter, make_sinks
@@ -144,6 +144,10 @@ def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
     if cfg.init_adapter:
         init_config = model_lib.load_adapter_dir(loaded.model, cfg.init_adapter)
         cfg = _adopt_adapter_config(cfg, init_config, say)
+    # Before any heavy work: refuse a configuration whose step will not fit in memory.
+    step_plan = memory.plan_for_pairs(loaded.model, cfg, train_pairs)
+    say(str(step_plan).splitlines()[0])
+    memory.check_fits(step_plan)
     identity = model_identity(cfg, loaded)
     train_refs, valid_refs = reference_logps(
         cfg, loaded, identity, train_pairs, valid_pairs, group, say
