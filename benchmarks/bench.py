@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's mlx_dpo, and com
 
 from common import SPECS, Spec, load_average, max_rss_mb, read_spec, write_checkpoint  # noqa: E402
 
+WAIT_QUIET = 0.0  # --wait-quiet
 DEFAULT_VARIANTS = ["mlx_dpo", "mlx_dpo+fastexp"]
 LEVER_VARIANTS = [
     "plain-logits",
@@ -88,6 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--blas-off", action="store_true", help="also without the fast BLAS")
     p.add_argument("--both-kernels", action="store_true", help="also OpenBLAS's native kernel")
     p.add_argument("--all", action="store_true", help="everything")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each process, wait up to S s for the other processes to quiet down",
+    )
     p.add_argument("--tiny", "--quick", action="store_true", help="tiny model, 1 repeat")
     p.add_argument("--json", help="output path (default benchmarks/out/bench-<time>.json)")
     p.add_argument("--worker", choices=["mlx"], help=argparse.SUPPRESS)
@@ -132,15 +141,56 @@ def worker_args(args, model_dir, json_path, variants, **over) -> list[str]:
     return out + (["--tiny"] if args.tiny else [])
 
 
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat (Linux), else None."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_quiet(max_wait: float, busy_below: float = 0.25) -> float | None:
+    """Wait (up to max_wait s) until other processes keep the CPUs < busy_below busy over 2 s;
+    returns the last busy fraction seen."""
+    deadline, busy = time.monotonic() + max_wait, None
+    while True:
+        a = cpu_jiffies()
+        time.sleep(2)
+        b = cpu_jiffies()
+        if a is None or b is None:
+            return None
+        busy = (b[0] - a[0]) / max(b[1] - a[1], 1)
+        if busy < busy_below or time.monotonic() > deadline:
+            return busy
+
+
 def run_process(cmd: list[str], env: dict | None, label: str, json_path: Path) -> dict:
+    """Run one worker; also record how busy the rest of the machine kept the CPUs meanwhile
+    (all CPU time minus the worker's own)."""
+    busy_before = wait_quiet(WAIT_QUIET) if WAIT_QUIET else None
     print(f"[bench] {label} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
+    j0, r0 = cpu_jiffies(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    j1, r1 = cpu_jiffies(), resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
         return {"error": f"{label} failed with status {proc.returncode}"}
     out = json.loads(json_path.read_text())
-    out["wall_s"] = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    out["wall_s"] = wall
+    if j0 and j1:
+        ticks = os.sysconf("SC_CLK_TCK")
+        ours = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+        cpus = os.cpu_count() or 1
+        others = max((j1[0] - j0[0]) / ticks - ours, 0.0)
+        out["load"] = {
+            "others_cpu_fraction": others / (wall * cpus),  # 0: idle machine, 1: all cores busy
+            "worker_cpu_s": ours,
+            "busy_before": busy_before,
+        }
     return out
 
 
@@ -164,6 +214,9 @@ def merge_runs(runs: list[dict]) -> dict:
     out = dict(ok[0])
     out["gemm_peak_gflops"] = max(r["gemm_peak_gflops"] for r in ok)
     out["process_rounds"] = len(ok)
+    loads = [r["load"]["others_cpu_fraction"] for r in ok if "load" in r]
+    if loads:
+        out["load"] = {**ok[0]["load"], "others_cpu_fraction": sum(loads) / len(loads)}
     results = {}
     for name, res in ok[0]["results"].items():
         merged = dict(res)
@@ -300,6 +353,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker:
         return worker_main(args)
+    global WAIT_QUIET
+    WAIT_QUIET = args.wait_quiet
     variants = args.variants or (DEFAULT_VARIANTS + (LEVER_VARIANTS if args.levers else []))
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     report: dict = {
@@ -433,6 +488,16 @@ def summarize_report(report: dict, args) -> None:
         + f"; load avg {report['meta']['load_average_before']} -> "
         f"{report['meta']['load_average_after']}"
     )
+    summary["load"] = {
+        key: run["load"]["others_cpu_fraction"]
+        for key, run in report.items()
+        if isinstance(run, dict) and "load" in run
+    }
+    if summary["load"]:
+        print(
+            "other processes kept the CPUs busy during the measurement: "
+            + ", ".join(f"{k} {100 * v:.0f}%" for k, v in summary["load"].items())
+        )
     print(f"times in ms (min over {args.repeats} after {args.warmup} warm-up; median for step);")
     print(f"MFU = model FLOPs / step time / {machine_peak:.0f} GFLOP/s (best fp32 GEMM measured)\n")
     print(table(rows))
