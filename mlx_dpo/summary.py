@@ -32,8 +32,8 @@ def demo_summary(
         "preference_accuracy_before": float(np.mean(ref_c > ref_r)),
         "preference_accuracy_after": float(np.mean(policy_c > policy_r)),
         "reward_accuracy_after": float(np.mean((policy_c - ref_c) > (policy_r - ref_r))),
-        "preferred_share_before": float(np.mean([demo.is_preferred(a) for a in before])),
-        "preferred_share_after": float(np.mean([demo.is_preferred(a) for a in after])),
+        "preferred_share_before": _share(before, prompts),
+        "preferred_share_after": _share(after, prompts),
     }
     log("")
     log(f"Before/after on {len(valid_pairs)} held-out pairs ({len(prompts)} prompts sampled):")
@@ -52,3 +52,10 @@ def demo_summary(
         log(f"    before: {b.strip()}")
         log(f"    after:  {a.strip()}")
     return out
+
+
+def _share(answers: list[str], prompts: list) -> float:
+    from mlx_dpo import demo
+
+    # with the prompt, an answer also has to be about the question that was asked
+    return float(np.mean([demo.is_preferred(a, p) for a, p in zip(answers, prompts, strict=True)]))
