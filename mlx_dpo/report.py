@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from mlx_dpo.config import ConfigError
+
 SHORT = {
     "loss": "loss",
     "rewards/accuracies": "acc",
@@ -72,7 +74,7 @@ def make_sinks(names: list[str], run_dir: Path, config: dict) -> list[Sink]:
     sinks = []
     for name in names:
         if name not in makers:
-            raise ValueError(f"--report-to {name}: unknown sink; choose from {', '.join(makers)}")
+            raise ConfigError(f"--report-to {name}: unknown sink; choose from {', '.join(makers)}")
         try:
             sinks.append(makers[name]())
         except ImportError as e:

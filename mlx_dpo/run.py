@@ -128,7 +128,7 @@ def reference_logps(cfg, loaded, identity, train_pairs, valid_pairs, group, log)
 
 def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
     """Train LoRA/DoRA adapters with the DPO loss family as configured; returns the final metrics."""
-    is_demo = cfg.model is None
+    is_demo = cfg.model is None and cfg.data is None
     cfg = with_demo_defaults(cfg)
     group = distributed_group()
     is_main = group is None or group.rank() == 0
