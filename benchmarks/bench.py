@@ -47,7 +47,16 @@ LEVER_VARIANTS = [
     "q4-native",
 ]
 STREAM_VARIANTS = ["mlx_dpo+fastexp", "2streams+fastexp", "mlx_dpo", "2streams"]
-MEMORY_VARIANTS = ["mlx_dpo", "grad-ckpt", "naive-logits", "naive+ckpt", "mlx_dpo+fastexp"]
+MEMORY_VARIANTS = [
+    "mlx_dpo",
+    "grad-ckpt",
+    "naive-logits",
+    "naive+ckpt",
+    "mlx_dpo+fastexp",
+    "mlx_dpo+fastexp+flash",
+    "grad-ckpt+fastexp+flash",
+]
+SWEEP_VARIANTS = ["mlx_dpo", "grad-ckpt", "mlx_dpo+fastexp+flash", "grad-ckpt+fastexp+flash"]
 TORCH_VARIANTS = [
     "own:completion",
     "own:full",
@@ -272,7 +281,7 @@ def step_row(name: str, res: dict, batch: dict, pairs: int, peak: float) -> dict
         "tokens_per_s": batch["tokens"] / step_s,
         "gflops": fl / step_s / 1e9,
         "mfu": fl / step_s / 1e9 / peak,
-        "peak_mb": res["step"].get("peak_mb"),
+        "peak_mb": res["step"].get("own_peak_mb", res["step"].get("peak_mb")),
         "peak_above_mb": res["step"].get("peak_above_mb"),
     }
     if ref_big:
@@ -340,7 +349,7 @@ def memory_section(args, model_dir_152k, tmp) -> dict:
     sweep = {}
     lengths = [64, 128, 256] if args.tiny else [128, 256, 512, 1024]
     for n in lengths:
-        variants = ["mlx_dpo", "grad-ckpt"] + (["naive-logits"] if n <= 256 else [])
+        variants = SWEEP_VARIANTS + (["naive-logits"] if n <= 256 else [])
         sweep[n * 2] = mlx_run(
             args, model_dir_152k, tmp, f"mem152k-T{2 * n}", variants,
             pairs=1, prompt_len=n, completion_len=n, warmup=1, repeats=1,
@@ -511,12 +520,14 @@ def summarize_report(report: dict, args) -> None:
                 f"{v['loss_abs']:.1e} abs, LoRA grad norms {v['grad_norms_rel']:.1e} rel"
             )
     plan = mlx.get("memory_plan", {})
-    if plan and "mlx_dpo" in mlx["results"]:
-        measured = mlx["results"]["mlx_dpo"]["step"]["peak_mb"]
-        print(
-            f"\nmemory planner: {plan['default']['total_mb']:.0f} MB planned vs "
-            f"{measured:.0f} MB measured peak (mlx_dpo step)"
-        )
+    for name, key in (("mlx_dpo", "default"), ("grad-ckpt", "grad_ckpt")):
+        if plan and name in mlx["results"]:
+            measured = mlx["results"][name]["step"]
+            measured = measured.get("own_peak_mb", measured["peak_mb"])
+            print(
+                f"memory planner, {name}: {plan[key]['total_mb']:.0f} MB planned vs "
+                f"{measured:.0f} MB measured (model + optimizer + the step's peak above them)"
+            )
     summary["levers"] = levers(report)
     if summary["levers"]:
         print("\nlevers (each against its baseline in the same process; <1 is faster/smaller):")
@@ -600,7 +611,7 @@ def memory_summary(mem: dict) -> dict:
     out: dict = {"standard": {}}
     for name, res in std.items():
         out["standard"][name] = {
-            "peak_mb": res["step"]["peak_mb"],
+            "peak_mb": res["step"].get("own_peak_mb", res["step"]["peak_mb"]),
             "peak_above_mb": res["step"]["peak_above_mb"],
             "step_ms": res["step"]["min_ms"],
         }
@@ -623,12 +634,12 @@ def memory_text(ms: dict) -> str:
     for name, r in ms["standard"].items():
         ratio = f"  {100 * r['vs_naive']:.0f}% of naive ({100 * r['above_vs_naive']:.0f}% above weights)"
         lines.append(
-            f"  {name:<18} peak {r['peak_mb']:6.0f} MB, above weights {r['peak_above_mb']:6.0f} MB,"
+            f"  {name:<24} peak {r['peak_mb']:6.0f} MB, above weights {r['peak_above_mb']:6.0f} MB,"
             f" step {r['step_ms']:6.0f} ms" + (ratio if "vs_naive" in r else "")
         )
     lines.append("  peak above weights (MB) vs row length T, 1 pair:")
     for name, by_t in ms["length_sweep_peak_above_mb"].items():
-        lines.append(f"    {name:<18} " + ", ".join(f"T={t}: {v:.0f}" for t, v in by_t.items()))
+        lines.append(f"    {name:<24} " + ", ".join(f"T={t}: {v:.0f}" for t, v in by_t.items()))
     return "\n".join(lines)
 
 

@@ -21,6 +21,8 @@ from dataclasses import replace
 
 import mlx.core as mx
 
+CAUSAL_BLOCKS = 4  # query blocks of causal attention (see fast_sdpa)
+FLASH_BLOCK = 256  # most queries per block of flash_sdpa (its backward holds one block's scores)
 LOG2E = 1.4426950408889634
 ROUND = 12582912.0  # 1.5 * 2**23: (t + ROUND) - ROUND rounds t to an integer without floorf
 # Taylor coefficients of 2^f = exp(f ln 2), f in [-0.5, 0.5]; degree 6: rel. error < 3e-7.
@@ -123,7 +125,9 @@ def _fast_swiglu_vjp(primals, cotangent, output):
 
 def fast_sdpa(queries, keys, values, cache=None, scale: float = 1.0, mask=None, sinks=None):
     """mlx-lm's `scaled_dot_product_attention` for training (no cache): scores, fast softmax,
-    values. Grouped-query heads share K/V through a broadcast, never a copy."""
+    values. Grouped-query heads share K/V through a broadcast, never a copy. A causal mask is
+    exploited, not just applied: queries go in blocks, each against only the keys it can see,
+    so 4 blocks compute 10/16 of the T x T scores (fewer FLOPs, passes and saved bytes)."""
     if cache is not None or sinks is not None:
         from mlx_lm.models.base import scaled_dot_product_attention
 
@@ -131,8 +135,19 @@ def fast_sdpa(queries, keys, values, cache=None, scale: float = 1.0, mask=None, 
     B, H, T, D = queries.shape
     Hkv, S = keys.shape[1], keys.shape[2]
     q = (queries * scale).reshape(B, Hkv, H // Hkv, T, D)
-    scores = q @ mx.expand_dims(keys, 2).swapaxes(-1, -2)  # (B, Hkv, rep, T, S)
-    if isinstance(mask, str):  # "causal"
+    k, v = mx.expand_dims(keys, 2), mx.expand_dims(values, 2)  # (B, Hkv, 1, S, D)
+    if isinstance(mask, str) and T == S:  # "causal", no cache offset
+        n = max(1, min(CAUSAL_BLOCKS, T // 32))
+        bounds = [round(T * i / n) for i in range(n + 1)]
+        out = []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            scores = q[..., a:b, :] @ k[..., :b, :].swapaxes(-1, -2)  # (.., b - a, b)
+            visible = mx.arange(a, b)[:, None] >= mx.arange(b)[None]
+            probs = fast_softmax(mx.where(visible, scores, -mx.inf).astype(mx.float32))
+            out.append(probs.astype(values.dtype) @ v[..., :b, :])
+        return mx.concatenate(out, axis=-2).reshape(B, H, T, -1)
+    scores = q @ k.swapaxes(-1, -2)  # (B, Hkv, rep, T, S)
+    if isinstance(mask, str):  # causal with an offset
         causal = mx.arange(T)[:, None] + (S - T) >= mx.arange(S)[None]
         scores = mx.where(causal, scores, -mx.inf)
     elif mask is not None:
@@ -140,7 +155,68 @@ def fast_sdpa(queries, keys, values, cache=None, scale: float = 1.0, mask=None, 
             scores = mx.where(mask, scores, -mx.inf)
         else:
             scores = scores + mask
-    out = fast_softmax(scores.astype(mx.float32)).astype(values.dtype) @ mx.expand_dims(values, 2)
+    out = fast_softmax(scores.astype(mx.float32)).astype(values.dtype) @ v
+    return out.reshape(B, H, T, -1)
+
+
+def flash_sdpa(queries, keys, values, cache=None, scale: float = 1.0, mask=None, sinks=None):
+    """Causal attention with a custom VJP that keeps only q, k, v, the output and one
+    logsumexp per query for the backward, and recomputes each block's probabilities there
+    (FlashAttention's algorithm, in MLX ops): memory linear in T instead of rows x heads x T^2
+    per block. Query blocks see only the keys they can (as fast_sdpa). Anything but plain
+    causal self-attention goes to fast_sdpa."""
+    B, H, T, D = queries.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    if cache is not None or sinks is not None or mask != "causal" or T != S:
+        return fast_sdpa(queries, keys, values, cache, scale, mask, sinks)
+    rep = H // Hkv
+    # at least 4 blocks (causal skipping), and none over 256 queries (a bounded transient)
+    n = max(1, min(4, T // 32), -(-T // FLASH_BLOCK))
+    bounds = [round(T * i / n) for i in range(n + 1)]
+    blocks = list(zip(bounds[:-1], bounds[1:], strict=True))
+
+    def probs(q, k, a, b, lse=None, after=None):
+        # `after` chains the blocks: without it MLX runs every block's matmul first and holds
+        # all their scores at once (T^2 again)
+        qa = q[..., a:b, :] if after is None else mx.depends(q[..., a:b, :], after)
+        scores = qa @ k[..., :b, :].swapaxes(-1, -2)  # (B, Hkv, rep, b - a, b)
+        scores = mx.where(mx.arange(a, b)[:, None] >= mx.arange(b)[None], scores, -mx.inf)
+        if lse is None:
+            m = scores.max(axis=-1, keepdims=True)
+            e = fast_exp_fwd(scores - m)
+            total = e.sum(axis=-1, keepdims=True)
+            return e * (1.0 / total), m + mx.log(total)
+        return fast_exp_fwd(scores - lse[..., a:b, :]), None
+
+    @mx.custom_function
+    def attention(q, k, v):
+        outs, lses = [], []
+        for a, b in blocks:
+            p, lse = probs(q, k, a, b, after=outs[-1] if outs else None)
+            outs.append(p @ v[..., :b, :])
+            lses.append(lse)
+        return mx.concatenate(outs, axis=-2), mx.concatenate(lses, axis=-2)
+
+    @attention.vjp
+    def attention_vjp(primals, cotangents, outputs):
+        q, k, v = primals
+        d_out, (out, lse) = cotangents[0], outputs
+        delta = (d_out * out).sum(axis=-1, keepdims=True)  # rowsum(dP * P) = rowsum(dO * O)
+        dq, dk, dv = [], [0.0] * n, [0.0] * n
+        for i, (a, b) in enumerate(blocks):
+            p, _ = probs(q, k, a, b, lse, after=dq[-1] if dq else None)
+            g = d_out[..., a:b, :]
+            ds = p * (g @ v[..., :b, :].swapaxes(-1, -2) - delta[..., a:b, :])
+            dq.append(ds @ k[..., :b, :])
+            dk_i = (ds.swapaxes(-1, -2) @ q[..., a:b, :]).sum(axis=2, keepdims=True)
+            dv_i = (p.swapaxes(-1, -2) @ g).sum(axis=2, keepdims=True)
+            for j, (c, d) in enumerate(blocks[: i + 1]):  # key block j gets its slice
+                dk[j] = dk[j] + dk_i[..., c:d, :]
+                dv[j] = dv[j] + dv_i[..., c:d, :]
+        return mx.concatenate(dq, axis=-2), mx.concatenate(dk, axis=-2), mx.concatenate(dv, axis=-2)
+
+    q = (queries * scale).reshape(B, Hkv, rep, T, D)
+    out, _ = attention(q, mx.expand_dims(keys, 2), mx.expand_dims(values, 2))
     return out.reshape(B, H, T, -1)
 
 
@@ -192,7 +268,7 @@ def lean_token_logps_fast(
 
 
 @contextmanager
-def use_fast_ops(model, *, attention=True, mlp=True, logps=True):
+def use_fast_ops(model, *, attention=True, mlp=True, logps=True, flash=False):
     """Swap the fast ops into the model's module (attention, SwiGLU) and into mlx_dpo.logps
     for the duration; whatever is traced or compiled inside keeps them."""
     import mlx_dpo.logps as logps_mod
@@ -200,7 +276,7 @@ def use_fast_ops(model, *, attention=True, mlp=True, logps=True):
     module = sys.modules[type(model).__module__]
     patches = []
     if attention and hasattr(module, "scaled_dot_product_attention"):
-        patches.append((module, "scaled_dot_product_attention", fast_sdpa))
+        patches.append((module, "scaled_dot_product_attention", flash_sdpa if flash else fast_sdpa))
     if mlp and hasattr(module, "swiglu"):
         patches.append((module, "swiglu", fast_swiglu))
     if logps:

@@ -46,6 +46,7 @@ class Variant:
     logps: str = "lean"
     compile: bool = True
     fast: bool = False  # benchmarks/fastops.py prototype
+    flash: bool = False  # ... with flash_sdpa (attention memory linear in T)
     ckpt: bool = False
     cache_limit: int = BIG_CACHE
     online_ref: bool = False
@@ -70,6 +71,13 @@ VARIANTS = {
         Variant(
             "mlx_dpo+fastexp", fast=True, ref_big=True, note="prototype: benchmarks/fastops.py"
         ),
+        Variant(
+            "mlx_dpo+fastexp+flash",
+            fast=True,
+            flash=True,
+            note="prototype: + flash_sdpa (attention saved for backward linear in T)",
+        ),
+        Variant("grad-ckpt+fastexp+flash", fast=True, flash=True, ckpt=True, ref=False),
         Variant("plain-logits", logps="plain", note="full logits, lse at completion positions"),
         Variant("naive-logits", logps="naive", note="log_softmax over rows x T x V"),
         Variant("no-compile", compile=False),
@@ -130,7 +138,7 @@ def variant_context(variant: Variant, model):
         if variant.fast:
             from fastops import use_fast_ops
 
-            stack.enter_context(use_fast_ops(model))
+            stack.enter_context(use_fast_ops(model, flash=variant.flash))
         if variant.ckpt:
             saved = [(b, type(b)) for b in model.layers]
             model_lib.enable_grad_checkpoint(model)
@@ -343,6 +351,7 @@ def run_worker(args) -> dict:
 
     lora_init = {}
     steps: dict = {}
+    own: dict = {}  # bytes of the variant's own model and optimizer state
     for name in names:
         v = VARIANTS[name]
         net = model_for(v)
@@ -359,6 +368,8 @@ def run_worker(args) -> dict:
                         out["step0_fastexp"] = step0_numbers(net, batch, cfg)
         with variant_context(v, net):
             steps[name] = Step(net, cfg, v)
+        own[name] = sum(a.nbytes for _, a in tree_flatten(net.parameters()))
+        own[name] += sum(a.nbytes for _, a in tree_flatten(steps[name].optimizer.state))
 
     records = {name: {} for name in names}
     t_warm = {}
@@ -388,6 +399,7 @@ def run_worker(args) -> dict:
             n_pairs = args.ref_batch_pairs if phase == "reference_big" else args.pairs
             res[phase] = {
                 "pairs": n_pairs,
+                "own_peak_mb": (own[name] + rec["peak_above_bytes"]) / 2**20,
                 **summarize(rec["seconds"]),
                 "peak_mb": rec["peak_bytes"] / 2**20,
                 "peak_above_mb": rec["peak_above_bytes"] / 2**20,
