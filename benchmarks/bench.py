@@ -34,8 +34,9 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's mlx_dpo, and com
 from common import SPECS, Spec, load_average, max_rss_mb, read_spec, write_checkpoint  # noqa: E402
 
 WAIT_QUIET = 0.0  # --wait-quiet
-DEFAULT_VARIANTS = ["mlx_dpo", "mlx_dpo+fastexp"]
+DEFAULT_VARIANTS = ["mlx_dpo", "mlx_dpo+fastexp+flash"]
 LEVER_VARIANTS = [
+    "mlx_dpo+fastexp",
     "plain-logits",
     "naive-logits",
     "no-compile",
@@ -471,7 +472,8 @@ def summarize_report(report: dict, args) -> None:
         summary["agreement"] = agreement(mlx.get("step0", {}), torch_run_)
         if "step0_fastexp" in mlx:
             fast = agreement(mlx["step0_fastexp"], torch_run_)
-            summary["agreement"].update({f"{k} (fastexp)": v for k, v in fast.items()})
+            tag = mlx["step0_fastexp"].get("variant", "fastexp")
+            summary["agreement"].update({f"{k} ({tag})": v for k, v in fast.items()})
     summary["mfu_vs_mlx_blas_peak"] = {
         r["variant"]: r["gflops"] / peaks["mlx_blas"] for r in rows if r["variant"] in by
     }
@@ -565,6 +567,8 @@ LEVERS = [  # (lever, process key, variant, baseline variant)
     ("mx.set_cache_limit(8 GB) vs MLX's 32 MB", "mlx", "mlx_dpo", "cache-32MB"),
     ("grad checkpointing (cost)", "mlx", "grad-ckpt", "mlx_dpo"),
     ("fused-arithmetic exp (fastops) [prototype]", "mlx", "mlx_dpo+fastexp", "mlx_dpo"),
+    ("+ flash attention [prototype]", "mlx", "mlx_dpo+fastexp+flash", "mlx_dpo+fastexp"),
+    ("fastexp + flash (patch 0001) vs mlx_dpo", "mlx", "mlx_dpo+fastexp+flash", "mlx_dpo"),
     ("q4 dequantize-at-use vs q4 QuantizedLinear", "mlx", "q4-dequant", "q4-native"),
     ("q4 dequantize-at-use vs fp32", "mlx", "q4-dequant", "mlx_dpo"),
     ("2 CPU streams, 1 BLAS thread each [prototype]", "mlx_streams", "2streams", "mlx_dpo"),

@@ -130,6 +130,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", choices=["quick", "full"], default="quick")
     p.add_argument("--json", help="write one JSON line per measurement")
+    p.add_argument("--fit", action="store_true", help="re-fit the factors (needs scipy)")
     args = p.parse_args(argv)
     mx.set_cache_limit(W.BIG_CACHE)
     rows = []
@@ -146,6 +147,72 @@ def main(argv=None) -> None:
     )
     if args.json:
         Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if args.fit:
+        print(json.dumps(fit(rows), indent=1))
+
+
+KEYS = ("qkv", "inter", "hidden", "scores")
+
+
+def arch_of(spec: dict, quantized: bool) -> memory._Arch:
+    s = Spec(**spec)
+    shapes = s.linear_shapes().values()
+    return memory._Arch(
+        blocks=s.num_hidden_layers,
+        hidden=s.hidden_size,
+        qkv=s.linear_shapes()["self_attn.q_proj"][1] + 2 * s.linear_shapes()["self_attn.k_proj"][1],
+        inter=s.intermediate_size,
+        heads=s.num_attention_heads,
+        vocab=s.vocab_size,
+        adapted=[(i, a, b) for i in range(s.num_hidden_layers) for a, b in shapes],
+        block_linear_params=sum(a * b for a, b in shapes),
+        quantized=quantized,
+    )
+
+
+def fit(rows: list[dict]) -> dict:
+    """Least-squares (relative error) factors per checkpointing mode, for the mode this
+    process runs in (default or fast CPU kernels), from the lean fp32 measurements."""
+    from scipy.optimize import least_squares
+
+    mode = "fast" if memory._fast_cpu_kernels() else "default"
+    table = memory.FACTORS[mode]
+    out = {}
+    for ckpt in (False, True):
+        sel = [r for r in rows if r["ckpt"] == ckpt and r["logps"] == "lean" and not r["quantize"]]
+        if not sel:
+            continue
+        y = np.array([r["measured_above_mb"] for r in sel]) * 2**20
+
+        def residuals(p, sel=sel, y=y, ckpt=ckpt):
+            table["saved"][ckpt] = dict(zip(KEYS, p[0:4], strict=True))
+            table["retained"][ckpt] = dict(zip(KEYS, p[4:8], strict=True))
+            table["layer"][ckpt] = dict(zip(KEYS, p[8:12], strict=True))
+            table["head"][ckpt] = {"tiles": p[12], "hidden": p[13]}
+            pred = []
+            for r in sel:
+                a = arch_of(r["spec"], False)
+                lora = sum(8 * (i + o) for _, i, o in a.adapted)
+                parts, _ = memory.estimate(
+                    a, rows=r["rows"], T=r["T"], C=r["C"], ckpt=ckpt, lean=True, act=4,
+                    lora_params=lora, n_states=2, weights=0, fast=mode == "fast",
+                )  # fmt: skip
+                pred.append(sum(parts.values()) - 4 * lora * 3)  # above weights/adapters/state
+            return np.array(pred) / y - 1
+
+        best = None
+        for seed in range(6):
+            p0 = np.random.default_rng(seed).uniform(0.2, 4, 14)
+            r = least_squares(residuals, p0, bounds=(0, 60))
+            if best is None or np.abs(r.fun).max() < np.abs(best.fun).max():
+                best = r
+        residuals(best.x)
+        out[str(ckpt)] = {
+            "max_rel_err": float(np.abs(best.fun).max()),
+            "median_rel_err": float(np.median(np.abs(best.fun))),
+            "factors": {k: table[k][ckpt] for k in ("saved", "retained", "layer", "head")},
+        }
+    return {"mode": mode, **out}
 
 
 if __name__ == "__main__":

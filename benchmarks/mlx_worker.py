@@ -363,9 +363,10 @@ def run_worker(args) -> dict:
                 if args.lora_out:
                     mx.save_safetensors(args.lora_out, lora_init)
                 out["step0"] = step0_numbers(net, batch, cfg)
-                if "mlx_dpo+fastexp" in names:  # the prototype must give the same numbers
-                    with variant_context(VARIANTS["mlx_dpo+fastexp"], net):
-                        out["step0_fastexp"] = step0_numbers(net, batch, cfg)
+                fast = [n for n in names if VARIANTS[n].fast and not VARIANTS[n].ckpt][:1]
+                for n in fast:  # the prototype must give the same numbers
+                    with variant_context(VARIANTS[n], net):
+                        out["step0_fastexp"] = {"variant": n, **step0_numbers(net, batch, cfg)}
         with variant_context(v, net):
             steps[name] = Step(net, cfg, v)
         own[name] = sum(a.nbytes for _, a in tree_flatten(net.parameters()))

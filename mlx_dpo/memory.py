@@ -41,19 +41,31 @@ PAD_TO = 32  # data.collate pads rows to a multiple of this
 # Fitted factors, indexed by --grad-checkpoint (see the module docstring). Per-token factors
 # multiply tokens x a width (qkv: q+k+v outputs, inter: MLP intermediate, hidden: model
 # width); "scores" multiplies rows x heads x T^2; "tiles" the lean head's tiles in flight.
-_SAVED = {  # kept from the forward for the backward, per differentiated block
-    False: {"qkv": 2.126, "inter": 3.536, "hidden": 3.261, "scores": 0.635},
-    True: {"qkv": 0.58, "inter": 1.03, "hidden": 2.539, "scores": 0.061},
+FACTORS = {
+    "default": {
+        "saved": {  # kept from the forward for the backward, per differentiated block
+            False: {"qkv": 2.126, "inter": 3.536, "hidden": 3.261, "scores": 0.635},
+            True: {"qkv": 0.58, "inter": 1.03, "hidden": 2.539, "scores": 0.061},
+        },
+        "retained": {  # gradient inputs held until the LoRA gradients run (backward only)
+            False: {"qkv": 0.752, "inter": 0.231, "hidden": 1.74, "scores": 0.736},
+            True: {"qkv": 0.598, "inter": 0.05, "hidden": 0.115, "scores": 0.057},
+        },
+        "layer": {  # one block's forward + backward working set (with its recompute)
+            False: {"qkv": 1.132, "inter": 5.495, "hidden": 8.897, "scores": 1.043},
+            True: {"qkv": 6.239, "inter": 9.493, "hidden": 14.285, "scores": 2.743},
+        },
+        "head": {
+            False: {"tiles": 0.976, "hidden": 23.898},
+            True: {"tiles": 0.583, "hidden": 50.82},
+        },
+    },
 }
-_RETAINED = {  # gradient inputs held until the LoRA gradients run, per block, backward only
-    False: {"qkv": 0.752, "inter": 0.231, "hidden": 1.74, "scores": 0.736},
-    True: {"qkv": 0.598, "inter": 0.05, "hidden": 0.115, "scores": 0.057},
+# With mlx_dpo.cpu_kernels (benchmarks/patches/0001): flash attention, 2048-wide head tiles.
+FACTORS["fast"] = {
+    **{k: {c: dict(f) for c, f in v.items()} for k, v in FACTORS["default"].items()},
+    "vocab_tile": 2048,
 }
-_LAYER_TRANSIENT = {  # one block's forward + backward working set (with its recompute)
-    False: {"qkv": 1.132, "inter": 5.495, "hidden": 8.897, "scores": 1.043},
-    True: {"qkv": 6.239, "inter": 9.493, "hidden": 14.285, "scores": 2.743},
-}
-_HEAD = {False: {"tiles": 0.976, "hidden": 23.898}, True: {"tiles": 0.583, "hidden": 50.82}}
 _FULL_LOGITS = 2.62  # plain path: rows x T x vocab fp32 arrays alive at its peak
 _DEQUANT_SAVED = 1.9  # dequantized fp32 weights (and their transposes) kept per block
 _TOKEN_TILE, _VOCAB_TILE, _TILES_IN_FLIGHT = 256, 8192, 12  # logps.lean_token_logps
@@ -197,6 +209,7 @@ def plan(
         lora_params=sum(cfg.lora_rank * (i + o) for _, i, o in arch.adapted),
         n_states=_OPTIMIZER_STATES.get(getattr(cfg, "optimizer", "adamw"), 2),
         weights=sum(v.nbytes for k, v in params.items() if "lora_" not in k),
+        fast=_fast_cpu_kernels(),
     )
 
     def replan(**changes) -> MemoryPlan:
@@ -208,7 +221,7 @@ def plan(
 
 
 def estimate(
-    arch: _Arch, *, rows, T, C, ckpt, lean, act, lora_params, n_states, weights
+    arch: _Arch, *, rows, T, C, ckpt, lean, act, lora_params, n_states, weights, fast=False
 ) -> tuple[dict[str, int], dict[str, str]]:
     """The plan's parts (bytes) and notes, from the architecture's numbers alone."""
     n_tok, n_scored = rows * (T - 1), rows * C
@@ -226,7 +239,8 @@ def estimate(
     notes["adapters + optimizer"] = (
         f"{lora_params / 1e6:.2f}M LoRA params, their grads, {n_states} optimizer states"
     )
-    parts["saved activations"] = int(deep * act * per_token(_SAVED[ckpt]))
+    f = FACTORS["fast" if fast else "default"]
+    parts["saved activations"] = int(deep * act * per_token(f["saved"][ckpt]))
     notes["saved activations"] = f"{deep} blocks" + (
         ", block inputs (--grad-checkpoint)" if ckpt else ", per-token tensors + T^2 scores"
     )
@@ -236,11 +250,12 @@ def estimate(
         notes["dequantized weights"] = f"fp32 copies of {kept} block(s) kept for the backward"
     # The backward's gradient inputs MLX keeps until the LoRA gradients are evaluated grow
     # block by block on the way down, on top of one block's working set.
-    layer = act * (deep * per_token(_RETAINED[ckpt]) + per_token(_LAYER_TRANSIENT[ckpt]))
+    layer = act * (deep * per_token(f["retained"][ckpt]) + per_token(f["layer"][ckpt]))
     if lean:
-        tile = min(n_scored, _TOKEN_TILE) * min(arch.vocab, _VOCAB_TILE)
-        n_tiles = -(-n_scored // _TOKEN_TILE) * -(-arch.vocab // _VOCAB_TILE)
-        h = _HEAD[ckpt]
+        vocab_tile = f.get("vocab_tile", _VOCAB_TILE)
+        tile = min(n_scored, _TOKEN_TILE) * min(arch.vocab, vocab_tile)
+        n_tiles = -(-n_scored // _TOKEN_TILE) * -(-arch.vocab // vocab_tile)
+        h = f["head"][ckpt]
         head = 4 * (h["tiles"] * tile * min(2 * n_tiles + 1, _TILES_IN_FLIGHT))
         head += 4 * h["hidden"] * n_scored * arch.hidden
         head_note = f"lean log-probs ({n_scored} scored tokens, {n_tiles} tiles)"
@@ -274,6 +289,15 @@ class _Override:
 
     def __getattr__(self, name: str):
         return self._changes[name] if name in self._changes else getattr(self._cfg, name)
+
+
+def _fast_cpu_kernels() -> bool:
+    """Whether the fused-exp CPU kernels (flash attention, smaller head tiles) will run."""
+    try:
+        from mlx_dpo import cpu_kernels
+    except ImportError:
+        return False
+    return cpu_kernels.enabled()
 
 
 def _float_size(params: dict) -> int:
