@@ -21,8 +21,10 @@ from dataclasses import replace
 
 import mlx.core as mx
 
-CAUSAL_BLOCKS = 4  # query blocks of causal attention (see fast_sdpa)
-FLASH_BLOCK = 256  # most queries per block of flash_sdpa (its backward holds one block's scores)
+# Causal attention goes in query blocks of this many positions, each against only the keys it
+# can see. The boundaries are fixed multiples (not T / n), so a row's result does not depend on
+# how far its batch is padded: the reference and the policy at step 0 agree bit for bit.
+ATTENTION_BLOCK = 64
 LOG2E = 1.4426950408889634
 ROUND = 12582912.0  # 1.5 * 2**23: (t + ROUND) - ROUND rounds t to an integer without floorf
 # Taylor coefficients of 2^f = exp(f ln 2), f in [-0.5, 0.5]; degree 6: rel. error < 3e-7.
@@ -123,11 +125,27 @@ def _fast_swiglu_vjp(primals, cotangent, output):
     return _swiglu_bwd(gate, x, cotangent)
 
 
+def _causal_blocks(T: int) -> list[tuple[int, int, int]]:
+    """(first query, end of queries, end of keys) per block. Keys run to the block's full end
+    (K/V padded up to a multiple of ATTENTION_BLOCK), so a row's sums never depend on T."""
+    n = ATTENTION_BLOCK
+    return [(a, min(a + n, T), a + n) for a in range(0, T, n)]
+
+
+def _pad_keys(x: mx.array, to: int) -> mx.array:
+    extra = to - x.shape[-2]
+    return x if extra == 0 else mx.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, extra), (0, 0)])
+
+
+def _visible(a: int, b: int, kb: int) -> mx.array:
+    return mx.arange(a, b)[:, None] >= mx.arange(kb)[None]
+
+
 def fast_sdpa(queries, keys, values, cache=None, scale: float = 1.0, mask=None, sinks=None):
     """mlx-lm's `scaled_dot_product_attention` for training (no cache): scores, fast softmax,
     values. Grouped-query heads share K/V through a broadcast, never a copy. A causal mask is
-    exploited, not just applied: queries go in blocks, each against only the keys it can see,
-    so 4 blocks compute 10/16 of the T x T scores (fewer FLOPs, passes and saved bytes)."""
+    exploited, not just applied: queries go in blocks, each against only the keys it can see
+    (at T = 256, 10/16 of the T x T scores: fewer FLOPs, passes and saved bytes)."""
     if cache is not None or sinks is not None:
         from mlx_lm.models.base import scaled_dot_product_attention
 
@@ -137,14 +155,14 @@ def fast_sdpa(queries, keys, values, cache=None, scale: float = 1.0, mask=None, 
     q = (queries * scale).reshape(B, Hkv, H // Hkv, T, D)
     k, v = mx.expand_dims(keys, 2), mx.expand_dims(values, 2)  # (B, Hkv, 1, S, D)
     if isinstance(mask, str) and T == S:  # "causal", no cache offset
-        n = max(1, min(CAUSAL_BLOCKS, T // 32))
-        bounds = [round(T * i / n) for i in range(n + 1)]
+        blocks = _causal_blocks(T)
+        k, v = _pad_keys(k, blocks[-1][2]), _pad_keys(v, blocks[-1][2])
         out = []
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            scores = q[..., a:b, :] @ k[..., :b, :].swapaxes(-1, -2)  # (.., b - a, b)
-            visible = mx.arange(a, b)[:, None] >= mx.arange(b)[None]
-            probs = fast_softmax(mx.where(visible, scores, -mx.inf).astype(mx.float32))
-            out.append(probs.astype(values.dtype) @ v[..., :b, :])
+        for a, b, kb in blocks:
+            scores = q[..., a:b, :] @ k[..., :kb, :].swapaxes(-1, -2)  # (.., b - a, kb)
+            scores = mx.where(_visible(a, b, kb), scores, -mx.inf)
+            probs = fast_softmax(scores.astype(mx.float32))
+            out.append(probs.astype(values.dtype) @ v[..., :kb, :])
         return mx.concatenate(out, axis=-2).reshape(B, H, T, -1)
     scores = q @ k.swapaxes(-1, -2)  # (B, Hkv, rep, T, S)
     if isinstance(mask, str):  # causal with an offset
@@ -169,18 +187,14 @@ def flash_sdpa(queries, keys, values, cache=None, scale: float = 1.0, mask=None,
     Hkv, S = keys.shape[1], keys.shape[2]
     if cache is not None or sinks is not None or mask != "causal" or T != S:
         return fast_sdpa(queries, keys, values, cache, scale, mask, sinks)
-    rep = H // Hkv
-    # at least 4 blocks (causal skipping), and none over 256 queries (a bounded transient)
-    n = max(1, min(4, T // 32), -(-T // FLASH_BLOCK))
-    bounds = [round(T * i / n) for i in range(n + 1)]
-    blocks = list(zip(bounds[:-1], bounds[1:], strict=True))
+    blocks = _causal_blocks(T)
 
-    def probs(q, k, a, b, lse=None, after=None):
+    def probs(q, k, a, b, kb, lse=None, after=None):
         # `after` chains the blocks: without it MLX runs every block's matmul first and holds
         # all their scores at once (T^2 again)
         qa = q[..., a:b, :] if after is None else mx.depends(q[..., a:b, :], after)
-        scores = qa @ k[..., :b, :].swapaxes(-1, -2)  # (B, Hkv, rep, b - a, b)
-        scores = mx.where(mx.arange(a, b)[:, None] >= mx.arange(b)[None], scores, -mx.inf)
+        scores = qa @ k[..., :kb, :].swapaxes(-1, -2)  # (B, Hkv, rep, b - a, kb)
+        scores = mx.where(_visible(a, b, kb), scores, -mx.inf)
         if lse is None:
             m = scores.max(axis=-1, keepdims=True)
             e = fast_exp_fwd(scores - m)
@@ -191,9 +205,9 @@ def flash_sdpa(queries, keys, values, cache=None, scale: float = 1.0, mask=None,
     @mx.custom_function
     def attention(q, k, v):
         outs, lses = [], []
-        for a, b in blocks:
-            p, lse = probs(q, k, a, b, after=outs[-1] if outs else None)
-            outs.append(p @ v[..., :b, :])
+        for a, b, kb in blocks:
+            p, lse = probs(q, k, a, b, kb, after=outs[-1] if outs else None)
+            outs.append(p @ v[..., :kb, :])
             lses.append(lse)
         return mx.concatenate(outs, axis=-2), mx.concatenate(lses, axis=-2)
 
@@ -202,21 +216,23 @@ def flash_sdpa(queries, keys, values, cache=None, scale: float = 1.0, mask=None,
         q, k, v = primals
         d_out, (out, lse) = cotangents[0], outputs
         delta = (d_out * out).sum(axis=-1, keepdims=True)  # rowsum(dP * P) = rowsum(dO * O)
-        dq, dk, dv = [], [0.0] * n, [0.0] * n
-        for i, (a, b) in enumerate(blocks):
-            p, _ = probs(q, k, a, b, lse, after=dq[-1] if dq else None)
+        dq, dk, dv = [], 0.0, 0.0
+        for a, b, kb in blocks:
+            p, _ = probs(q, k, a, b, kb, lse, after=dq[-1] if dq else None)
             g = d_out[..., a:b, :]
-            ds = p * (g @ v[..., :b, :].swapaxes(-1, -2) - delta[..., a:b, :])
-            dq.append(ds @ k[..., :b, :])
-            dk_i = (ds.swapaxes(-1, -2) @ q[..., a:b, :]).sum(axis=2, keepdims=True)
-            dv_i = (p.swapaxes(-1, -2) @ g).sum(axis=2, keepdims=True)
-            for j, (c, d) in enumerate(blocks[: i + 1]):  # key block j gets its slice
-                dk[j] = dk[j] + dk_i[..., c:d, :]
-                dv[j] = dv[j] + dv_i[..., c:d, :]
-        return mx.concatenate(dq, axis=-2), mx.concatenate(dk, axis=-2), mx.concatenate(dv, axis=-2)
+            ds = p * (g @ v[..., :kb, :].swapaxes(-1, -2) - delta[..., a:b, :])
+            dq.append(ds @ k[..., :kb, :])
+            # grouped heads: sum the group's contributions into the shared K/V
+            dk = dk + _pad_keys(
+                (ds.swapaxes(-1, -2) @ q[..., a:b, :]).sum(2, keepdims=True), k.shape[-2]
+            )
+            dv = dv + _pad_keys((p.swapaxes(-1, -2) @ g).sum(2, keepdims=True), k.shape[-2])
+        return mx.concatenate(dq, axis=-2), dk, dv
 
-    q = (queries * scale).reshape(B, Hkv, rep, T, D)
-    out, _ = attention(q, mx.expand_dims(keys, 2), mx.expand_dims(values, 2))
+    q = (queries * scale).reshape(B, Hkv, H // Hkv, T, D)
+    k = _pad_keys(mx.expand_dims(keys, 2), blocks[-1][2])
+    v = _pad_keys(mx.expand_dims(values, 2), blocks[-1][2])
+    out, _ = attention(q, k, v)
     return out.reshape(B, H, T, -1)
 
 
