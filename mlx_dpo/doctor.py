@@ -7,7 +7,7 @@ import platform
 import sys
 import time
 
-from mlx_dpo import _blas
+from mlx_dpo import _blas, cpu_kernels
 
 
 def _matmul_gflops() -> float:
@@ -54,6 +54,7 @@ def report() -> str:
     if sys.platform.startswith("linux"):
         lines.append(f"blas: {state.reason}")
         lines.append(f"cpu fp32 matmul 512^3: {_matmul_gflops():.0f} GFLOP/s")
+    lines.append(f"cpu exp kernels: {cpu_kernels.describe()}")
     lines.append(
         f"huggingface-hub {huggingface_hub.__version__}, cache {huggingface_hub.constants.HF_HUB_CACHE}"
     )

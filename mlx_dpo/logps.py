@@ -17,6 +17,7 @@ forward_logps(model, batch, lean=True) -> (logps (2B,), counts (2B,))
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -153,6 +154,12 @@ def lean_token_logps(
             f"hidden must be (N, D) and targets (N,); got {tuple(hidden.shape)} "
             f"and {tuple(targets.shape)}"
         )
+    from mlx_dpo import cpu_kernels
+
+    exp, logsumexp = mx.exp, partial(mx.logsumexp, axis=-1)
+    if cpu_kernels.enabled():  # ~6x faster exp on the x86 CPU build
+        exp, logsumexp = cpu_kernels.exp, cpu_kernels.logsumexp
+        vocab_chunk = min(vocab_chunk, 2048)  # its fused kernel holds ~2 more tiles in flight
     token_tiles = _tiles(hidden.shape[0], token_chunk)
     vocab_tiles = _tiles(head.vocab_size, vocab_chunk)
 
@@ -163,7 +170,7 @@ def lean_token_logps(
         for t in token_tiles:
             for v in vocab_tiles:
                 # Online logsumexp: fold each tile's logsumexp into the running one.
-                tile = mx.logsumexp(_after(h[t], lse) @ w.rows(v).T, axis=-1)
+                tile = logsumexp(_after(h[t], lse) @ w.rows(v).T)
                 lse = tile if v.start == 0 else mx.logaddexp(lse, tile)
             lse_rows.append(lse)
         # The target logit is one dot product per token with its weight row.
@@ -180,7 +187,7 @@ def lean_token_logps(
         for t in token_tiles:
             for k, v in enumerate(vocab_tiles):
                 rows = w.rows(v)
-                p = mx.exp(_after(h[t], expected) @ rows.T - lse[t, None])  # a softmax tile
+                p = exp(_after(h[t], expected) @ rows.T - lse[t, None])  # a softmax tile
                 # E_p[W row] = softmax @ W, summed over the vocab tiles.
                 expected = p @ rows if v.start == 0 else expected + p @ rows
                 # d logp / dW_v = (1[v = target] - p_v) h: the -p part. MLX is lazy, so this is

@@ -209,6 +209,10 @@ def set_compute_path(model: nn.Module, compute_dtype: str = "auto") -> list[str]
         )
     if n_cast:
         notes.append(f"{n_cast} tensors cast to {dtype} for compute")
+    if on_cpu and dtype == mx.float32:
+        from mlx_dpo import cpu_kernels
+
+        notes += cpu_kernels.install(model)
     return notes
 
 

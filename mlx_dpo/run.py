@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_dpo import checkpoint, data, memory, reference, trainer
+from mlx_dpo import checkpoint, cpu_kernels, data, memory, reference, trainer
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
 from mlx_dpo.report import JsonlSink, Reporter, make_sinks
@@ -71,6 +71,7 @@ def model_identity(cfg: TrainConfig, loaded) -> dict:
         "compute_dtype": cfg.compute_dtype,
         "device": str(mx.default_device()),
         "mlx": mx.__version__,
+        "cpu_kernels": cpu_kernels.enabled(),  # a different exp: round-off-level differences
     }
     if cfg.init_adapter:
         ident["init_adapter"] = reference.fingerprint_dir(Path(cfg.init_adapter))

@@ -199,7 +199,12 @@ def _full_logps(hidden, weight, targets):
     "vocab_chunk, token_chunk, compiled",
     [(64, 7, False), (100, 50, False), (1000, 1000, False), (100, 20, True)],
 )
-def test_lean_token_logps_matches_full_softmax(vocab_chunk, token_chunk, compiled):
+@pytest.mark.parametrize("fast_exp", [True, False], ids=["cpu_kernels", "mx.exp"])
+def test_lean_token_logps_matches_full_softmax(
+    vocab_chunk, token_chunk, compiled, fast_exp, monkeypatch
+):
+    # cpu_kernels' exp where it is enabled (x86 CPU), and mx.exp when opted out
+    monkeypatch.setenv("MLX_DPO_NO_FAST_EXP", "0" if fast_exp else "1")
     hidden, weight, targets = _dense(37, 16, 333)  # ragged: 37 tokens, 333 vocab
     cotangent = mx.random.normal((37,))
 

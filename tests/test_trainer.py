@@ -230,7 +230,9 @@ def test_loss_type_takes_effect_in_training(
     run_training(
         make_cfg(tiny_model_path, toy_data, tmp_path / "run", iters=1, **options), log=quiet
     )
-    assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(step0_loss, rel=1e-5)
+    # Step-0 log-ratios are 0 to float32 round-off (~1e-5 on summed log-probs: the reference
+    # pass pads rows differently); the loss types differ by O(1).
+    assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(step0_loss, abs=1e-4)
 
 
 def test_reference_cache_is_reused(tiny_model_path, toy_data, tmp_path, monkeypatch):

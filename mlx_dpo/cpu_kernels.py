@@ -1,0 +1,208 @@
+"""Exp-bound ops for MLX's x86 CPU build, written as arithmetic its JIT fuses.
+
+The x86 `mlx[cpu]` wheel has no SIMD and no FMA, so `mx.exp` (and sigmoid, softmax, logsumexp,
+SiLU) runs at ~100 M elements/s: most of a DPO step once the BLAS is fast. exp written as
+2^n * 2^f (round to nearest, a degree-6 polynomial, the exponent bits) is plain mul/add/convert,
+which `mx.compile` fuses into one loop: ~6x faster, relative error ~3e-7 (mx.exp: ~5e-7 against
+float64). Every op has an exact VJP. Measured by benchmarks/bench.py (`mlx_dpo` vs `mx.exp`).
+
+`enabled()` says whether to use them (x86 CPU device, not opted out with MLX_DPO_NO_FAST_EXP=1);
+`install(model)` swaps attention and SwiGLU in the model family's mlx-lm module (for every model
+of that family in the process); logps uses `exp` and `logsumexp` for its vocabulary tiles.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+import mlx.core as mx
+
+OPT_OUT_ENV = "MLX_DPO_NO_FAST_EXP"
+# Causal attention goes in query blocks of this many positions, at fixed boundaries, so a row's
+# sums run over the same keys however far its batch is padded (with the netlib BLAS the result is
+# bitwise the same; OpenBLAS's round-off still depends slightly on the block's row count).
+ATTENTION_BLOCK = 64
+LOG2E = 1.4426950408889634
+ROUND = 12582912.0  # 1.5 * 2**23: (t + ROUND) - ROUND rounds t to an integer, no floorf call
+# Taylor coefficients of 2^f = exp(f ln 2) for f in [-0.5, 0.5]; degree 6: rel. error < 3e-7.
+_C = (
+    1.0,
+    0.6931471805599453,
+    0.2402265069591007,
+    0.05550410866482158,
+    0.009618129107628477,
+    0.0013333558146428443,
+    0.00015403530393381606,
+)
+
+
+def enabled() -> bool:
+    return (
+        mx.default_device() == mx.cpu
+        and platform.machine().lower() in ("x86_64", "amd64")
+        and os.environ.get(OPT_OUT_ENV, "") in ("", "0")
+    )
+
+
+def describe() -> str:
+    """One line for `mlx_dpo doctor`."""
+    if enabled():
+        return f"fused-arithmetic exp, flash attention ({OPT_OUT_ENV}=1 to disable)"
+    if os.environ.get(OPT_OUT_ENV, "") not in ("", "0"):
+        return f"off ({OPT_OUT_ENV} is set): mx.exp and mlx-lm's attention"
+    return "not needed here (mx.exp is vectorised off the x86 CPU build)"
+
+
+def _exp(x: mx.array) -> mx.array:
+    t = mx.clip(x * LOG2E, -126.0, 127.0)
+    n = (t + ROUND) - ROUND
+    f = t - n
+    p = _C[6]
+    for c in _C[5::-1]:
+        p = c + f * p
+    # 2^n from the exponent bits. exp(-inf) gives 2^-126 ~ 1e-38, harmless in a softmax; a
+    # `where` for exact zeros would keep x alive past the fused kernel.
+    return p * mx.view((n.astype(mx.int32) + 127) << 23, mx.float32)
+
+
+exp = mx.compile(_exp)  # not shapeless: `view` cannot infer shapes
+
+
+def logsumexp(x: mx.array) -> mx.array:
+    """logsumexp over the last axis. No VJP of its own: for use inside a custom VJP."""
+    m = x.max(axis=-1, keepdims=True)
+    return (mx.log(exp(x - m).sum(axis=-1, keepdims=True)) + m)[..., 0]
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + _exp(-x))
+
+
+@mx.compile
+def _swiglu_fwd(gate, x):
+    return gate * _sigmoid(gate) * x
+
+
+@mx.compile
+def _swiglu_bwd(gate, x, g):
+    s = _sigmoid(gate)
+    silu = gate * s
+    return g * x * (s + silu * (1.0 - s)), g * silu
+
+
+@mx.custom_function
+def swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """silu(gate) * x, as mlx-lm's `swiglu`."""
+    return _swiglu_fwd(gate, x)
+
+
+@swiglu.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    return _swiglu_bwd(*primals, cotangent)
+
+
+def _causal_blocks(T: int) -> list[tuple[int, int, int]]:
+    """(first query, end of queries, end of keys) per block. Keys run to the block's full end
+    (K/V padded up to a multiple of ATTENTION_BLOCK), so a row's sums run over the same keys whatever T."""
+    n = ATTENTION_BLOCK
+    return [(a, min(a + n, T), a + n) for a in range(0, T, n)]
+
+
+def _pad_keys(x: mx.array, to: int) -> mx.array:
+    extra = to - x.shape[-2]
+    return x if extra == 0 else mx.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, extra), (0, 0)])
+
+
+def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mask, sinks=None):
+    """mlx-lm's `scaled_dot_product_attention` for training: causal self-attention with the
+    exp above and FlashAttention's algorithm in MLX ops. The backward keeps only q, k, v, the
+    output and one logsumexp per query and recomputes each query block's probabilities, so
+    attention memory grows linearly with T (not rows x heads x T^2 per block), and each query
+    block meets only the keys it can see (at T = 256, 10/16 of the T x T work). Anything else
+    (a KV cache, sinks, another mask) goes to mlx-lm's own."""
+    from mlx_lm.models.base import scaled_dot_product_attention as original
+
+    B, H, T, D = queries.shape
+    if cache is not None or sinks is not None or mask != "causal" or T != keys.shape[2]:
+        return original(queries, keys, values, cache, scale, mask, sinks)
+    blocks = _causal_blocks(T)
+
+    def probs(q, k, a, b, kb, lse=None, after=None):
+        # `after` chains the blocks: without it MLX runs every block's matmul first and holds
+        # all their scores at once (T^2 again)
+        qa = q[..., a:b, :] if after is None else mx.depends(q[..., a:b, :], after)
+        scores = qa @ k[..., :kb, :].swapaxes(-1, -2)  # (B, Hkv, rep, b - a, kb)
+        visible = mx.arange(a, b)[:, None] >= mx.arange(kb)[None]
+        scores = mx.where(visible, scores, -mx.inf)
+        if lse is None:
+            m = scores.max(axis=-1, keepdims=True)
+            e = exp(scores - m)
+            total = e.sum(axis=-1, keepdims=True)
+            return e * (1.0 / total), m + mx.log(total)
+        return exp(scores - lse[..., a:b, :]), None
+
+    @mx.custom_function
+    def attention(q, k, v):
+        outs, lses = [], []
+        for a, b, kb in blocks:
+            p, lse = probs(q, k, a, b, kb, after=outs[-1] if outs else None)
+            outs.append(p @ v[..., :kb, :])
+            lses.append(lse)
+        return mx.concatenate(outs, axis=-2), mx.concatenate(lses, axis=-2)
+
+    @attention.vjp
+    def attention_vjp(primals, cotangents, outputs):
+        q, k, v = primals
+        d_out, (out, lse) = cotangents[0], outputs
+        delta = (d_out * out).sum(axis=-1, keepdims=True)  # rowsum(dP * P) = rowsum(dO * O)
+        dq, dk, dv = [], 0.0, 0.0
+        for a, b, kb in blocks:
+            p, _ = probs(q, k, a, b, kb, lse, after=dq[-1] if dq else None)
+            g = d_out[..., a:b, :]
+            ds = p * (g @ v[..., :kb, :].swapaxes(-1, -2) - delta[..., a:b, :])
+            dq.append(ds @ k[..., :kb, :])
+            # grouped heads: sum the group's contributions into the shared K/V
+            dk_b = (ds.swapaxes(-1, -2) @ q[..., a:b, :]).sum(2, keepdims=True)
+            dk = dk + _pad_keys(dk_b, k.shape[-2])
+            dv = dv + _pad_keys((p.swapaxes(-1, -2) @ g).sum(2, keepdims=True), k.shape[-2])
+        return mx.concatenate(dq, axis=-2), dk, dv
+
+    Hkv, end = keys.shape[1], blocks[-1][2]
+    q = (queries * scale).reshape(B, Hkv, H // Hkv, T, D).astype(mx.float32)
+    k = _pad_keys(mx.expand_dims(keys, 2), end).astype(mx.float32)  # grouped heads: broadcast
+    v = _pad_keys(mx.expand_dims(values, 2), end).astype(mx.float32)
+    out, _ = attention(q, k, v)
+    return out.reshape(B, H, T, -1).astype(values.dtype)
+
+
+def installed(model) -> bool:
+    """Whether `model` runs the fast attention (its mlx-lm module has it swapped in)."""
+    module = sys.modules.get(type(model).__module__)
+    return getattr(module, "scaled_dot_product_attention", None) is scaled_dot_product_attention
+
+
+def install(model) -> list[str]:
+    """Use the fast attention and SwiGLU in `model`'s mlx-lm module, or mlx-lm's own when
+    disabled (module globals: this holds for every model of that family in the process).
+    Returns a note for the user when the fast ones are in use."""
+    module = sys.modules.get(type(model).__module__)
+    swapped = []
+    for name, fast in (
+        ("scaled_dot_product_attention", scaled_dot_product_attention),
+        ("swiglu", swiglu),
+    ):
+        if module is None or not hasattr(module, name):
+            continue
+        current = getattr(module, name)
+        original = _ORIGINALS.setdefault((module.__name__, name), current)
+        setattr(module, name, fast if enabled() else original)
+        swapped += [name] if enabled() else []
+    if not swapped:
+        return []
+    return [f"fast CPU exp kernels for {', '.join(swapped)} ({OPT_OUT_ENV}=1 to disable)"]
+
+
+# (module, name) -> mlx-lm's function, kept so that opting out restores it
+_ORIGINALS: dict[tuple[str, str], object] = {}

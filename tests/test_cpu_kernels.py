@@ -1,0 +1,153 @@
+"""mlx_dpo.cpu_kernels: the fused-arithmetic exp, SwiGLU and causal attention used on the x86
+CPU build, against float64 (numpy, torch) and against the mx ops they replace."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_dpo import cpu_kernels
+
+
+def test_exp_matches_float64_over_the_float32_range():
+    x = np.concatenate([np.linspace(-87.0, 88.0, 200_001), [0.0, -1e-8, 1e-8, 0.5, -0.5]])
+    got = np.array(cpu_kernels.exp(mx.array(x.astype(np.float32))))
+    want = np.exp(x.astype(np.float32).astype(np.float64))
+    exact = np.array(mx.exp(mx.array(x.astype(np.float32))))
+    err, err_mx = (np.abs(a - want) / want for a in (got, exact))
+    # Near |x| = 88 both lose ~4e-6 to rounding x * log2(e) in float32; where softmax
+    # arguments live (|x| < 10) the polynomial is within 1e-6.
+    assert err.max() < err_mx.max() + 5e-7
+    assert err[np.abs(x) < 10].max() < 1e-6
+    tiny = np.array(cpu_kernels.exp(mx.array([-np.inf, -200.0], dtype=mx.float32)))
+    assert np.all(tiny < 1e-37)  # exp(-inf) underflows to ~2^-126, harmless in a softmax
+
+
+def test_logsumexp_matches_float64():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((7, 3000)) * 30).astype(np.float32)
+    got = np.array(cpu_kernels.logsumexp(mx.array(x)))
+    x64 = x.astype(np.float64)
+    m = x64.max(-1, keepdims=True)
+    want = (np.log(np.exp(x64 - m).sum(-1, keepdims=True)) + m)[:, 0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_swiglu_values_and_gradients_match_silu():
+    rng = np.random.default_rng(1)
+    gate, x = (mx.array(rng.standard_normal((3, 50)).astype(np.float32) * 6) for _ in range(2))
+    cot = mx.array(rng.standard_normal((3, 50)).astype(np.float32))
+
+    def loss(fn):
+        return lambda g, x: (fn(g, x) * cot).sum()
+
+    def exact(g, x):
+        return nn.silu(g) * x
+
+    np.testing.assert_allclose(cpu_kernels.swiglu(gate, x), exact(gate, x), rtol=2e-6, atol=1e-6)
+    for got, want in zip(
+        mx.grad(loss(cpu_kernels.swiglu), argnums=(0, 1))(gate, x),
+        mx.grad(loss(exact), argnums=(0, 1))(gate, x),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+
+
+def _attention_torch(q, k, v, scale, d_out):
+    """float64 causal attention with grouped heads, and its gradients."""
+    torch = pytest.importorskip("torch")
+    q, k, v = (
+        torch.tensor(np.array(a), dtype=torch.float64, requires_grad=True) for a in (q, k, v)
+    )
+    rep = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    T = q.shape[2]
+    scores = (q * scale) @ kr.transpose(-1, -2)
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    out = torch.softmax(scores, -1) @ vr
+    (out * torch.tensor(np.array(d_out), dtype=torch.float64)).sum().backward()
+    return [t.detach().numpy() for t in (out, q.grad, k.grad, v.grad)]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("T", [1, 37, 64, 150])
+def test_causal_attention_values_and_gradients_match_torch(T):
+    rng = np.random.default_rng(T)
+    B, H, Hkv, D = 2, 4, 2, 16
+    q = mx.array(rng.standard_normal((B, H, T, D)).astype(np.float32))
+    k, v = (mx.array(rng.standard_normal((B, Hkv, T, D)).astype(np.float32)) for _ in range(2))
+    d_out = mx.array(rng.standard_normal((B, H, T, D)).astype(np.float32))
+    scale = D**-0.5
+
+    def f(q, k, v):
+        out = cpu_kernels.scaled_dot_product_attention(q, k, v, None, scale, "causal")
+        return (out * d_out).sum(), out
+
+    (_, out), grads = mx.value_and_grad(f, argnums=(0, 1, 2))(q, k, v)
+    want = _attention_torch(q, k, v, scale, d_out)
+    for got, ref in zip([out, *grads], want, strict=True):
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(np.array(got), ref, rtol=1e-4, atol=2e-5)
+
+
+def test_attention_is_causal_whatever_the_length():
+    # A row's output must not see later positions: the first T rows of a longer sequence give
+    # the same result (to BLAS round-off: OpenBLAS's sums depend slightly on matrix shapes).
+    rng = np.random.default_rng(3)
+    q, k, v = (mx.array(rng.standard_normal((1, 2, 200, 8)).astype(np.float32)) for _ in range(3))
+    full = cpu_kernels.scaled_dot_product_attention(q, k, v, None, 0.3, "causal")
+    for T in (1, 70, 128, 129):
+        short = cpu_kernels.scaled_dot_product_attention(
+            q[:, :, :T], k[:, :, :T], v[:, :, :T], None, 0.3, "causal"
+        )
+        np.testing.assert_allclose(short, full[:, :, :T], rtol=0, atol=1e-6)
+
+
+def test_attention_leaves_other_masks_and_caches_to_mlx_lm():
+    from mlx_lm.models.base import scaled_dot_product_attention as original
+
+    rng = np.random.default_rng(4)
+    q, k, v = (mx.array(rng.standard_normal((1, 2, 5, 8)).astype(np.float32)) for _ in range(3))
+    mask = mx.array(rng.random((5, 5)) > 0.3) | mx.eye(5, dtype=mx.bool_)
+    got = cpu_kernels.scaled_dot_product_attention(q, k, v, None, 0.5, mask)
+    assert mx.array_equal(got, original(q, k, v, None, 0.5, mask)).item()
+
+
+def test_install_swaps_the_model_family_functions_and_opt_out(tiny_model_path, monkeypatch):
+    import sys
+
+    from mlx_lm.models import base
+
+    from mlx_dpo.model import load
+
+    loaded = load(str(tiny_model_path))
+    module = sys.modules[type(loaded.model).__module__]
+    if not cpu_kernels.enabled():
+        pytest.skip("fast CPU kernels are for the x86 CPU build")
+    assert module.scaled_dot_product_attention is cpu_kernels.scaled_dot_product_attention
+    assert module.swiglu is cpu_kernels.swiglu
+    tokens = mx.array([[5, 9, 17, 3, 44, 8, 100, 7]])
+    fast = loaded.model(tokens)
+    with monkeypatch.context() as m:
+        m.setattr(module, "scaled_dot_product_attention", base.scaled_dot_product_attention)
+        m.setattr(module, "swiglu", lambda g, x: nn.silu(g) * x)
+        exact = loaded.model(tokens)
+    np.testing.assert_allclose(fast, exact, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(cpu_kernels.OPT_OUT_ENV, "1")
+    assert not cpu_kernels.enabled()
+
+
+@pytest.mark.parametrize("opt_out", ["0", "1"])
+def test_doctor_says_whether_the_kernels_run(opt_out, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlx_dpo.cli import main
+
+    monkeypatch.setenv(cpu_kernels.OPT_OUT_ENV, opt_out)
+    result = CliRunner().invoke(main, ["doctor"])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("cpu exp kernels:"))
+    assert ("off" in line) == (opt_out == "1"), line
+    assert cpu_kernels.enabled() == (opt_out == "0" and "fused-arithmetic" in line)
