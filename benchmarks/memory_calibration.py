@@ -28,7 +28,7 @@ import mlx_worker as W  # noqa: E402  (imports mlx_dpo first: the BLAS preload)
 import numpy as np  # noqa: E402
 from common import Geometry, Spec, write_checkpoint  # noqa: E402
 
-from mlx_dpo import memory  # noqa: E402
+from mlx_dpo import cpu_kernels, memory  # noqa: E402
 from mlx_dpo import model as model_lib  # noqa: E402
 
 G = Geometry
@@ -175,7 +175,7 @@ def fit(rows: list[dict]) -> dict:
     process runs in (default or fast CPU kernels), from the lean fp32 measurements."""
     from scipy.optimize import least_squares
 
-    mode = "fast" if memory._fast_cpu_kernels() else "default"
+    mode = "fast" if cpu_kernels.enabled() else "default"
     table = memory.FACTORS[mode]
     out = {}
     for ckpt in (False, True):

@@ -33,6 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_dpo import cpu_kernels
 from mlx_dpo.config import ConfigError
 
 RUNTIME_OVERHEAD = 512 << 20  # Python, MLX, mlx-lm, tokenizer: resident but not in the plan
@@ -61,9 +62,25 @@ FACTORS = {
         },
     },
 }
-# With mlx_dpo.cpu_kernels (benchmarks/patches/0001): flash attention, 2048-wide head tiles.
+# With mlx_dpo.cpu_kernels (x86 CPU): flash attention ("scores" is then rows x heads x 64 x T,
+# one query block), 2048-wide head tiles. Fitted by benchmarks/memory_calibration.py --fit.
 FACTORS["fast"] = {
-    **{k: {c: dict(f) for c, f in v.items()} for k, v in FACTORS["default"].items()},
+    "saved": {
+        False: {"qkv": 2.572, "inter": 3.628, "hidden": 2.315, "scores": 1.022},
+        True: {"qkv": 0.712, "inter": 0.309, "hidden": 0.489, "scores": 0.433},
+    },
+    "retained": {
+        False: {"qkv": 0.28, "inter": 0.911, "hidden": 1.25, "scores": 0.725},
+        True: {"qkv": 0.931, "inter": 0.794, "hidden": 2.308, "scores": 2.366},
+    },
+    "layer": {
+        False: {"qkv": 1.241, "inter": 5.052, "hidden": 2.907, "scores": 1.485},
+        True: {"qkv": 2.155, "inter": 13.205, "hidden": 6.97, "scores": 4.14},
+    },
+    "head": {
+        False: {"tiles": 2.874, "hidden": 3.851},
+        True: {"tiles": 2.471, "hidden": 0.328},
+    },
     "vocab_tile": 2048,
 }
 _FULL_LOGITS = 2.62  # plain path: rows x T x vocab fp32 arrays alive at its peak
@@ -209,7 +226,7 @@ def plan(
         lora_params=sum(cfg.lora_rank * (i + o) for _, i, o in arch.adapted),
         n_states=_OPTIMIZER_STATES.get(getattr(cfg, "optimizer", "adamw"), 2),
         weights=sum(v.nbytes for k, v in params.items() if "lora_" not in k),
-        fast=_fast_cpu_kernels(),
+        fast=cpu_kernels.installed(model),
     )
 
     def replan(**changes) -> MemoryPlan:
@@ -225,7 +242,9 @@ def estimate(
 ) -> tuple[dict[str, int], dict[str, str]]:
     """The plan's parts (bytes) and notes, from the architecture's numbers alone."""
     n_tok, n_scored = rows * (T - 1), rows * C
-    scores = rows * arch.heads * T * T
+    # Attention scores: the whole T x T square, or with the CPU kernels' flash attention one
+    # block of queries against the keys at a time (linear in T).
+    scores = rows * arch.heads * T * (min(T, cpu_kernels.ATTENTION_BLOCK) if fast else T)
     # Blocks from the lowest adapted one up are differentiated through; those below are not.
     deep = arch.blocks - min(i for i, _, _ in arch.adapted) if arch.adapted else 0
 
@@ -289,15 +308,6 @@ class _Override:
 
     def __getattr__(self, name: str):
         return self._changes[name] if name in self._changes else getattr(self._cfg, name)
-
-
-def _fast_cpu_kernels() -> bool:
-    """Whether the fused-exp CPU kernels (flash attention, smaller head tiles) will run."""
-    try:
-        from mlx_dpo import cpu_kernels
-    except ImportError:
-        return False
-    return cpu_kernels.enabled()
 
 
 def _float_size(params: dict) -> int:
