@@ -8,6 +8,10 @@
     python benchmarks/bench.py --all                # everything above + BLAS off + both kernels
     python benchmarks/bench.py --tiny               # a seconds-long smoke run (tests)
 
+The headline variants are `mlx_dpo`, the trainer's step as the package runs it (on the x86 CPU
+build with mlx_dpo.cpu_kernels: fused-arithmetic exp, flash attention), and `mx.exp`, the same
+step opted out of them (MLX_DPO_NO_FAST_EXP=1); mlx_worker.VARIANTS lists the others.
+
 Every measurement runs in a fresh process (the BLAS choice is fixed when MLX loads; torch and
 the OpenBLAS preload must not share a process), one after the other; within a process the
 variants' rounds are interleaved. Times are min and median over --repeats after --warmup.
@@ -34,30 +38,28 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's mlx_dpo, and com
 from common import SPECS, Spec, load_average, max_rss_mb, read_spec, write_checkpoint  # noqa: E402
 
 WAIT_QUIET = 0.0  # --wait-quiet
-DEFAULT_VARIANTS = ["mlx_dpo", "mlx_dpo+fastexp+flash"]
-LEVER_VARIANTS = [
-    "mlx_dpo+fastexp",
+DEFAULT_VARIANTS = ["mlx_dpo", "mx.exp"]
+LEVER_VARIANTS = [  # with the fast CPU kernels, as mlx_dpo, unless named +mx.exp
     "plain-logits",
     "naive-logits",
     "no-compile",
     "cache-32MB",
     "online-ref",
     "grad-ckpt",
-    "grad-ckpt+fastexp",
+    "grad-ckpt+mx.exp",
     "q4-dequant",
     "q4-native",
 ]
-STREAM_VARIANTS = ["mlx_dpo+fastexp", "2streams+fastexp", "mlx_dpo", "2streams"]
+STREAM_VARIANTS = ["mlx_dpo", "2streams", "mx.exp", "2streams+mx.exp"]
 MEMORY_VARIANTS = [
     "mlx_dpo",
     "grad-ckpt",
+    "mx.exp",
+    "grad-ckpt+mx.exp",
     "naive-logits",
     "naive+ckpt",
-    "mlx_dpo+fastexp",
-    "mlx_dpo+fastexp+flash",
-    "grad-ckpt+fastexp+flash",
 ]
-SWEEP_VARIANTS = ["mlx_dpo", "grad-ckpt", "mlx_dpo+fastexp+flash", "grad-ckpt+fastexp+flash"]
+SWEEP_VARIANTS = ["mlx_dpo", "grad-ckpt", "mx.exp", "grad-ckpt+mx.exp"]
 TORCH_VARIANTS = [
     "own:completion",
     "own:full",
@@ -345,7 +347,8 @@ def agreement(mlx_step0: dict, torch_res: dict) -> dict:
 
 
 def memory_section(args, model_dir_152k, tmp) -> dict:
-    """Vocab 152k: the step's peak, lean vs naive, at the standard batch and over T."""
+    """Vocab 152k: the step's peak (lean vs naive log-probs, the CPU kernels vs mx.exp, with and
+    without grad checkpointing) at the standard batch and over T."""
     out = {"standard": mlx_run(args, model_dir_152k, tmp, "mem152k", MEMORY_VARIANTS, repeats=2)}
     sweep = {}
     lengths = [64, 128, 256] if args.tiny else [128, 256, 512, 1024]
@@ -470,10 +473,9 @@ def summarize_report(report: dict, args) -> None:
             if not r["variant"].startswith("torch-")
         }
         summary["agreement"] = agreement(mlx.get("step0", {}), torch_run_)
-        if "step0_fastexp" in mlx:
-            fast = agreement(mlx["step0_fastexp"], torch_run_)
-            tag = mlx["step0_fastexp"].get("variant", "fastexp")
-            summary["agreement"].update({f"{k} ({tag})": v for k, v in fast.items()})
+        if "step0_exact_exp" in mlx:  # the default ran the fast CPU kernels: mx.exp too
+            exact = agreement(mlx["step0_exact_exp"], torch_run_)
+            summary["agreement"].update({f"{k} (mx.exp)": v for k, v in exact.items()})
     summary["mfu_vs_mlx_blas_peak"] = {
         r["variant"]: r["gflops"] / peaks["mlx_blas"] for r in rows if r["variant"] in by
     }
@@ -533,9 +535,10 @@ def summarize_report(report: dict, args) -> None:
     summary["levers"] = levers(report)
     if summary["levers"]:
         print("\nlevers (each against its baseline in the same process; <1 is faster/smaller):")
+        width = max(len(r["lever"]) for r in summary["levers"])
         for r in summary["levers"]:
             print(
-                f"  {r['lever']:<48} step x{r['step_ratio']:.2f}"
+                f"  {r['lever']:<{width}} step x{r['step_ratio']:.2f}"
                 + (f", peak x{r['peak_ratio']:.2f}" if r.get("peak_ratio") else "")
             )
     if "ops_ms" in mlx:
@@ -566,18 +569,18 @@ LEVERS = [  # (lever, process key, variant, baseline variant)
     ("mx.compile on the step", "mlx", "mlx_dpo", "no-compile"),
     ("mx.set_cache_limit(8 GB) vs MLX's 32 MB", "mlx", "mlx_dpo", "cache-32MB"),
     ("grad checkpointing (cost)", "mlx", "grad-ckpt", "mlx_dpo"),
-    ("fused-arithmetic exp (fastops) [prototype]", "mlx", "mlx_dpo+fastexp", "mlx_dpo"),
-    ("+ flash attention [prototype]", "mlx", "mlx_dpo+fastexp+flash", "mlx_dpo+fastexp"),
-    ("fastexp + flash (patch 0001) vs mlx_dpo", "mlx", "mlx_dpo+fastexp+flash", "mlx_dpo"),
+    (
+        "cpu_kernels (fast exp, flash attention) vs MLX_DPO_NO_FAST_EXP=1",
+        "mlx",
+        "mlx_dpo",
+        "mx.exp",
+    ),
+    ("cpu_kernels with grad checkpointing", "mlx", "grad-ckpt", "grad-ckpt+mx.exp"),
     ("q4 dequantize-at-use vs q4 QuantizedLinear", "mlx", "q4-dequant", "q4-native"),
     ("q4 dequantize-at-use vs fp32", "mlx", "q4-dequant", "mlx_dpo"),
     ("2 CPU streams, 1 BLAS thread each [prototype]", "mlx_streams", "2streams", "mlx_dpo"),
-    (
-        "2 streams + fastexp vs fastexp, 1 BLAS thread",
-        "mlx_streams",
-        "2streams+fastexp",
-        "mlx_dpo+fastexp",
-    ),
+    ("2 CPU streams, mx.exp, 1 BLAS thread each", "mlx_streams", "2streams+mx.exp", "mx.exp"),
+    ("cpu_kernels, 1 BLAS thread", "mlx_streams", "mlx_dpo", "mx.exp"),
 ]
 
 

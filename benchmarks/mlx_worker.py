@@ -3,7 +3,8 @@
 It loads the checkpoint, builds one synthetic preference batch, inserts LoRA adapters as
 `mlx_dpo train` does, and times each variant's phases with their rounds interleaved. A variant
 is the trainer's own step (trainer.batch_loss under nn.value_and_grad, compiled the same way,
-AdamW with clipping) with one lever changed; see VARIANTS.
+AdamW with clipping) with one lever changed; see VARIANTS. On the x86 CPU build every variant
+runs with mlx_dpo.cpu_kernels (fast exp, flash attention), as training does, unless it opts out.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -27,7 +29,7 @@ import numpy as np  # noqa: E402
 from common import Geometry, read_spec, step_flops, summarize, synthetic_token_ids  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
-from mlx_dpo import data, memory, trainer  # noqa: E402
+from mlx_dpo import cpu_kernels, data, memory, trainer  # noqa: E402
 from mlx_dpo import model as model_lib  # noqa: E402
 from mlx_dpo.config import TrainConfig  # noqa: E402
 from mlx_dpo.logps import forward_logps  # noqa: E402
@@ -40,13 +42,14 @@ MLX_DEFAULT_CACHE = 32 << 20  # MLX 0.32's CPU default
 class Variant:
     """One way of running the step. `logps`: lean (completion-only, chunked: the default),
     plain (full logits, logsumexp at completion positions), naive (log_softmax over
-    rows x T x V, then gather: what a straightforward implementation does)."""
+    rows x T x V, then gather: what a straightforward implementation does). `exact_exp`: opted
+    out of the fast CPU kernels (MLX_DPO_NO_FAST_EXP=1): mx.exp and mlx-lm's attention and
+    SwiGLU; without it a variant runs as the package does (the kernels where enabled)."""
 
     name: str
     logps: str = "lean"
     compile: bool = True
-    fast: bool = False  # benchmarks/fastops.py prototype
-    flash: bool = False  # ... with flash_sdpa (attention memory linear in T)
+    exact_exp: bool = False
     ckpt: bool = False
     cache_limit: int = BIG_CACHE
     online_ref: bool = False
@@ -66,18 +69,14 @@ VARIANTS = {
         Variant(
             "mlx_dpo",
             ref_big=True,
-            note="the trainer's step: lean log-probs, compiled, cached reference",
+            note="the trainer's step: lean log-probs, compiled, cached reference (+cpu_kernels)",
         ),
         Variant(
-            "mlx_dpo+fastexp", fast=True, ref_big=True, note="prototype: benchmarks/fastops.py"
+            "mx.exp",
+            exact_exp=True,
+            ref_big=True,
+            note="MLX_DPO_NO_FAST_EXP=1: mx.exp, mlx-lm's attention and SwiGLU",
         ),
-        Variant(
-            "mlx_dpo+fastexp+flash",
-            fast=True,
-            flash=True,
-            note="prototype: + flash_sdpa (attention saved for backward linear in T)",
-        ),
-        Variant("grad-ckpt+fastexp+flash", fast=True, flash=True, ckpt=True, ref=False),
         Variant("plain-logits", logps="plain", note="full logits, lse at completion positions"),
         Variant("naive-logits", logps="naive", note="log_softmax over rows x T x V"),
         Variant("no-compile", compile=False),
@@ -86,7 +85,7 @@ VARIANTS = {
             "online-ref", online_ref=True, ref=False, note="reference forward inside every step"
         ),
         Variant("grad-ckpt", ckpt=True, ref=False, note="mx.checkpoint per block"),
-        Variant("grad-ckpt+fastexp", ckpt=True, fast=True, ref=False),
+        Variant("grad-ckpt+mx.exp", ckpt=True, exact_exp=True, ref=False),
         Variant("q4-dequant", quantize=4, note="4-bit storage, fp32 compute (model.DequantLinear)"),
         Variant(
             "q4-native",
@@ -98,7 +97,7 @@ VARIANTS = {
         ),
         Variant("naive+ckpt", logps="naive", ckpt=True, ref=False),
         Variant("2streams", streams=2, ref=False, note="pairs split over 2 CPU streams"),
-        Variant("2streams+fastexp", streams=2, fast=True, ref=False),
+        Variant("2streams+mx.exp", streams=2, exact_exp=True, ref=False),
     ]
 }
 
@@ -129,16 +128,32 @@ def patched(obj, name, value):
 
 
 @contextlib.contextmanager
+def exact_exp(model):
+    """Opted out of the fast CPU kernels: the env var makes the log-probs use mx.exp when the
+    step is traced, and install() puts back mlx-lm's attention and SwiGLU (for the model's
+    whole family); both undone on exit."""
+    saved = os.environ.get(cpu_kernels.OPT_OUT_ENV)
+    os.environ[cpu_kernels.OPT_OUT_ENV] = "1"
+    cpu_kernels.install(model)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[cpu_kernels.OPT_OUT_ENV]
+        else:
+            os.environ[cpu_kernels.OPT_OUT_ENV] = saved
+        cpu_kernels.install(model)
+
+
+@contextlib.contextmanager
 def variant_context(variant: Variant, model):
     """Everything the variant changes, undone on exit (steps are traced inside it)."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(patched(trainer, "forward_logps", LOGPS[variant.logps]))
         previous = mx.set_cache_limit(variant.cache_limit)
         stack.callback(mx.set_cache_limit, previous)
-        if variant.fast:
-            from fastops import use_fast_ops
-
-            stack.enter_context(use_fast_ops(model, flash=variant.flash))
+        if variant.exact_exp:
+            stack.enter_context(exact_exp(model))
         if variant.ckpt:
             saved = [(b, type(b)) for b in model.layers]
             model_lib.enable_grad_checkpoint(model)
@@ -363,10 +378,9 @@ def run_worker(args) -> dict:
                 if args.lora_out:
                     mx.save_safetensors(args.lora_out, lora_init)
                 out["step0"] = step0_numbers(net, batch, cfg)
-                fast = [n for n in names if VARIANTS[n].fast and not VARIANTS[n].ckpt][:1]
-                for n in fast:  # the prototype must give the same numbers
-                    with variant_context(VARIANTS[n], net):
-                        out["step0_fastexp"] = {"variant": n, **step0_numbers(net, batch, cfg)}
+                if cpu_kernels.enabled():  # the opted-out step must match torch too
+                    with exact_exp(net):
+                        out["step0_exact_exp"] = step0_numbers(net, batch, cfg)
         with variant_context(v, net):
             steps[name] = Step(net, cfg, v)
         own[name] = sum(a.nbytes for _, a in tree_flatten(net.parameters()))
@@ -417,7 +431,8 @@ def run_worker(args) -> dict:
     if args.extras:
         out["ops_ms"] = op_bench(spec, geo, args.repeats)
         out["bucketing"] = bucketing_stats(args, spec.vocab_size)
-        out["new_shape"] = new_shape_cost(steps[names[0]], geo, spec, args)
+        with variant_context(VARIANTS[names[0]], steps[names[0]].model):  # it traces again
+            out["new_shape"] = new_shape_cost(steps[names[0]], geo, spec, args)
     out.update(
         {
             "notes": models[next(iter(models))][1],
@@ -441,9 +456,7 @@ if __name__ == "__main__":
 
 
 def op_bench(spec, geo, repeats: int) -> dict:
-    """Single ops at the step's shapes: MLX's own, mx.compile'd, and the fastops prototype."""
-    import fastops
-
+    """Single ops at the step's shapes: MLX's own, mx.compile'd, and mlx_dpo.cpu_kernels'."""
     rows, T = geo.rows, geo.row_tokens - 1
     d, h, hd = spec.hidden_size, spec.num_attention_heads, spec.head_dim
     n_scored = rows * geo.completion_len
@@ -460,8 +473,9 @@ def op_bench(spec, geo, repeats: int) -> dict:
     def rms(x, w):
         return w * x * mx.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6)
 
-    def softmax_vjp(fn):
-        return mx.vjp(fn, [scores], [scores])[1][0]
+    def kernels_softmax(s):  # as cpu_kernels' attention computes a block's probabilities
+        e = cpu_kernels.exp(s - s.max(axis=-1, keepdims=True))
+        return e * (1.0 / e.sum(axis=-1, keepdims=True))
 
     def sdpa_grad(fn):
         def f(q, k, v):
@@ -473,29 +487,27 @@ def op_bench(spec, geo, repeats: int) -> dict:
     ref_sdpa = functools.partial(
         mx.fast.scaled_dot_product_attention, scale=hd**-0.5, mask="causal"
     )
-    fast_sdpa = functools.partial(fastops.fast_sdpa, scale=hd**-0.5, mask="causal")
+    kernels_sdpa = functools.partial(
+        cpu_kernels.scaled_dot_product_attention, cache=None, scale=hd**-0.5, mask="causal"
+    )
     cases = {
         f"exp {tuple(x_vocab.shape)}": {
             "mx.exp": lambda: mx.exp(x_vocab),
             "compiled mx.exp": lambda: compiled_exp(x_vocab),
-            "fastops.fast_exp": lambda: fastops.fast_exp(x_vocab),
+            "cpu_kernels.exp": lambda: cpu_kernels.exp(x_vocab),
         },
         f"logsumexp {tuple(x_vocab.shape)}": {
             "mx.logsumexp": lambda: mx.logsumexp(x_vocab, axis=-1),
-            "fastops.fast_logsumexp": lambda: fastops.fast_logsumexp(x_vocab),
+            "cpu_kernels.logsumexp": lambda: cpu_kernels.logsumexp(x_vocab),
         },
         f"softmax {tuple(scores.shape)}": {
             "mx.softmax": lambda: mx.softmax(scores, axis=-1, precise=True),
-            "fastops.fast_softmax": lambda: fastops.fast_softmax(scores),
-        },
-        f"softmax fwd+vjp {tuple(scores.shape)}": {
-            "mx.softmax": lambda: softmax_vjp(lambda s: mx.softmax(s, axis=-1, precise=True)),
-            "fastops.fast_softmax": lambda: softmax_vjp(fastops.fast_softmax),
+            "with cpu_kernels.exp": lambda: kernels_softmax(scores),
         },
         f"silu(a)*b {tuple(x_inter.shape)}": {
             "nn.silu (uncompiled)": lambda: nn.silu(x_inter) * x_up,
             "mlx-lm swiglu (compiled)": lambda: _swiglu()(x_inter, x_up),
-            "fastops.fast_swiglu": lambda: fastops.fast_swiglu(x_inter, x_up),
+            "cpu_kernels.swiglu": lambda: cpu_kernels.swiglu(x_inter, x_up),
         },
         f"rms_norm {tuple(hidden.shape)}": {
             "mx.fast.rms_norm": lambda: mx.fast.rms_norm(hidden, w_norm, 1e-6),
@@ -504,7 +516,7 @@ def op_bench(spec, geo, repeats: int) -> dict:
         },
         f"sdpa fwd+bwd q{tuple(q.shape)} kv{tuple(kv.shape)}": {
             "mx.fast.sdpa (CPU fallback)": lambda: sdpa_grad(ref_sdpa)(q, kv, kv),
-            "fastops.fast_sdpa": lambda: sdpa_grad(fast_sdpa)(q, kv, kv),
+            "cpu_kernels (flash)": lambda: sdpa_grad(kernels_sdpa)(q, kv, kv),
         },
     }
     out = {}

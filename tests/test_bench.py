@@ -3,9 +3,12 @@ asserted: the numbers come from a shared machine."""
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from mlx_dpo import cpu_kernels
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -31,6 +34,31 @@ def test_bench_tiny_end_to_end(tmp_path):
     assert report["mlx"]["memory_plan"]["default"]["total_mb"] > 0
     assert report["mlx"]["max_rss_mb"] > 0
     if HAS_TORCH:
-        agree = report["summary"]["agreement"]["torch-own:completion"]
-        assert agree["policy_logps_rel"] < 1e-4 and agree["grad_norms_rel"] < 1e-3, agree
+        agreement = report["summary"]["agreement"]
+        # the package's step, and where it runs the fast CPU kernels the opted-out one too
+        names = ["torch-own:completion"]
+        names += ["torch-own:completion (mx.exp)"] if cpu_kernels.enabled() else []
+        for name in names:
+            agree = agreement[name]
+            assert agree["policy_logps_rel"] < 1e-4 and agree["grad_norms_rel"] < 1e-3, agree
         assert "ratio_step_vs_best_torch" in report["summary"]
+
+
+def test_mx_exp_variant_opts_out_and_restores(tiny_model_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    monkeypatch.delenv(cpu_kernels.OPT_OUT_ENV, raising=False)
+    import mlx_worker
+
+    net, _ = mlx_worker.load_model(str(tiny_model_path))
+    module = sys.modules[type(net).__module__]
+
+    def state():
+        env = os.environ.get(cpu_kernels.OPT_OUT_ENV)
+        return module.scaled_dot_product_attention, module.swiglu, env
+
+    before = state()
+    with mlx_worker.variant_context(mlx_worker.VARIANTS["mx.exp"], net):
+        assert not cpu_kernels.enabled()
+        assert module.swiglu is not cpu_kernels.swiglu
+        assert module.scaled_dot_product_attention is not cpu_kernels.scaled_dot_product_attention
+    assert state() == before
