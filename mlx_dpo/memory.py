@@ -5,7 +5,8 @@
 - weights: the model's arrays as stored (quantized storage counts its packed size);
 - adapters: LoRA parameters, their gradients, and the optimizer's state (AdamW: 2 per weight);
 - saved activations: what the backward keeps per block per token (every adapted block, or only
-  block inputs with --grad-checkpoint) and the attention probabilities (rows x heads x T^2);
+  block inputs with --grad-checkpoint) and the attention probabilities (rows x heads x T^2;
+  with mlx_dpo.cpu_kernels' flash attention only a logsumexp per query, linear in T);
 - dequantized weights: a quantized base computed in fp32 keeps each block's dequantized
   weights for the backward (only one block's with --grad-checkpoint);
 - transient: the larger of one block's backward and the log-prob head's working set (the lean
@@ -15,8 +16,9 @@ The per-token and per-tile factors are not all derivable by hand: MLX's schedule
 ops in flight, and the order it evaluates a lazy backward graph in keeps some gradient inputs
 alive longer. They were fitted against `mx.get_peak_memory()` of the compiled trainer step on
 MLX 0.32's CPU backend over 160 configurations (hidden 128-768, 1-8 blocks, vocab 1k-152k,
-T 128-2048, with and without checkpointing, fp32 and 4-bit; benchmarks/RESULTS.md) and land
-within ~20% of the measured peak. On Metal and CUDA the structure is the same; the factors were
+T 128-2048, with and without checkpointing, fp32 and 4-bit) and land within ~20% of the
+measured peak; the CPU kernels' factors over 30 lean fp32 ones, within 25% (benchmarks/
+memory_calibration.py --grid full --fit). On Metal and CUDA the structure is the same; the factors were
 not re-measured there.
 
 `check_fits(plan)` compares the plan (plus the runtime's own ~0.5 GB) with the memory MLX can
@@ -261,7 +263,9 @@ def estimate(
     f = FACTORS["fast" if fast else "default"]
     parts["saved activations"] = int(deep * act * per_token(f["saved"][ckpt]))
     notes["saved activations"] = f"{deep} blocks" + (
-        ", block inputs (--grad-checkpoint)" if ckpt else ", per-token tensors + T^2 scores"
+        ", block inputs (--grad-checkpoint)"
+        if ckpt
+        else ", per-token tensors + " + ("attention row sums" if fast else "T^2 scores")
     )
     if arch.quantized:
         kept = 1 if ckpt else deep
