@@ -97,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare-torch", action="store_true", help="the same step in PyTorch")
     p.add_argument("--torch-variants", nargs="+", default=None)
     p.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+    p.add_argument(
+        "--torch-device", default="auto", help="auto: CUDA, else MPS, else CPU (cpu to force)"
+    )
     p.add_argument("--streams", action="store_true", help="2 CPU streams, OpenBLAS at 1 thread")
     p.add_argument("--memory", action="store_true", help="vocab-152k memory vs naive and T")
     p.add_argument("--blas-off", action="store_true", help="also without the fast BLAS")
@@ -257,7 +260,7 @@ def torch_run(args, model_dir, tmp, lora_init) -> dict:
         ["own:completion", "own:full"] if args.tiny else TORCH_VARIANTS
     )
     cmd = [sys.executable, str(HERE / "torch_step.py"), "--lora-init", str(lora_init)]
-    cmd += [f"--threads={args.torch_threads}", f"--beta={0.1}"]
+    cmd += [f"--threads={args.torch_threads}", f"--device={args.torch_device}", f"--beta={0.1}"]
     cmd += worker_args(args, model_dir, path, variants)
     cmd.remove(f"--ref-batch-pairs={args.ref_batch_pairs}")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.torch_threads or os.cpu_count())}
@@ -443,7 +446,9 @@ def summarize_report(report: dict, args) -> None:
         raise SystemExit(f"the MLX run failed: {mlx['error']}")
     torch_run_ = report.get("torch", {})
     peaks = {"mlx_blas": mlx["gemm_peak_gflops"]}
-    if "gemm_peak_gflops" in torch_run_:
+    # torch's GEMM peak counts only on the same kind of processor (CPU vs GPU) as MLX's
+    torch_on_cpu = torch_run_.get("device", "cpu") == "cpu"
+    if "gemm_peak_gflops" in torch_run_ and torch_on_cpu == ("cpu" in str(mlx.get("device"))):
         peaks["torch"] = torch_run_["gemm_peak_gflops"]
     native = report.get("mlx_native_kernel", {})
     if "gemm_peak_gflops" in native:

@@ -9,6 +9,7 @@ at 1.0, AdamW. Implementations:
 Head: `completion` projects only completion positions through the LM head (what mlx_dpo does);
 `full` computes logits at every position and a full log_softmax (what TRL does).
 `compile` wraps the loss in torch.compile (inductor). Threads: all cores (torch's default).
+Device: CUDA, else MPS, else the CPU (`--device`; bench.py's `--torch-device`).
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
-def rope_tables(T: int, hd: int, theta: float):
-    inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-    ang = torch.arange(T, dtype=torch.float32)[:, None] * inv[None]
+def rope_tables(T: int, hd: int, theta: float, device=None):
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
+    ang = torch.arange(T, dtype=torch.float32, device=device)[:, None] * inv[None]
     ang = torch.cat([ang, ang], -1)
     return ang.cos(), ang.sin()
 
@@ -111,7 +112,9 @@ class Qwen2(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def hidden(self, tokens):
-        cos, sin = rope_tables(tokens.shape[1], self.spec.head_dim, self.spec.rope_theta)
+        cos, sin = rope_tables(
+            tokens.shape[1], self.spec.head_dim, self.spec.rope_theta, tokens.device
+        )
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin)
@@ -212,13 +215,32 @@ def dpo_loss(logps, ref, beta: float):
     return -F.logsigmoid(beta * margin).mean()
 
 
-def gemm_peak(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def pick_device(name: str) -> torch.device:
+    """`auto`: CUDA, else MPS, else the CPU."""
+    if name == "auto":
+        mps = getattr(torch.backends, "mps", None)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "mps" if name == "cpu" and mps is not None and mps.is_available() else name
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def gemm_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
+    synchronize(device)
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
@@ -233,11 +255,16 @@ def run(args) -> dict:
     from safetensors.numpy import load_file
 
     lora_init = load_file(args.lora_init)
-    b = batch_tensors(geo, spec.vocab_size, args.seed)
+    device = pick_device(args.device)
+    b = {
+        k: v.to(device) if isinstance(v, torch.Tensor) else v
+        for k, v in batch_tensors(geo, spec.vocab_size, args.seed).items()
+    }
     out = {
         "torch_version": torch.__version__,
+        "device": str(device),
         "threads": torch.get_num_threads(),
-        "gemm_peak_gflops": gemm_peak(512 if args.tiny else 2048),
+        "gemm_peak_gflops": gemm_peak(device, 512 if args.tiny else 2048),
         "results": {},
     }
     models = {}
@@ -246,6 +273,7 @@ def run(args) -> dict:
         if impl not in models:
             model = load_own(path, spec) if impl == "own" else load_hf(path)
             add_lora(model, lora_init, args.lora_scale)
+            model.to(device)
             init = {n: p.detach().clone() for n, p in _lora_names(model)}
             models[impl] = model, init
         model, init = models[impl]
@@ -256,7 +284,8 @@ def run(args) -> dict:
         scored = b["positions"].shape[1] if head == "completion" else b["tokens"].shape[1] - 1
         positions = b["tokens"].shape[1] - 1
         res["flops"] = step_flops(spec, geo.rows, positions, scored, args.lora_rank)
-        out["results"][f"torch-{variant}"] = res
+        where = "" if device.type == "cpu" else f"[{device.type}]"
+        out["results"][f"torch{where}-{variant}"] = res
     out["max_rss_mb"] = max_rss_mb()
     out["batch"] = {"tokens": b["n_tokens"], "T": int(b["tokens"].shape[1])}
     return out
@@ -306,10 +335,12 @@ def measure(model, b: dict, head: str, compile_loss: bool, args) -> dict:
         for name, fn in (("reference", ref_fwd), ("fwd_bwd", fwd_bwd), ("optimizer", update)):
             t0 = time.perf_counter()
             fn()
+            synchronize(b["tokens"].device)
             times[name] = time.perf_counter() - t0
         t0 = time.perf_counter()
         fwd_bwd()
         update()
+        synchronize(b["tokens"].device)
         times["step"] = time.perf_counter() - t0
         if r == args.warmup - 1:
             res["warmup_s"] = time.perf_counter() - t_warm
@@ -345,6 +376,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, ...")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)

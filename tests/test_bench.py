@@ -18,7 +18,7 @@ def test_bench_tiny_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(BENCH), "--tiny", "--variants", "mlx_dpo", "--json", str(out)]
     if HAS_TORCH:  # the torch side and the numbers check, in their own process
-        cmd += ["--compare-torch", "--torch-variants", "own:completion"]
+        cmd += ["--compare-torch", "--torch-variants", "own:completion", "--torch-device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step min" in proc.stdout and "MFU" in proc.stdout
@@ -42,6 +42,8 @@ def test_bench_tiny_end_to_end(tmp_path):
             agree = agreement[name]
             assert agree["policy_logps_rel"] < 1e-4 and agree["grad_norms_rel"] < 1e-3, agree
         assert "ratio_step_vs_best_torch" in report["summary"]
+        assert report["torch"]["device"] == "cpu"
+        assert report["summary"]["gemm_peak_gflops"].keys() == {"mlx_blas", "torch"}
 
 
 def test_mx_exp_variant_opts_out_and_restores(tiny_model_path, monkeypatch):
