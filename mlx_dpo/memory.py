@@ -234,9 +234,32 @@ def plan(
     def replan(**changes) -> MemoryPlan:
         new_rows = changes.pop("rows", rows)
         new_len = changes.pop("max_tokens_per_row", max_tokens_per_row)
-        return plan(model, _Override(cfg, changes), new_len, new_rows, lean=lean)
+        return plan(
+            model, _Override(cfg, changes), new_len, new_rows,
+            completion_tokens_per_row=completion_tokens_per_row, lean=lean,
+        )  # fmt: skip
 
     return MemoryPlan(parts, notes, rows, T, replan)
+
+
+# Each block's forward runs again in the backward: measured x1.2-1.35 the step time
+# (benchmarks/RESULTS.md, "grad checkpointing (its cost)").
+CHECKPOINT_TIME_COST = 1.3
+
+
+def checkpoint_tradeoff(plan: MemoryPlan) -> str | None:
+    """With --grad-checkpoint on: what it saves against its time cost, in one line."""
+    if not plan.grad_checkpoint or plan._replan is None:
+        return None
+    without = plan._replan(grad_checkpoint=False).total_bytes
+    saved = without - plan.total_bytes
+    cost = f"~{CHECKPOINT_TIME_COST}x the step time"
+    if saved <= 0:
+        return f"--grad-checkpoint saves no memory for this model and batch, at {cost}; drop it"
+    return (
+        f"--grad-checkpoint: step peak ~{_gb(plan.total_bytes)} instead of ~{_gb(without)}, "
+        f"at {cost} (each block's forward runs again in the backward)"
+    )
 
 
 def estimate(

@@ -148,6 +148,8 @@ def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
     # Before any heavy work: refuse a configuration whose step will not fit in memory.
     step_plan = memory.plan_for_pairs(loaded.model, cfg, train_pairs)
     say(str(step_plan).splitlines()[0])
+    if tradeoff := memory.checkpoint_tradeoff(step_plan):
+        say(tradeoff)
     memory.check_fits(step_plan)
     identity = model_identity(cfg, loaded)
     train_refs, valid_refs = reference_logps(

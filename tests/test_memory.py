@@ -134,3 +134,13 @@ def test_available_bytes_without_metal():
     assert n > 0
     if mx.default_device() == mx.cpu:
         assert source == "total RAM"
+
+
+def test_checkpoint_tradeoff_names_memory_and_time():
+    deep = small_model(8192, layers=8)
+    on = memory.plan(deep, TrainConfig(num_layers=-1, grad_checkpoint=True), 1024, 8)
+    off = memory.plan(deep, TrainConfig(num_layers=-1), 1024, 8)
+    line = memory.checkpoint_tradeoff(on)
+    assert on.total_bytes < off.total_bytes
+    assert f"instead of ~{off.total_bytes / 2**20:.0f} MB" in line and "x the step time" in line
+    assert memory.checkpoint_tradeoff(off) is None
