@@ -162,7 +162,9 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
         delta = (d_out * out).sum(axis=-1, keepdims=True)  # rowsum(dP * P) = rowsum(dO * O)
         dq, dk, dv = [], 0.0, 0.0
         for a, b, kb in blocks:
-            p, _ = probs(q, k, a, b, kb, lse, after=dq[-1] if dq else None)
+            # after the previous block's dq, dk and dv: they consume its p and ds, which are
+            # then freed (without dk and dv in the chain every block's p stays alive: T^2)
+            p, _ = probs(q, k, a, b, kb, lse, after=[dq[-1], dk, dv] if dq else None)
             g = d_out[..., a:b, :]
             ds = p * (g @ v[..., :kb, :].swapaxes(-1, -2) - delta[..., a:b, :])
             dq.append(ds @ k[..., :kb, :])
