@@ -151,3 +151,32 @@ def test_doctor_says_whether_the_kernels_run(opt_out, monkeypatch):
     line = next(x for x in result.output.splitlines() if x.startswith("cpu exp kernels:"))
     assert ("off" in line) == (opt_out == "1"), line
     assert cpu_kernels.enabled() == (opt_out == "0" and "fused-arithmetic" in line)
+
+
+def test_attention_backward_memory_is_linear_in_length():
+    # FlashAttention's point: no T x T probabilities kept. Quadrupling T must roughly
+    # quadruple the backward's peak (it grew ~7x when every block's probabilities stayed alive).
+    def peak(T):
+        B, H, Hkv, D = 1, 4, 2, 32
+        q, d_out = (mx.random.normal((B, H, T, D)) for _ in range(2))
+        k, v = (mx.random.normal((B, Hkv, T, D)) for _ in range(2))
+        mx.eval(q, k, v, d_out)
+
+        def f(q, k, v):
+            return (
+                cpu_kernels.scaled_dot_product_attention(q, k, v, None, 0.2, "causal") * d_out
+            ).sum()
+
+        grads = mx.grad(f, argnums=(0, 1, 2))
+        mx.eval(grads(q, k, v))
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(grads(q, k, v))
+        return mx.get_peak_memory() - base
+
+    previous = mx.set_cache_limit(0)  # freed buffers go back at once: peaks are live bytes
+    try:
+        ratio = peak(2048) / peak(512)
+    finally:
+        mx.set_cache_limit(previous)
+    assert ratio < 5, ratio
