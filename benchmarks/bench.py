@@ -467,7 +467,7 @@ def summarize_report(report: dict, args) -> None:
         rows += rows_of(off, args.pairs, machine_peak, prefix="[no fast BLAS] ")
     summary["rows"] = rows
     by = {r["variant"]: r for r in rows}
-    torch_rows = [r for r in rows if r["variant"].startswith("torch-")]
+    torch_rows = [r for r in rows if r["variant"].startswith("torch")]
     same = [r for r in torch_rows if "completion" in r["variant"]]
     if torch_rows:
         best = min(same or torch_rows, key=lambda r: r["step_min_ms"])
@@ -475,7 +475,7 @@ def summarize_report(report: dict, args) -> None:
         summary["ratio_step_vs_best_torch"] = {
             r["variant"]: r["step_min_ms"] / best["step_min_ms"]
             for r in rows
-            if not r["variant"].startswith("torch-")
+            if not r["variant"].startswith("torch")
         }
         summary["agreement"] = agreement(mlx.get("step0", {}), torch_run_)
         if "step0_exact_exp" in mlx:  # the default ran the fast CPU kernels: mx.exp too
