@@ -36,15 +36,9 @@ from demo_task import all_facts, conversations, preference_rows, split_facts  # 
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 from mlx_dpo.demo import DEMO_DIR, is_preferred, sample_answers  # noqa: E402
+from mlx_dpo.demo.tokenizer import write_chat_tokenizer  # noqa: E402
 
 SEED = 0
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,29 +66,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> tuple[int, 
     run on digit by digit. (This is also why the model is a Llama: transformers 5 loads any
     "qwen2" checkpoint with Qwen2's digit-by-digit split, whatever tokenizer.json says.)
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "model_max_length": 512,
-        "chat_template": CHATML,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tok = write_chat_tokenizer(out, texts, vocab_size)
     return tok.get_vocab_size(), tok.token_to_id("<|im_end|>")
 
 

@@ -12,13 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+from mlx_dpo.data import CHATML
+from mlx_dpo.demo.tokenizer import write_chat_tokenizer
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "What is the capital of France? The capital of France is Paris.",
@@ -29,29 +25,9 @@ CORPUS = [
 
 
 def build_tokenizer(path: Path, vocab_size: int = 320, chat_template: str | None = CHATML) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    write_chat_tokenizer(
+        path, CORPUS * 4, vocab_size, chat_template=chat_template, model_max_length=4096
     )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    tok.save(str(path / "tokenizer.json"))
-    cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "bos_token": None,
-        "model_max_length": 4096,
-    }
-    if chat_template is not None:
-        cfg["chat_template"] = chat_template
-    (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
 
 
 def build_tiny_model(
