@@ -16,17 +16,21 @@ from pathlib import Path
 import click
 
 from mlx_dpo import __version__, _blas
-from mlx_dpo.config import TrainConfig, read_yaml
-
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+from mlx_dpo.config import ConfigError, TrainConfig, coerce, field_kind, read_yaml
 
 
-def _field_type(annotation: str) -> tuple[type, bool]:
-    """(element type, is_list) of a TrainConfig annotation such as 'list[float] | None'."""
-    base = annotation.replace(" | None", "").strip()
-    if base.startswith("list["):
-        return _TYPES[base[5:-1]], True
-    return _TYPES[base], False
+class FieldValue(click.ParamType):
+    """A flag's text through the same coercion and checks as a YAML value of that field."""
+
+    def __init__(self, f: dataclasses.Field):
+        self.field = f
+        self.name = field_kind(f)[0].__name__
+
+    def convert(self, value, param, ctx):
+        try:
+            return coerce(self.field, value)
+        except ConfigError as e:
+            self.fail(str(e).split(": ", 1)[-1], param, ctx)
 
 
 def config_options(fields: list[str] | None = None):
@@ -44,7 +48,7 @@ def config_options(fields: list[str] | None = None):
 
 def _option(f: dataclasses.Field):
     flag = "--" + f.name.replace("_", "-")
-    kind, is_list = _field_type(f.type)
+    kind, is_list, _ = field_kind(f)
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     help_text = f.metadata["help"] + (f" [default: {default}]" if default not in (None, []) else "")
     if kind is bool:
@@ -52,53 +56,73 @@ def _option(f: dataclasses.Field):
     if "choices" in f.metadata:
         choice = click.Choice([str(c) for c in f.metadata["choices"]])
         return click.option(
-            flag, f.name, type=choice, default=None, help=help_text, callback=_cast(kind)
+            flag, f.name, type=choice, default=None, help=help_text, callback=_cast(f)
         )
     if is_list:
         help_text += " Repeat the flag or separate values with commas."
         return click.option(
-            flag, f.name, multiple=True, default=None, help=help_text, callback=_split(kind)
+            flag, f.name, multiple=True, default=None, help=help_text, callback=_split(f)
         )
-    return click.option(flag, f.name, type=kind, default=None, help=help_text)
+    return click.option(flag, f.name, type=FieldValue(f), default=None, help=help_text)
 
 
-def _cast(kind):
-    return lambda ctx, param, value: None if value is None else kind(value)
+def _cast(f: dataclasses.Field):
+    return lambda ctx, param, value: None if value is None else coerce(f, value)
 
 
-def _split(kind):
+def _split(f: dataclasses.Field):
     def callback(ctx, param, values):
         if not values:
             return None
-        items = [v.strip() for value in values for v in str(value).split(",") if v.strip()]
         try:
-            return [kind(v) for v in items]
-        except ValueError:
-            raise click.BadParameter(
-                f"expected {kind.__name__} values, got {', '.join(items)}"
-            ) from None
+            return coerce(f, ",".join(str(v) for v in values))
+        except ConfigError as e:
+            raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
 
     return callback
 
 
 def build_config(config_path: str | None, flags: dict) -> TrainConfig:
-    """Flags > --config YAML > (demo defaults when neither names a model) > dataclass defaults."""
+    """Flags > --config YAML > (with --resume: the run's saved settings; else the demo's
+    defaults when neither names a model) > dataclass defaults."""
     overrides = {k: v for k, v in flags.items() if v is not None}
     values = read_yaml(config_path) if config_path else {}
+    demo_values = {}
     if overrides.get("model") is None and values.get("model") is None:
         from mlx_dpo import demo
 
         demo_values = read_yaml(Path(demo.__file__).parent / "demo.yaml")
-        if "adapter_path" not in values:  # rerunning the demo starts a new run directory
-            demo_values["adapter_path"] = _fresh_dir(Path(demo_values["adapter_path"]))
-        values = {**demo_values, **values}
-    return TrainConfig.from_dict({**values, **overrides}, source=config_path or "flags")
+    resume = overrides.get("resume", values.get("resume", False))
+    path = overrides.get("adapter_path", values.get("adapter_path"))
+    if resume:
+        path = path or demo_values.get("adapter_path") or TrainConfig.adapter_path
+        saved = _saved_settings(Path(path))
+        base = saved or demo_values
+    else:
+        base = demo_values
+        if demo_values and path is None:  # rerunning the demo starts a new run directory
+            base = {**demo_values, "adapter_path": _fresh_dir(Path(demo_values["adapter_path"]))}
+    return TrainConfig.from_dict({**base, **values, **overrides}, source=config_path or "flags")
+
+
+def _saved_settings(path: Path) -> dict:
+    """The settings a run in `path` was started with (empty when there is no run to read)."""
+    from mlx_dpo.rundir import RunDir
+
+    run = RunDir(path)
+    if not run.is_ours():
+        return {}
+    settings = run.read_identity().get("settings", {})
+    keep = {f.name for f in dataclasses.fields(TrainConfig)} - {"adapter_path", "resume"}
+    return {k: v for k, v in settings.items() if k in keep and k != "allow_changes"}
 
 
 def _fresh_dir(path: Path) -> str:
-    """`path`, or `path-2`, `path-3`, ... the first that holds no run yet."""
+    """`path`, or `path-2`, `path-3`, ... the first that holds no run yet and is not in use."""
+    from mlx_dpo.rundir import RunDir
+
     candidate, n = path, 1
-    while (candidate / "adapters.safetensors").exists() or (candidate / "checkpoints").exists():
+    while RunDir(candidate).has_saved_work() or RunDir(candidate).is_locked():
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return str(candidate)
@@ -143,7 +167,8 @@ def main():
 def train(config_path, **flags):
     """Train adapters. With no --model and --data: the bundled demo (a 4-bit model, ~2 min on a CPU)."""
     from mlx_dpo.run import run_training
-    from mlx_dpo.trainer import Interrupted, NonFiniteLoss
+    from mlx_dpo.stop import Interrupted
+    from mlx_dpo.trainer import NonFiniteLoss
 
     cfg = build_config(config_path, flags)
     _say_blas()
@@ -154,7 +179,7 @@ def train(config_path, **flags):
         sys.exit(1)
     except Interrupted as e:
         click.echo(str(e), err=True)
-        sys.exit(130)
+        sys.exit(e.exit_code)
 
 
 DATA_FIELDS = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,14 @@ class TrainConfig:
     steps_per_eval: int = _f(50, "Validate every N updates (0 disables).")
     val_batches: int = _f(-1, "Validation micro-batches per evaluation; -1 for the whole split.")
     save_every: int = _f(100, "Write a checkpoint every N updates (and always at the end).")
-    resume: bool = _f(False, "Continue the run in --adapter-path from its last checkpoint.")
+    resume: bool = _f(
+        False,
+        "Continue the run in --adapter-path from its newest intact checkpoint, with its saved settings.",
+    )
+    allow_changes: bool = _f(
+        False,
+        "With --resume: accept changed data, learning rate, seed or loss options (recorded in run.json and metrics.jsonl).",
+    )
     reference_cache: bool = _f(
         True, "Cache reference log-probs on disk and reuse them across runs."
     )
@@ -168,6 +176,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):
             self.loss_type = [s.strip() for s in self.loss_type.split(",") if s.strip()]
+        for f in dataclasses.fields(self):  # the Python API gets the checks YAML and flags get
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name}: expected a finite number, got {value!r}")
         positive = ("iters", "batch_size", "grad_accumulation_steps", "max_length", "lora_rank")
         for name in positive:
             if getattr(self, name) is None or getattr(self, name) < 1:
@@ -200,6 +212,16 @@ class TrainConfig:
                 )
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        for name in ("max_grad_norm", "weight_decay", "warmup_steps", "steps_per_eval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lora_scale", "q_group_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.val_batches == 0 or self.val_batches < -1:
+            raise ConfigError(f"val_batches must be -1 (all) or >= 1, got {self.val_batches}")
+        if self.allow_changes and not self.resume:
+            raise ConfigError("allow_changes only applies with resume (--resume --allow-changes)")
         from mlx_dpo.losses import check_loss_options  # the loss module owns its option rules
 
         try:
@@ -239,7 +261,14 @@ class TrainConfig:
             raise ConfigError(
                 f"{source}: unknown setting(s) {', '.join(unknown)}; run `mlx_dpo train --help` for the list"
             )
-        return cls(**values)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        coerced = {}
+        for name, value in values.items():
+            try:
+                coerced[name] = coerce(fields[name], value)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+        return cls(**coerced)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -265,6 +294,70 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of setting: value at the top level")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_WHAT = {
+    int: "a whole number",
+    float: "a finite number",
+    str: "a string",
+    bool: "true or false",
+}
+_TRUE, _FALSE = {"true", "yes", "on", "1", "y", "t"}, {"false", "no", "off", "0", "n", "f"}
+
+
+def field_kind(f: dataclasses.Field) -> tuple[type, bool, bool]:
+    """(element type, is a list, may be None) of a field annotated like 'list[float] | None'."""
+    annotation = str(f.type)
+    base = annotation.replace(" | None", "").strip()
+    if base.startswith("list["):
+        return _TYPES[base[5:-1]], True, "None" in annotation
+    return _TYPES[base], False, "None" in annotation
+
+
+def coerce(f: dataclasses.Field, value: Any) -> Any:
+    """`value` (from YAML, JSON or a flag's text) as the field's type, or ConfigError naming the
+    field. YAML 1.1 reads `1e-5` as a string, so numbers given as text are parsed here."""
+    kind, is_list, optional = field_kind(f)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{f.name}: expected {_WHAT[kind]}, got null")
+    if is_list:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{f.name}: expected a list of {_WHAT[kind]}s, got {value!r}")
+        items = [i.strip() if isinstance(i, str) else i for i in items]
+        return [_scalar(f.name, kind, i) for i in items if i != ""]
+    return _scalar(f.name, kind, value)
+
+
+def _scalar(name: str, kind: type, value: Any) -> Any:
+    bad = ConfigError(f"{name}: expected {_WHAT[kind]}, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise bad
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad
+    try:
+        number = float(value) if kind is float or isinstance(value, float) else int(value)
+    except ValueError:
+        raise bad from None
+    if not math.isfinite(number):
+        raise bad
+    if kind is int:
+        if isinstance(number, float) and not number.is_integer():
+            raise bad
+        return int(number)
+    return float(number)
 
 
 def _choices(name: str) -> tuple:

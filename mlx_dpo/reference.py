@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -44,14 +45,20 @@ def fingerprint_dir(path: Path) -> dict:
     }
 
 
-def cache_key(model_identity: dict, pairs) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"v": CACHE_VERSION, "model": model_identity}, sort_keys=True).encode())
+def pairs_digest(pairs, h=None) -> str:
+    """Content hash of tokenized pairs (their token ids, in order)."""
+    h = h or hashlib.sha256()
     for p in pairs:
         for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids):
             h.update(np.asarray(ids, dtype=np.int64).tobytes())
             h.update(b"|")
     return h.hexdigest()[:32]
+
+
+def cache_key(model_identity: dict, pairs) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": CACHE_VERSION, "model": model_identity}, sort_keys=True).encode())
+    return pairs_digest(pairs, h)
 
 
 def compute(model, pairs, *, batch_size: int, group=None) -> tuple[np.ndarray, np.ndarray]:
@@ -103,8 +110,10 @@ def _read_cache(path: Path, n: int, log) -> tuple[np.ndarray, np.ndarray] | None
         return None
     try:
         with np.load(path) as f:
-            if len(f["chosen"]) == n:
-                return f["chosen"], f["rejected"]
-    except (OSError, ValueError, KeyError):
-        log(f"ignoring an unreadable reference cache file {path}")
+            chosen, rejected = f["chosen"], f["rejected"]
+        if len(chosen) == len(rejected) == n:
+            return chosen, rejected
+        raise ValueError(f"{len(chosen)} pairs, expected {n}")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        log(f"warning: the reference cache file {path} is unreadable ({e}); recomputing it")
     return None

@@ -7,16 +7,18 @@ call into the module that owns it (model, data, reference, trainer).
 from __future__ import annotations
 
 import gc
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_dpo import checkpoint, cpu_kernels, data, memory, reference, trainer
+from mlx_dpo import checkpoint, cpu_kernels, data, lifecycle, memory, reference, trainer
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
+from mlx_dpo.model import adapter_config
 from mlx_dpo.report import JsonlSink, Reporter, make_sinks
+from mlx_dpo.rundir import RunDir
+from mlx_dpo.stop import StopSignals
 
 
 @dataclass
@@ -26,6 +28,7 @@ class RunResult:
     train_metrics: dict
     valid_metrics: dict
     summary: dict | None = None
+    finished: bool = False  # --resume of a run that had already done all its updates
 
 
 def distributed_group():
@@ -80,22 +83,6 @@ def model_identity(cfg: TrainConfig, loaded) -> dict:
     return ident
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
-    run_dir = Path(cfg.adapter_path)
-    has_run = (run_dir / "checkpoints" / "latest").exists() or (
-        run_dir / "adapters.safetensors"
-    ).exists()
-    if has_run and not cfg.resume:
-        raise ConfigError(
-            f"--adapter-path {run_dir} already holds a run; pass --resume to continue it "
-            "or choose another --adapter-path (nothing was overwritten)"
-        )
-    if cfg.resume and not (run_dir / "checkpoints" / "latest").exists():
-        raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def reference_logps(cfg, loaded, identity, train_pairs, valid_pairs, group, log):
     """(train_refs, valid_refs); the separate --ref-model is loaded, used and freed here."""
     model = loaded.model
@@ -128,20 +115,44 @@ def reference_logps(cfg, loaded, identity, train_pairs, valid_pairs, group, log)
 
 
 def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
-    """Train LoRA/DoRA adapters with the DPO loss family as configured; returns the final metrics."""
-    is_demo = cfg.model is None and cfg.data is None
+    """Train LoRA/DoRA adapters with the DPO loss family as configured; returns the final metrics.
+
+    The run directory is locked for the whole call; SIGINT/SIGTERM stop it cleanly (see stop.py).
+    """
     cfg = with_demo_defaults(cfg)
     group = distributed_group()
     is_main = group is None or group.rank() == 0
     say = log if is_main else (lambda *_: None)
+    run = RunDir(Path(cfg.adapter_path))
+    say(f"run directory: {run.path}{' (resuming)' if cfg.resume else ''}")
+    with StopSignals() as stop:
+        if is_main:
+            run.acquire()
+        try:
+            return _run(cfg, run, group, say, stop, interactive)
+        finally:
+            if is_main:
+                run.release(saved=run.has_checkpoints())
+
+
+def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
+    is_main = group is None or group.rank() == 0
+    resume = lifecycle.open_run(cfg, run, say) if is_main else None
+    if resume is not None and resume.finished:
+        return RunResult(run.path, resume.ckpt.step, {}, {}, finished=True)
     if mx.default_device() == mx.cpu:
         mx.set_cache_limit(8 << 30)  # the default 32 MB makes big temporaries page-fault every step
-    run_dir = prepare_run_dir(cfg) if is_main else Path(cfg.adapter_path)
     rows = read_rows(cfg)
     loaded = model_lib.load(cfg.model, **cfg.model_kwargs())
     for note in loaded.notes:
         say(f"model: {note}")
     train_pairs, valid_pairs = load_pairs(cfg, loaded.tokenizer, say, rows)
+    world = group.size() if group else 1
+    total = trainer.total_updates(cfg, len(train_pairs), world)
+    if is_main:
+        identity = lifecycle.identity(cfg, train_pairs, valid_pairs)
+        if lifecycle.check_changes(cfg, run, resume, identity, total, say):
+            return RunResult(run.path, resume.ckpt.step, {}, {}, finished=True)
     if cfg.init_adapter:
         init_config = model_lib.load_adapter_dir(loaded.model, cfg.init_adapter)
         cfg = _adopt_adapter_config(cfg, init_config, say)
@@ -151,9 +162,8 @@ def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
     if tradeoff := memory.checkpoint_tradeoff(step_plan):
         say(tradeoff)
     memory.check_fits(step_plan)
-    identity = model_identity(cfg, loaded)
     train_refs, valid_refs = reference_logps(
-        cfg, loaded, identity, train_pairs, valid_pairs, group, say
+        cfg, loaded, model_identity(cfg, loaded), train_pairs, valid_pairs, group, say
     )
     if not cfg.init_adapter:
         n_train = model_lib.apply_adapters(loaded.model, cfg, seed=cfg.seed)
@@ -163,18 +173,13 @@ def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
         model_lib.enable_grad_checkpoint(loaded.model)
     say(f"adapters: {cfg.fine_tune_type}, {n_train / 1e6:.3f}M trainable parameters")
     loaded.model.train() if cfg.lora_dropout > 0 else loaded.model.eval()
-    world = group.size() if group else 1
-    total = trainer.total_updates(cfg, len(train_pairs), world)
     optimizer = trainer.build_optimizer(cfg, total)
-    start_step = _restore(cfg, run_dir, loaded.model, optimizer, say)
+    start_step = _restore(cfg, run.path, loaded.model, optimizer, say)
+    if is_main:  # the first writes into the run directory, after every check has passed
+        lifecycle.start_writing(cfg, run, resume, identity, adapter_config(cfg, loaded.model), say)
+    sinks = [JsonlSink(run.path / "metrics.jsonl", append=True)] if is_main else []
     if is_main:
-        checkpoint.atomic_write_text(
-            run_dir / "adapter_config.json",
-            json.dumps(model_lib.adapter_config(cfg, loaded.model), indent=2),
-        )
-    sinks = [JsonlSink(run_dir / "metrics.jsonl", append=cfg.resume)] if is_main else []
-    if is_main:
-        sinks += make_sinks(cfg.report_to, run_dir, cfg.to_dict())
+        sinks += make_sinks(cfg.report_to, run.path, cfg.to_dict())
     reporter = Reporter(total, sinks, enabled=is_main, interactive=interactive, out=None)
     say(
         f"training {total} updates of {cfg.batch_size * cfg.grad_accumulation_steps * world} pairs on {len(train_pairs)} pairs ({len(valid_pairs)} held out)"
@@ -188,27 +193,35 @@ def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
             train_refs,
             valid_refs,
             cfg,
-            run_dir=run_dir,
+            run_dir=run.path,
             reporter=reporter,
             start_step=start_step,
             group=group,
+            stop=stop,
         )
     finally:
         reporter.close()
     say(
-        f"adapters saved to {run_dir}/adapters.safetensors (load with mlx_lm.load(model, adapter_path='{run_dir}'))"
+        f"adapters saved to {run.path}/adapters.safetensors (load with mlx_lm.load(model, adapter_path='{run.path}'))"
     )
     if is_main:
         from mlx_dpo.plot import plot_run
 
-        if (png := plot_run(run_dir)) is not None:
+        if (png := plot_run(run.path)) is not None:
             say(f"plot: {png}")
     summary = None
-    if is_demo and cfg.demo_summary and is_main and valid_pairs:
+    if _is_demo(cfg) and cfg.demo_summary and is_main and valid_pairs:
         from mlx_dpo.summary import demo_summary
 
         summary = demo_summary(loaded, valid_pairs, valid_refs, cfg, log=say)
-    return RunResult(run_dir, result.step, result.train_metrics, result.valid_metrics, summary)
+    return RunResult(run.path, result.step, result.train_metrics, result.valid_metrics, summary)
+
+
+def _is_demo(cfg: TrainConfig) -> bool:
+    from mlx_dpo import demo
+
+    same = lambda a, b: a is not None and Path(a).resolve() == Path(b).resolve()  # noqa: E731
+    return same(cfg.model, demo.MODEL_DIR) and same(cfg.data, demo.DATA_DIR)
 
 
 def _adopt_adapter_config(cfg: TrainConfig, init: dict, log) -> TrainConfig:

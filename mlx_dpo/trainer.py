@@ -25,6 +25,7 @@ from mlx_dpo import checkpoint
 from mlx_dpo.data import iterate_batches
 from mlx_dpo.logps import forward_logps
 from mlx_dpo.losses import METRIC_KEYS, dpo_loss, dpo_metrics
+from mlx_dpo.stop import Interrupted, StopSignals
 
 BATCH_FIELDS = (
     "tokens",
@@ -38,10 +39,6 @@ BATCH_FIELDS = (
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class Interrupted(RuntimeError):
     pass
 
 
@@ -151,8 +148,13 @@ def train(
     start_step: int = 0,
     group=None,
     on_save=None,
+    stop: StopSignals | None = None,
 ) -> TrainResult:
-    """Run updates start_step+1 .. total. `*_refs` are (chosen, rejected) numpy arrays."""
+    """Run updates start_step+1 .. total. `*_refs` are (chosen, rejected) numpy arrays.
+
+    A checkpoint is saved every `save_every` updates, at the end, and when `stop` (the run's
+    signal handler; one is installed here when None) asks to stop; then `Interrupted` is raised.
+    """
     world, rank = (group.size(), group.rank()) if group else (1, 0)
     total = total_updates(cfg, len(train_pairs), world)
     loss_kwargs = cfg.loss_kwargs()
@@ -184,7 +186,8 @@ def train(
     window = _Window()
     step, last_train, last_valid = start_step, {}, {}
     finite = mx.array(True)
-    with _StopOnSigint() as stop:
+    with stop or StopSignals() as stop:
+        stop.graceful = True  # from here on a signal saves the work done so far
         for update in updates:
             if step >= total:
                 break
@@ -222,16 +225,12 @@ def train(
                 _check_finite(finite, step)
                 last_train = window.flush(optimizer, world, group)
                 reporter.log("train", step, last_train)
-            if step % cfg.save_every == 0 or step == total:
+            if step % cfg.save_every == 0 or step == total or stop.requested:
                 _check_finite(finite, step)
-                _save(run_dir, step, model, optimizer, update.epoch, rank, on_save)
-            elif stop.requested:
-                _check_finite(finite, step)
-                _save(run_dir, step, model, optimizer, update.epoch, rank, on_save)
+                meta = {"epoch": update.epoch, "total": total}
+                _save(run_dir, step, model, optimizer, meta, rank, on_save)
             if stop.requested:
-                raise Interrupted(
-                    f"interrupted after step {step}; checkpoint saved in {run_dir} (continue with --resume)"
-                )
+                raise Interrupted(_stopped_message(stop.signum, step, run_dir), stop.signum)
     if valid_pairs and cfg.steps_per_eval:
         last_valid = evaluate(
             model, valid_pairs, valid_refs, cfg, max_batches=cfg.val_batches, group=group
@@ -261,43 +260,32 @@ def _check_finite(finite: mx.array, step: int) -> None:
         )
 
 
-def _save(run_dir, step, model, optimizer, epoch, rank, on_save) -> None:
-    if rank != 0:
-        return
+def _save(run_dir, step, model, optimizer, meta, rank, on_save) -> None:
     from mlx_dpo.model import adapter_weights
 
-    checkpoint.save(run_dir, step, adapter_weights(model), optimizer.state, {"epoch": epoch})
+    # Check the parameters about to be saved, not a proxy: every rank holds the same ones, so
+    # every rank takes the same decision.
+    adapters = adapter_weights(model)
+    if not checkpoint.all_finite(adapters):
+        raise NonFiniteLoss(
+            f"the adapter weights became NaN/inf at step {step}; nothing was saved from it and "
+            "the last good checkpoint is kept. Lower --learning-rate or --beta, or set --max-grad-norm."
+        )
+    if rank != 0:
+        return
+    checkpoint.save(run_dir, step, adapters, optimizer.state, meta)
     if on_save:
         on_save(step)
 
 
-class _StopOnSigint:
-    """Ctrl-C asks the loop to finish the current update, save and stop; a second one kills."""
+def _stopped_message(signum, step: int, run_dir) -> str:
+    import shlex
+    import signal
 
-    def __enter__(self):
-        import signal
-        import threading
-
-        self.requested = False
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        import signal
-
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *exc):
-        import signal
-
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        return False
+    return (
+        f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in "
+        f"{run_dir}. Continue with: mlx_dpo train --resume --adapter-path {shlex.quote(str(run_dir))}"
+    )
 
 
 class _Window:

@@ -185,11 +185,11 @@ def test_resume_equals_uninterrupted(tiny_model_path, toy_data, tmp_path, monkey
 
 
 def test_existing_run_is_not_overwritten(tiny_model_path, toy_data, tmp_path):
-    from mlx_dpo.config import ConfigError
+    from mlx_dpo.errors import RunError
 
     run_training(make_cfg(tiny_model_path, toy_data, tmp_path / "run", iters=1), log=quiet)
     saved = (tmp_path / "run" / "adapters.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(RunError, match="already holds a run"):
         run_training(make_cfg(tiny_model_path, toy_data, tmp_path / "run", iters=1), log=quiet)
     assert (tmp_path / "run" / "adapters.safetensors").read_bytes() == saved
 
