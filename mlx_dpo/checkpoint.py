@@ -16,6 +16,7 @@ broken ones aside and republishes the adapters it resumes from (healing a cut fi
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -51,12 +52,22 @@ def all_finite(arrays: dict[str, mx.array]) -> bool:
     return bool(mx.all(mx.stack(flags)).item()) if flags else True
 
 
+def write_safetensors(path: Path, arrays: dict[str, mx.array]) -> None:
+    """Serialize in memory, then write and fsync from Python: MLX's own file writer reports a
+    full disk as a RuntimeError without the path, Python's as an OSError naming it."""
+    buffer = io.BytesIO()
+    mx.save_safetensors(buffer, arrays)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_safetensors(path: Path, arrays: dict[str, mx.array], hook: str, step: int) -> None:
     """Write, fsync and rename into place; a failure leaves `path` as it was."""
     tmp = path.with_name(path.name + ".tmp.safetensors")
     try:
-        mx.save_safetensors(str(tmp), arrays)
-        _fsync_file(tmp)
+        write_safetensors(tmp, arrays)
         _testhooks.point(hook, step)
         os.replace(tmp, path)
     except OSError as e:
@@ -76,12 +87,11 @@ def save(run_dir: Path, step: int, adapters: dict, optimizer_state: dict, meta: 
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
+        write_safetensors(tmp / "adapters.safetensors", adapters)
         _testhooks.point("checkpoint-write", step)
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), optimizer_arrays)
+        write_safetensors(tmp / "optimizer.safetensors", optimizer_arrays)
         (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=1))
-        for name in ("adapters.safetensors", "optimizer.safetensors", "state.json"):
-            _fsync_file(tmp / name)
+        _fsync_file(tmp / "state.json")
         fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -9,6 +9,7 @@ shadowed by a flag the user did not type. User mistakes exit with status 2 and o
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import sys
 from pathlib import Path
@@ -128,6 +129,9 @@ def _fresh_dir(path: Path) -> str:
     return str(candidate)
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+
+
 def user_errors(fn):
     """Turn the errors a user can fix into one line and exit status 2 (no traceback)."""
 
@@ -137,6 +141,12 @@ def user_errors(fn):
 
         try:
             return fn(*args, **kwargs)
+        except OSError as e:
+            if e.errno not in WRITE_ERRNOS:
+                raise
+            # a full or read-only disk is the machine's state, not a bug: one line
+            click.echo(f"Error: could not write {e.filename or 'a file'}: {e.strerror}", err=True)
+            sys.exit(2)
         except USER_ERRORS as e:
             lines = str(e).strip().splitlines() or [type(e).__name__]
             click.echo(f"Error: {lines[0]}", err=True)

@@ -79,7 +79,7 @@ def config_for(adapter_path: str | Path | None, overrides: dict) -> TrainConfig:
     else:
         values = {"model": saved["model"]} if isinstance(saved.get("model"), str) else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    values.update(resume=False, adapter_path=str(adapter_path or "adapters"))
+    values.update(resume=False, allow_changes=False, adapter_path=str(adapter_path or "adapters"))
     source = f"{adapter_path}/adapter_config.json" if adapter_path else "flags"
     return TrainConfig.from_dict(values, source=source)
 
@@ -210,10 +210,9 @@ def _load_adapters(net, path: Path, cfg: TrainConfig) -> None:
     file = path / "adapters.safetensors"
     if not file.is_file():
         raise model_lib.ModelError(f"{path}: not an adapter directory (no adapters.safetensors)")
-    try:
-        net.load_weights(str(file), strict=False)
-    except ValueError as e:
-        raise model_lib.ModelError(f"{path}: adapter does not fit this model ({e})") from None
+    weights = model_lib.read_adapter_weights(file)
+    model_lib.check_adapter_weights(net, weights, file)
+    net.load_weights(list(weights.items()), strict=False)
 
 
 def write_scores(scores: list[dict], path: str | Path) -> Path:

@@ -251,12 +251,46 @@ def load_adapter_dir(model: nn.Module, path: str | Path) -> dict:
         raise ModelError(
             f"{path}: not an adapter directory (needs adapter_config.json and adapters.safetensors)"
         )
+    weights = read_adapter_weights(path / "adapters.safetensors")
     model.freeze()
     try:
         load_adapters(model, str(path))
-    except (ValueError, KeyError) as e:
-        raise ModelError(f"{path}: adapter does not fit this model ({e})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        # mlx-lm lists every bad tensor on its own line after a header: keep the first one
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        raise ModelError(
+            f"{path / 'adapters.safetensors'}: not adapters of this model and adapter config "
+            f"({detail})"
+        ) from None
+    check_adapter_weights(model, weights, path / "adapters.safetensors")
     return json.loads((path / "adapter_config.json").read_text())
+
+
+def read_adapter_weights(file: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(file))
+    except (OSError, RuntimeError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(
+            f"{file}: unreadable (truncated or not a safetensors file: {reason})"
+        ) from None
+
+
+def check_adapter_weights(model: nn.Module, weights: dict, file: Path) -> None:
+    """The file must hold exactly the model's adapter parameters, with their shapes (mlx's
+    non-strict loading would otherwise skip foreign keys without a word)."""
+    expected = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}
+    missing = sorted(set(expected) - set(weights))
+    foreign = sorted(set(weights) - set(expected))
+    shapes = [k for k in expected if k in weights and tuple(weights[k].shape) != expected[k]]
+    if missing or foreign or shapes:
+        first = (missing or foreign or shapes)[0]
+        raise ModelError(
+            f"{file}: not adapters of this model and adapter config "
+            f"({len(missing)} missing, {len(foreign)} foreign, {len(shapes)} of another shape; "
+            f"first: {first})"
+        )
 
 
 @contextmanager

@@ -66,22 +66,37 @@ class TensorBoardSink:
         self.writer.close()
 
 
+# The packages each optional sink imports, and the command that installs them.
+SINK_PACKAGES = {
+    "wandb": (("wandb",), "pip install wandb"),
+    "tensorboard": (("torch", "tensorboard"), "pip install torch==2.13.0 tensorboard"),
+}
+
+
+def check_sinks(names: list[str]) -> None:
+    """Refuse, before any work, a sink that is unknown or whose package is not installed."""
+    import importlib.util
+
+    for name in names:
+        if name not in SINK_PACKAGES:
+            raise ConfigError(
+                f"--report-to {name}: unknown sink; choose from {', '.join(SINK_PACKAGES)}"
+            )
+        packages, install = SINK_PACKAGES[name]
+        missing = [p for p in packages if importlib.util.find_spec(p) is None]
+        if missing:
+            raise ConfigError(
+                f"--report-to {name} needs {', '.join(missing)}, which is not installed: {install}"
+            )
+
+
 def make_sinks(names: list[str], run_dir: Path, config: dict) -> list[Sink]:
+    check_sinks(names)
     makers = {
         "wandb": lambda: WandbSink(run_dir, config),
         "tensorboard": lambda: TensorBoardSink(run_dir),
     }
-    sinks = []
-    for name in names:
-        if name not in makers:
-            raise ConfigError(f"--report-to {name}: unknown sink; choose from {', '.join(makers)}")
-        try:
-            sinks.append(makers[name]())
-        except ImportError as e:
-            raise ValueError(
-                f"--report-to {name} needs its package: {e.name} is not installed"
-            ) from None
-    return sinks
+    return [makers[name]() for name in names]
 
 
 def format_line(prefix: str, step: int, m: dict[str, float]) -> str:

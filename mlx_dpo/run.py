@@ -12,11 +12,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_dpo import checkpoint, cpu_kernels, data, lifecycle, memory, reference, trainer
+from mlx_dpo import _testhooks, checkpoint, cpu_kernels, data, lifecycle, memory, reference, trainer
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
 from mlx_dpo.model import adapter_config
-from mlx_dpo.report import JsonlSink, Reporter, make_sinks
+from mlx_dpo.report import JsonlSink, Reporter, check_sinks, make_sinks
 from mlx_dpo.rundir import RunDir
 from mlx_dpo.stop import StopSignals
 
@@ -95,6 +95,7 @@ def reference_logps(cfg, loaded, identity, train_pairs, valid_pairs, group, log)
         ):
             raise ConfigError(f"--ref-model {cfg.ref_model}: its vocabulary differs from --model's")
         model = ref.model
+    _testhooks.point("reference-pass")
     refs = []
     for name, pairs in (("train", train_pairs), ("valid", valid_pairs)):
         chosen, rejected, hit = reference.cached_compute(
@@ -137,6 +138,7 @@ def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
 
 def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     is_main = group is None or group.rank() == 0
+    check_sinks(cfg.report_to)
     resume = lifecycle.open_run(cfg, run, say) if is_main else None
     if resume is not None and resume.finished:
         return RunResult(run.path, resume.ckpt.step, {}, {}, finished=True)

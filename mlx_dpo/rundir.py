@@ -82,7 +82,7 @@ class RunDir:
         names = set(self.entries())
         if not self.is_ours():
             return bool(names - {LOCK})
-        return bool(names - PROVISIONAL) or CHECKPOINTS in names
+        return bool(names - PROVISIONAL - {CHECKPOINTS}) or self.has_checkpoints()
 
     def has_checkpoints(self) -> bool:
         root = self.path / CHECKPOINTS
@@ -156,6 +156,7 @@ class RunDir:
         for name in PROVISIONAL - {LOCK}:
             with suppress(FileNotFoundError):
                 (self.path / name).unlink()
+        self.remove_temporaries()
 
     # --- identity and resume
     def read_identity(self) -> dict:
@@ -200,7 +201,7 @@ class RunDir:
     def remove_temporaries(self) -> list[str]:
         """Leftovers of writes a kill interrupted: `*.tmp*` files and `.<step>.tmp` directories."""
         removed = []
-        for p in [*self.path.glob("*.tmp*"), *(self.path / CHECKPOINTS).glob(".*.tmp")]:
+        for p in [*self.path.glob("*.tmp*"), *(self.path / CHECKPOINTS).glob(".*.tmp*")]:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
             removed.append(str(p.relative_to(self.path)))
         return removed

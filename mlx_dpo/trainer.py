@@ -21,7 +21,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from mlx_dpo import checkpoint
+from mlx_dpo import _testhooks, checkpoint
 from mlx_dpo.data import iterate_batches
 from mlx_dpo.logps import forward_logps
 from mlx_dpo.losses import METRIC_KEYS, dpo_loss, dpo_metrics
@@ -220,6 +220,7 @@ def train(
             window.add({k: v / len(update.micro_batches) for k, v in metrics.items()}, norm)
             mx.eval(state, window.sums, finite)
             step = update.step + 1  # updates done (Update.step counts from 0)
+            _testhooks.point("update", step)
             reporter.progress(step)
             if step % cfg.steps_per_report == 0 or step == total:
                 _check_finite(finite, step)

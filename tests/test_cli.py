@@ -134,3 +134,48 @@ def test_smoke_run_and_resolved_config_saved(tiny_model_path, tmp_path):
     saved = json.loads((run_dir / "adapter_config.json").read_text())
     assert saved["beta"] == 0.2 and saved["fine_tune_type"] == "lora" and "lora_parameters" in saved
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2
+
+
+def test_yaml_numbers_written_as_text_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-5 as the string "1e-5"; the field's type decides
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-5\nbeta: 1e-1\niters: 3.0\n")
+    cfg = cli.build_config(str(tmp_path / "c.yaml"), {"model": "a/b"})
+    assert cfg.learning_rate == 1e-5 and cfg.beta == 0.1 and cfg.iters == 3
+    assert isinstance(cfg.learning_rate, float) and isinstance(cfg.iters, int)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("iters: ten", "iters: expected a whole number, got 'ten'"),
+        ("iters: 2.5", "iters: expected a whole number, got 2.5"),
+        ("beta: null", "beta: expected a finite number, got null"),
+        ("lora_scale: abc", "lora_scale: expected a finite number, got 'abc'"),
+        ("model: [1, 2]", "model: expected a string, got [1, 2]"),
+        ("learning_rate: .nan", "learning_rate: expected a finite number, got nan"),
+        ("reference_free: maybe", "reference_free: expected true or false, got 'maybe'"),
+        ("loss_weights: [1, x]", "loss_weights: expected a finite number, got 'x'"),
+    ],
+)
+def test_bad_yaml_values_are_one_line_before_anything_loads(tmp_path, line, message):
+    (tmp_path / "c.yaml").write_text(line + "\n")
+    result = run("train", "--config", str(tmp_path / "c.yaml"), "--adapter-path", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    errors = [x for x in result.output.splitlines() if x.startswith("Error:")]
+    assert errors == [f"Error: {tmp_path / 'c.yaml'}: {message}"]
+    assert "Traceback" not in result.output and "blas:" not in result.output
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_flags_are_rejected_at_parse_time(value):
+    result = run("train", "--learning-rate", value)
+    assert result.exit_code == 2 and "expected a finite number" in result.output
+    result = run("train", "--loss-weights", value)
+    assert result.exit_code == 2 and "expected a finite number" in result.output
+
+
+def test_missing_optional_package_is_a_user_error_with_the_install_command(tmp_path):
+    from mlx_dpo.report import check_sinks
+
+    with pytest.raises(Exception, match="pip install"):
+        check_sinks(["wandb"])  # not a test dependency
