@@ -71,11 +71,9 @@ def open_run(cfg, run: RunDir, say) -> Resume | None:
             "a new run in another --adapter-path"
         )
     ckpt = checkpoint.load(run.path)
-    if ckpt is None:
-        raise RunError(
-            f"--resume: {run.path} has no checkpoint yet (the run saved nothing); "
-            "start it again without --resume"
-        )
+    if ckpt is None:  # stopped before its first checkpoint: nothing to lose, start it over
+        say(f"{run.path} has no checkpoint yet (the run saved nothing); starting from step 0")
+        return None
     if ckpt.skipped:
         say(f"warning: skipped {'; '.join(ckpt.skipped)}; resuming from step {ckpt.step}")
     resume = Resume(ckpt, saved)

@@ -245,9 +245,9 @@ def _adopt_adapter_config(cfg: TrainConfig, init: dict, log) -> TrainConfig:
 
 def _restore(cfg, run_dir, model, optimizer, log) -> int:
     optimizer.init(model.trainable_parameters())
-    if not cfg.resume:
+    ckpt = checkpoint.load(run_dir) if cfg.resume else None
+    if ckpt is None:
         return 0
-    ckpt = checkpoint.load(run_dir)
     model.load_weights(list(ckpt.adapters.items()), strict=False)
     optimizer.state = ckpt.optimizer_state
     mx.eval(model.parameters(), optimizer.state)

@@ -150,6 +150,20 @@ def test_kill9_inside_a_checkpoint_write_then_resume(env, uninterrupted):
     assert metric_steps(run_dir) == list(range(1, ITERS + 1))
 
 
+@pytest.mark.parametrize("delay", [0.9, 2.3])  # fixed "random" moments: mid-update, mid-sleep
+def test_kill9_at_any_moment_then_resume_equals_uninterrupted(env, uninterrupted, delay):
+    run_dir = env["root"] / f"kill-at-{delay}"
+    proc = start(env, run_dir, extra_env={"MLX_DPO_TEST_SLOW": "0.4"})
+    wait_for_line(proc, "iter 1 |")
+    time.sleep(delay)
+    kill9(proc)
+    resumed = train(env, run_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_adapters(run_dir, uninterrupted)
+    assert leftovers(run_dir) == []
+    assert metric_steps(run_dir) == list(range(1, ITERS + 1))
+
+
 def test_kill9_in_the_final_adapters_write_is_healed(env, uninterrupted):
     run_dir = env["root"] / "kill-final"
     kill9(paused(env, run_dir, f"adapters-write:{ITERS}"))
