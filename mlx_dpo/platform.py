@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import platform as _platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -82,8 +83,24 @@ def _device_info() -> dict:
         return {}
 
 
+_FORCED: list[Platform] = []
+
+
+@contextmanager
+def forced(plat: Platform) -> Iterator[Platform]:
+    """`detect()` returns `plat` inside this block: for tests that run a whole training command
+    down another platform's path (the arrays still live on this machine's device)."""
+    _FORCED.append(plat)
+    try:
+        yield plat
+    finally:
+        _FORCED.pop()
+
+
 def detect() -> Platform:
     """The platform this process computes on (MLX's default device)."""
+    if _FORCED:
+        return _FORCED[-1]
     if mx.default_device() == mx.cpu:
         backend = "cpu"
     elif mx.metal.is_available():
