@@ -415,3 +415,39 @@ def test_wpo_weights_carry_no_gradient_and_keep_the_logps_gradient():
     with_w, without = loss(True), loss(False)
     for name, g in without.items():
         np.testing.assert_allclose(_np(with_w[name]), _np(g), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_training_with_ld_alpha_and_wpo_end_to_end(tiny_model_path, tmp_path):
+    """--ld-alpha reaches the reference pass too (step-1 loss still ln 2, and a cached plain
+    reference is not reused); --use-weighting scales the step-1 loss by the mean WPO weight."""
+    import json
+
+    from test_trainer import make_cfg, read_metrics
+
+    from mlx_dpo.run import run_training
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    rows = [  # chosen answers longer than rejected ones: LD-DPO damps their tails
+        {"prompt": f"Question {i}: say it?", "chosen": "Sure! " + "one two three " * (1 + i % 3),
+         "rejected": "No."}
+        for i in range(8)
+    ]  # fmt: skip
+    (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logs = {}
+    for name, options in {
+        "plain": {},
+        "ld": dict(ld_alpha=0.5),
+        "wpo": dict(use_weighting=True, ld_alpha=0.5, loss_type=["sigmoid", "sft"]),
+    }.items():
+        lines = []
+        cfg = make_cfg(tiny_model_path, data_dir, tmp_path / name, iters=2, batch_size=4,
+                       reference_cache=True, **options)  # fmt: skip
+        run_training(cfg, log=lines.append)
+        logs[name] = (read_metrics(tmp_path / name), " ".join(lines))
+    assert "reference log-probs (train): computed" in logs["ld"][1]  # not plain's cache entry
+    assert logs["ld"][0][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert logs["ld"][0][0]["logps/chosen"] != logs["plain"][0][0]["logps/chosen"]
+    first = logs["wpo"][0][0]
+    # at random init the data is far off-policy: tiny WPO weights, a loss far below ln 2
+    assert math.isfinite(first["loss"]) and first["loss"] < 0.5 * math.log(2)
