@@ -5,7 +5,8 @@ platform (the compute path, the CPU kernels, the memory budget, the wired-memory
 doctor's lines, the reference cache key) takes a `Platform` argument and calls `detect()` only
 when none is given. Tests build the four platforms with `Platform.make` and run every branch on
 any machine: the x86 CPU build (`mlx[cpu]` on Linux), the arm CPU backend, Metal (Apple silicon,
-unified memory) and CUDA (`mlx[cuda]`).
+unified memory) and CUDA (`mlx[cuda]`); `forced(plat)` makes `detect()` return `plat` for a
+whole command (tests/test_gpu_path.py trains down the Metal path on a Linux CPU this way).
 """
 
 from __future__ import annotations

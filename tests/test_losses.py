@@ -450,3 +450,18 @@ def test_no_nan_or_inf_at_extremes(config):
     grads = mx.grad(lambda *a: dpo_loss(*a, **kwargs).loss, argnums=(0, 1, 2, 3))(pc, pr, rc, rr)
     for value in (out.loss, out.losses, out.chosen_rewards, out.rejected_rewards, *grads):
         assert np.all(np.isfinite(_np(value))), value
+
+
+def test_wpo_and_ld_dpo_config_keys(tmp_path):
+    """YAML keys and flags come from TrainConfig's fields; a bad ld_alpha names the field."""
+    from mlx_dpo.config import LOSS_FIELDS, ConfigError, TrainConfig
+
+    (tmp_path / "c.yaml").write_text("use-weighting: true\nld_alpha: 0.25\n")
+    cfg = TrainConfig.from_yaml(tmp_path / "c.yaml")
+    assert (cfg.use_weighting, cfg.ld_alpha) == (True, 0.25)
+    assert {"use_weighting", "ld_alpha"} <= set(LOSS_FIELDS)
+    assert cfg.loss_kwargs()["ld_alpha"] == 0.25
+    with pytest.raises(ConfigError, match="ld_alpha"):
+        TrainConfig(ld_alpha=1.5)
+    with pytest.raises(ConfigError, match="aot"):
+        TrainConfig(loss_type=["aot"], use_weighting=True)
