@@ -29,6 +29,8 @@ LOSS_FIELDS = (
     "ipo_length_normalize",
     "rpo_alpha",
     "simpo_gamma",
+    "use_weighting",
+    "ld_alpha",
 )
 
 
@@ -131,6 +133,13 @@ class TrainConfig:
     )
     rpo_alpha: float | None = _f(None, "RPO: add alpha * NLL of the chosen completion to the loss.")
     simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma.")
+    use_weighting: bool = _f(
+        False, "WPO: weight each pair's loss by the policy's own probability of both answers."
+    )
+    ld_alpha: float | None = _f(
+        None,
+        "LD-DPO: weight in [0, 1] of the longer answer's tokens past the shorter one's length.",
+    )
     # --- optimisation
     iters: int = _f(200, "Optimizer updates to run.")
     epochs: float | None = _f(None, "Train for this many passes over the data instead of --iters.")

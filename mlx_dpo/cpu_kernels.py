@@ -8,18 +8,19 @@ close as mx.exp near the float32 range's ends (both ~4e-6: x * log2(e) rounds). 
 attention have exact VJPs (the head's tiles sit inside logps' own). Measured by
 benchmarks/bench.py (`mlx_dpo` vs `mx.exp`).
 
-`enabled()` says whether to use them (x86 CPU device, not opted out with MLX_DPO_NO_FAST_EXP=1);
-`install(model)` swaps attention and SwiGLU in the model family's mlx-lm module (for every model
+`enabled(plat)` says whether to use them (the x86 CPU platform, see mlx_dpo.platform, not opted
+out with MLX_DPO_NO_FAST_EXP=1); `install(model, plat)` swaps attention and SwiGLU in the model family's mlx-lm module (for every model
 of that family in the process); logps uses `exp` and `logsumexp` for its vocabulary tiles.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import sys
 
 import mlx.core as mx
+
+from mlx_dpo.platform import Platform, detect
 
 OPT_OUT_ENV = "MLX_DPO_NO_FAST_EXP"
 # Causal attention goes in query blocks of this many positions, at fixed boundaries, so a row's
@@ -40,21 +41,23 @@ _C = (
 )
 
 
-def enabled() -> bool:
-    return (
-        mx.default_device() == mx.cpu
-        and platform.machine().lower() in ("x86_64", "amd64")
-        and os.environ.get(OPT_OUT_ENV, "") in ("", "0")
-    )
+def opted_out() -> bool:
+    return os.environ.get(OPT_OUT_ENV, "") not in ("", "0")
 
 
-def describe() -> str:
+def enabled(plat: Platform | None = None) -> bool:
+    """Only MLX's x86 CPU build lacks a vectorised exp; arm CPUs, Metal and CUDA have one."""
+    return (plat or detect()).kind == "x86-cpu" and not opted_out()
+
+
+def describe(plat: Platform | None = None) -> str:
     """One line for `mlx_dpo doctor`."""
-    if enabled():
-        return f"fused-arithmetic exp, flash attention ({OPT_OUT_ENV}=1 to disable)"
-    if os.environ.get(OPT_OUT_ENV, "") not in ("", "0"):
+    plat = plat or detect()
+    if plat.kind != "x86-cpu":
+        return f"off: not the x86 CPU build ({plat.kind}: MLX's own kernels)"
+    if opted_out():
         return f"off ({OPT_OUT_ENV} is set): mx.exp and mlx-lm's attention"
-    return "off: not the x86 CPU build (MLX's own kernels)"
+    return f"fused-arithmetic exp, flash attention ({OPT_OUT_ENV}=1 to disable)"
 
 
 def _exp(x: mx.array) -> mx.array:
@@ -188,11 +191,13 @@ def installed(model) -> bool:
     return getattr(module, "scaled_dot_product_attention", None) is scaled_dot_product_attention
 
 
-def install(model) -> list[str]:
+def install(model, plat: Platform | None = None, *, allowed: bool = True) -> list[str]:
     """Use the fast attention and SwiGLU in `model`'s mlx-lm module, or mlx-lm's own when
-    disabled (module globals: this holds for every model of that family in the process).
-    Returns a note for the user when the fast ones are in use."""
+    disabled on `plat` or not `allowed` (the compute path is not float32) (module globals: this
+    holds for every model of that family in the process). Returns a note for the user when the
+    fast ones are in use."""
     module = sys.modules.get(type(model).__module__)
+    use = allowed and enabled(plat)
     swapped = []
     for name, fast in (
         ("scaled_dot_product_attention", scaled_dot_product_attention),
@@ -202,8 +207,8 @@ def install(model) -> list[str]:
             continue
         current = getattr(module, name)
         original = _ORIGINALS.setdefault((module.__name__, name), current)
-        setattr(module, name, fast if enabled() else original)
-        swapped += [name] if enabled() else []
+        setattr(module, name, fast if use else original)
+        swapped += [name] if use else []
     if not swapped:
         return []
     return [f"fast CPU exp kernels for {', '.join(swapped)} ({OPT_OUT_ENV}=1 to disable)"]

@@ -8,6 +8,7 @@ import sys
 import time
 
 from mlx_dpo import _blas, cpu_kernels
+from mlx_dpo.platform import Platform, detect
 
 
 def _matmul_gflops() -> float:
@@ -22,24 +23,23 @@ def _matmul_gflops() -> float:
     return 5 * 2 * n**3 / (time.perf_counter() - t0) / 1e9
 
 
-def backend_lines() -> list[str]:
+def backend_lines(plat: Platform | None = None) -> list[str]:
     import mlx.core as mx
 
-    device = mx.default_device()
-    if mx.metal.is_available():
-        backend = "Metal"
-    elif mx.cuda.is_available():
-        backend = "CUDA"
-    else:
-        backend = "CPU"
-    info = mx.device_info() if hasattr(mx, "device_info") else {}
-    lines = [f"mlx {mx.__version__}: backend {backend}, default device {device}"]
+    from mlx_dpo import memory
+
+    plat = plat or detect()
+    name = {"x86-cpu": "CPU (x86)", "arm-cpu": "CPU (arm)", "metal": "Metal", "cuda": "CUDA"}
+    lines = [f"mlx {mx.__version__}: backend {name[plat.kind]}, default device {plat.backend}"]
+    info = plat.device_info
     if info.get("device_name"):
         lines.append(f"device: {info['device_name']} ({info.get('architecture', '?')})")
     # Key names differ per backend (Metal has max_recommended_working_set_size); never assume one.
     for key in ("memory_size", "max_recommended_working_set_size", "total_memory"):
         if key in info:
             lines.append(f"{key.replace('_', ' ')}: {info[key] / 2**30:.1f} GiB")
+    budget, source = memory.available_bytes(plat)
+    lines.append(f"memory budget for training: {budget / 2**30:.1f} GiB ({source})")
     return lines
 
 

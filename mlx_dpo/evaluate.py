@@ -130,7 +130,9 @@ def score(
         rr,
         chosen_lengths=mx.array(n_chosen),
         rejected_lengths=mx.array(n_rejected),
-        **cfg.loss_kwargs(),
+        # WPO's weights need the policy's per-token distributions, which scoring from summed
+        # log-probs does not keep: eval reports the unweighted loss (docs/losses.md).
+        **{**cfg.loss_kwargs(), "use_weighting": False},
     )
     metrics = {k: float(v.item()) for k, v in dpo_metrics(out, pc, pr).items()}
     metrics["loss"] = float(out.loss.item())
@@ -197,7 +199,9 @@ def evaluate_adapters(
     if adapter_path is None and not cfg.ref_model and not cfg.init_adapter:
         policy = refs  # the policy is the reference
     else:
-        policy = reference.compute(loaded.model, pairs, batch_size=2 * cfg.batch_size)
+        policy = reference.compute(
+            loaded.model, pairs, batch_size=2 * cfg.batch_size, ld_alpha=cfg.ld_alpha
+        )
     metrics, scores = score(policy, refs, pairs, cfg)
     return EvalResult(name, metrics, scores)
 

@@ -9,16 +9,25 @@ LMHead.from_model(model) -> LMHead | None
 lean_token_logps(hidden, head, targets) -> (N,) float32
     log p(target | hidden) in token x vocab tiles with an online logsumexp and a custom VJP, so
     the N x V logits never exist.
-forward_logps(model, batch, lean=True) -> (logps (2B,), counts (2B,))
+forward_pair_logps(model, batch, ld_alpha=None, with_weights=False) -> PairForward
     One forward over batch.tokens[:, :-1] (rows 0..B-1 chosen, B..2B-1 rejected), scoring only
     completion positions; falls back to full logits when there is no LMHead or lean=False.
+    Besides the summed log-probs: LD-DPO's sums (the first min(|yw|, |yl|) completion tokens of
+    the pair plus ld_alpha times the rest) and WPO's detached sequence weights
+    exp(mean_t(log p_t - log Σ_v p_v²)), from a second online logsumexp (of 2·logits) in the
+    same vocabulary tiles: no more memory than the lean head's.
+forward_logps(model, batch, lean=True) -> (logps (2B,), counts (2B,))
+    The plain summed log-probs and completion token counts (forward_pair_logps' first two).
+
+Every log-prob is float32 whatever the model's dtype: hidden states (bf16 on a GPU path) are
+cast to float32 before the head and each vocabulary tile's logsumexp accumulates in float32.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -134,7 +143,9 @@ def lean_token_logps(
     *,
     vocab_chunk: int = 8192,
     token_chunk: int = 256,
-) -> mx.array:
+    with_sum_sq: bool = False,
+    fast_exp: bool | None = None,
+) -> mx.array | tuple[mx.array, mx.array]:
     """log p(target | hidden) through ``head`` without materialising the N x V logits.
 
     Args:
@@ -143,9 +154,12 @@ def lean_token_logps(
         targets: (N,) int token ids.
         vocab_chunk, token_chunk: tile sizes. Peak memory is about a dozen fp32 tiles of
             token_chunk x vocab_chunk (8 MB each by default) on the CPU, whatever N and V.
+        with_sum_sq: also return log Σ_v p_v² per token (WPO), no gradient: a second online
+            logsumexp, of 2·logits, over the same tiles.
+        fast_exp: use mlx_dpo.cpu_kernels' exp (default: when enabled on this platform).
 
     Returns:
-        (N,) float32. Differentiable w.r.t. ``hidden`` (and a float head's weight; a quantized
+        (N,) float32, or ((N,), (N,)) with ``with_sum_sq``. Differentiable w.r.t. ``hidden`` (and a float head's weight; a quantized
         head gets zero gradients) by a VJP that recomputes the softmax tile by tile. Works under
         ``mx.compile`` and ``nn.value_and_grad``.
     """
@@ -157,27 +171,48 @@ def lean_token_logps(
     from mlx_dpo import cpu_kernels
 
     exp, logsumexp = mx.exp, partial(mx.logsumexp, axis=-1)
-    if cpu_kernels.enabled():  # ~6x faster exp on the x86 CPU build
+    if cpu_kernels.enabled() if fast_exp is None else fast_exp:  # ~6x faster exp on x86 CPUs
         exp, logsumexp = cpu_kernels.exp, cpu_kernels.logsumexp
         vocab_chunk = min(vocab_chunk, 2048)  # its fused kernel holds ~2 more tiles in flight
     token_tiles = _tiles(hidden.shape[0], token_chunk)
     vocab_tiles = _tiles(head.vocab_size, vocab_chunk)
 
-    @mx.custom_function
-    def token_logps(hidden: mx.array, targets: mx.array, arrays: dict) -> mx.array:
+    def forward(hidden: mx.array, targets: mx.array, arrays: dict):
         w, h = replace(head, arrays=arrays), hidden.astype(mx.float32)
-        lse, lse_rows = None, []
+        lse, lse2, lse_rows, lse2_rows = None, None, [], []
         for t in token_tiles:
             for v in vocab_tiles:
                 # Online logsumexp: fold each tile's logsumexp into the running one.
-                tile = logsumexp(_after(h[t], lse) @ w.rows(v).T)
+                logits = _after(h[t], lse) @ w.rows(v).T
+                tile = logsumexp(logits)
                 lse = tile if v.start == 0 else mx.logaddexp(lse, tile)
+                if with_sum_sq:
+                    tile2 = logsumexp(2.0 * logits)
+                    lse2 = tile2 if v.start == 0 else mx.logaddexp(lse2, tile2)
             lse_rows.append(lse)
+            lse2_rows.append(lse2)
+        lse = mx.concatenate(lse_rows)
         # The target logit is one dot product per token with its weight row.
-        return (h * w.rows(targets)).sum(-1) - mx.concatenate(lse_rows)
+        logp = (h * w.rows(targets)).sum(-1) - lse
+        # log Σ p² = logsumexp(2 z) - 2 logsumexp(z)
+        return logp, (mx.concatenate(lse2_rows) - 2.0 * lse) if with_sum_sq else None
+
+    if with_sum_sq:
+
+        @mx.custom_function
+        def token_logps(hidden: mx.array, targets: mx.array, arrays: dict):
+            return forward(hidden, targets, arrays)
+
+    else:
+
+        @mx.custom_function
+        def token_logps(hidden: mx.array, targets: mx.array, arrays: dict) -> mx.array:
+            return forward(hidden, targets, arrays)[0]
 
     @token_logps.vjp
     def token_logps_vjp(primals: tuple, cotangent: mx.array, output: mx.array) -> tuple:
+        if with_sum_sq:  # log Σ p² is a detached weight: only log p's cotangent counts
+            cotangent, output = cotangent[0], output[0]
         hidden, targets, arrays = primals
         w, h, g = replace(head, arrays=arrays), hidden.astype(mx.float32), cotangent[:, None]
         w_target = w.rows(targets)
@@ -201,17 +236,30 @@ def lean_token_logps(
         grad_hidden = mx.concatenate(grad_h).astype(hidden.dtype)
         return grad_hidden, mx.zeros_like(targets), grads
 
-    return token_logps(hidden, targets.astype(mx.int32), head.arrays)
+    out = token_logps(hidden, targets.astype(mx.int32), head.arrays)
+    return (out[0], mx.stop_gradient(out[1])) if with_sum_sq else out
 
 
-def forward_logps(
+class PairForward(NamedTuple):
+    """What the log-prob head returns for a preference batch (rows 0..B-1 chosen, B..2B-1
+    rejected); every field (2B,) float32."""
+
+    logps: mx.array  # summed completion log-probs (LD-DPO's sums when ld_alpha is set)
+    counts: mx.array  # completion tokens per row
+    plain_logps: mx.array  # summed completion log-probs, never LD-weighted
+    weights: mx.array | None  # WPO: exp(mean_t(log p_t - log Σ_v p_v²)), detached
+
+
+def forward_pair_logps(
     model: nn.Module,
     batch: Any,
     *,
     lean: bool = True,
     vocab_chunk: int = 8192,
     token_chunk: int = 256,
-) -> tuple[mx.array, mx.array]:
+    ld_alpha: float | None = None,
+    with_weights: bool = False,
+) -> PairForward:
     """Summed completion log-probs of every row of a preference batch, in one forward.
 
     Args:
@@ -221,27 +269,72 @@ def forward_logps(
             (= tokens[r, positions + 1]) and ``target_mask`` (2B, C) (1 on real completion tokens).
         lean: project only completion positions through the head in tiles (``lean_token_logps``);
             False, or a head ``LMHead`` cannot read, computes full logits first.
-
-    Returns:
-        logps (2B,) float32 and counts (2B,) float32 (completion tokens per row).
+        ld_alpha: LD-DPO (Liu et al. 2024): ``logps`` sums the first ℓ = min(|yw|, |yl|)
+            completion tokens of each pair plus ld_alpha times the tokens past ℓ.
+        with_weights: also compute WPO's sequence weights (Zhou et al. 2024, Eq. 2).
     """
+    from mlx_dpo import cpu_kernels
+
     inputs = _as_mx(batch.tokens)[:, :-1]
     positions, targets = _as_mx(batch.positions, mx.int32), _as_mx(batch.targets, mx.int32)
     target_mask = _as_mx(batch.target_mask, mx.float32)
     head = LMHead.from_model(model) if lean else None
+    log_sum_sq = None
     if head is None:
         # Full logits, but the logsumexp only at completion positions: (2B, C, V) in fp32.
         logits = mx.take_along_axis(model(inputs), positions[..., None], axis=1)
         logits = logits.astype(mx.float32)
         picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        token_logps = picked - mx.logsumexp(logits, axis=-1)
+        lse = mx.logsumexp(logits, axis=-1)
+        token_logps = picked - lse
+        if with_weights:
+            log_sum_sq = mx.stop_gradient(mx.logsumexp(2.0 * logits, axis=-1) - 2.0 * lse)
     else:
         hidden = mx.take_along_axis(model.model(inputs), positions[..., None], axis=1)
         rows, width = positions.shape
-        flat = lean_token_logps(
+        out = lean_token_logps(
             hidden.reshape(rows * width, -1), head, targets.reshape(-1),
-            vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+            vocab_chunk=vocab_chunk, token_chunk=token_chunk, with_sum_sq=with_weights,
+            fast_exp=cpu_kernels.installed(model) and cpu_kernels.enabled(),
         )  # fmt: skip
+        flat, flat_sq = out if with_weights else (out, None)
         token_logps = flat.reshape(rows, width)
-    logps = mx.where(target_mask > 0, token_logps * target_mask, 0.0).sum(-1)
-    return logps, target_mask.sum(-1)
+        if with_weights:
+            log_sum_sq = flat_sq.reshape(rows, width)
+    token_logps = mx.where(target_mask > 0, token_logps * target_mask, 0.0)
+    counts = target_mask.sum(-1)
+    plain = token_logps.sum(-1)
+    logps = plain if ld_alpha is None else _ld_logps(token_logps, target_mask, counts, ld_alpha)
+    weights = None
+    if with_weights:
+        adjusted = mx.where(target_mask > 0, token_logps - log_sum_sq * target_mask, 0.0)
+        weights = mx.stop_gradient(mx.exp(adjusted.sum(-1) / mx.maximum(counts, 1.0)))
+    return PairForward(logps, counts, plain, weights)
+
+
+def _ld_logps(token_logps, target_mask, counts, alpha: float) -> mx.array:
+    """LD-DPO's sums: the first ℓ = min(|yw|, |yl|) completion tokens of each pair count fully,
+    the longer answer's tokens past ℓ count alpha times (its length bias is damped)."""
+    b = counts.shape[0] // 2
+    shared = mx.minimum(counts[:b], counts[b:])
+    shared = mx.concatenate([shared, shared])[:, None]
+    position = mx.cumsum(target_mask, axis=1)  # 1 at the first completion token
+    in_shared = (position <= shared).astype(mx.float32)
+    return (token_logps * (in_shared + alpha * (1.0 - in_shared))).sum(-1)
+
+
+def forward_logps(
+    model: nn.Module,
+    batch: Any,
+    *,
+    lean: bool = True,
+    vocab_chunk: int = 8192,
+    token_chunk: int = 256,
+    ld_alpha: float | None = None,
+) -> tuple[mx.array, mx.array]:
+    """(logps (2B,), counts (2B,)) float32 of ``forward_pair_logps`` (same arguments)."""
+    out = forward_pair_logps(
+        model, batch, lean=lean, vocab_chunk=vocab_chunk, token_chunk=token_chunk,
+        ld_alpha=ld_alpha,
+    )  # fmt: skip
+    return out.logps, out.counts

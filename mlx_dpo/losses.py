@@ -9,13 +9,19 @@ docstring says otherwise:
 
 * ``label_smoothing`` on ``sigmoid`` is conservative DPO (cDPO, the DPO paper code); TRL 1.16
   silently ignores it there.
-* ``reference_free=True`` (or no reference log-probs) sets the reference log-ratio to 0; the
-  rewards are then ``beta * policy_logps``.
+* ``reference_free=True`` sets the reference log-ratio to 0 in the loss only; the rewards stay
+  ``beta * (policy - reference)`` when reference log-probs are given (the DPO paper code: they
+  measure drift from the reference), and are ``beta * policy_logps`` when none are given.
+* ``use_weighting`` (WPO, Zhou et al. 2024) multiplies each example's loss by the detached
+  weight ``chosen_weights * rejected_weights`` that the log-prob head computes; ``ld_alpha``
+  (LD-DPO, Liu et al. 2024) is applied by the head too (``mlx_dpo.logps.forward_pair_logps``):
+  the log-probs passed in are then LD-DPO's sums, and ``sft`` reads ``sft_chosen_logps``.
 * ``rpo_alpha`` adds ``sft`` with weight alpha (RPO; TRL 1.16 spells it ``["sigmoid", "sft"]``).
 * Extra loss types not in TRL's DPOTrainer: ``simpo`` (Meng et al. 2024) and ``orpo`` (Hong et
   al. 2024); ``ipo_length_normalize=False`` gives the IPO paper code's summed form.
 
-All math is float32 in stable forms: log_sigmoid, sigmoid(-x) instead of 1 - sigmoid(x), exp
+All math is float32 in stable forms (bf16/fp16 log-probs are refused: a difference of two sums
+of hundreds of token log-probs keeps no correct digit in bf16): log_sigmoid, sigmoid(-x) instead of 1 - sigmoid(x), exp
 exponents clamped at 80 (float32 overflows at 88.7) or folded into log space.
 """
 
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import mlx.core as mx
@@ -276,7 +282,12 @@ LOSSES: dict[str, Callable[[PairLogps], mx.array]] = {
 
 
 def _vector(x: Any, name: str) -> mx.array:
-    x = (x if isinstance(x, mx.array) else mx.array(x)).astype(mx.float32)
+    x = x if isinstance(x, mx.array) else mx.array(x)
+    if x.dtype in (mx.bfloat16, mx.float16):
+        # bf16 has 8 significant bits: a sum near -300 is off by up to ~1, larger than the
+        # margins DPO works with. The log-prob head returns float32; keep it.
+        raise ValueError(f"{name} must be float32 log-probs, got {x.dtype}")
+    x = x.astype(mx.float32)
     if x.ndim != 1:
         raise ValueError(f"{name} must be a (B,) vector, got shape {tuple(x.shape)}")
     return x
@@ -301,6 +312,11 @@ def dpo_loss(
     ipo_length_normalize: bool = True,
     rpo_alpha: float | None = None,
     simpo_gamma: float = 0.5,
+    use_weighting: bool = False,
+    chosen_weights: Any = None,
+    rejected_weights: Any = None,
+    ld_alpha: float | None = None,
+    sft_chosen_logps: Any = None,
 ) -> DPOOutput:
     """Preference loss of a batch of pairs from per-sequence log-probs.
 
@@ -321,45 +337,83 @@ def dpo_loss(
         ipo_length_normalize: False gives IPO on summed log-probs (the DPO paper code).
         rpo_alpha: RPO (Pang et al. 2024): adds ``sft`` with weight alpha.
         simpo_gamma: γ, SimPO's target margin.
+        use_weighting: WPO: multiply each example's loss (of every loss type) by
+            ``chosen_weights * rejected_weights``, (B,) each, detached: the sequence weights
+            exp(mean_t(log p_t - log Σ_v p_v²)) from ``logps.forward_pair_logps``.
+        ld_alpha: LD-DPO's α in [0, 1]; the log-probs passed in are then LD-DPO's sums (the
+            first min(|yw|, |yl|) tokens plus α times the rest; ``forward_pair_logps``).
+        sft_chosen_logps: (B,) plain summed chosen log-probs for ``sft`` when the inputs are
+            LD-DPO sums (default: policy_chosen_logps).
 
     Returns:
         DPOOutput(loss (), losses (B,), chosen_rewards (B,), rejected_rewards (B,)) with rewards
-        β·(policy - reference) logps, detached (β·policy logps without a reference).
+        β·(policy - reference) logps, detached, also with ``reference_free`` (β·policy logps
+        when no reference is given).
     """
     names, weights = check_loss_options(
         loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing,
         f_divergence_type=f_divergence_type, rpo_alpha=rpo_alpha,
+        use_weighting=use_weighting, ld_alpha=ld_alpha,
     )  # fmt: skip
 
     policy_chosen = _vector(policy_chosen_logps, "policy_chosen_logps")
     policy_rejected = _vector(policy_rejected_logps, "policy_rejected_logps")
     if (reference_chosen_logps is None) != (reference_rejected_logps is None):
         raise ValueError("pass both reference_chosen_logps and reference_rejected_logps, or none")
-    if reference_free or reference_chosen_logps is None:
-        reference_chosen = reference_rejected = mx.zeros_like(policy_chosen)
+    zeros = mx.zeros_like(policy_chosen)
+    if reference_chosen_logps is None:
+        reference_chosen = reference_rejected = zeros
     else:
         reference_chosen = _vector(reference_chosen_logps, "reference_chosen_logps")
         reference_rejected = _vector(reference_rejected_logps, "reference_rejected_logps")
     given = {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
     lengths = {k: None if v is None else _vector(v, k) for k, v in given.items()}
+    extra = {"chosen_weights": chosen_weights, "rejected_weights": rejected_weights}
+    extra["sft_chosen_logps"] = sft_chosen_logps
+    extra = {k: None if v is None else _vector(v, k) for k, v in extra.items()}
+    if use_weighting and (extra["chosen_weights"] is None or extra["rejected_weights"] is None):
+        raise ValueError("use_weighting needs chosen_weights and rejected_weights (WPO weights)")
     arrays = [policy_chosen, policy_rejected, reference_chosen, reference_rejected]
-    arrays += [v for v in lengths.values() if v is not None]
+    arrays += [v for v in (*lengths.values(), *extra.values()) if v is not None]
     shapes = {tuple(a.shape) for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"all inputs must be (B,) with the same B, got shapes {sorted(shapes)}")
 
     pairs = PairLogps(
-        policy_chosen, policy_rejected, reference_chosen, reference_rejected, **lengths,
-        beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
-        ipo_length_normalize=ipo_length_normalize, simpo_gamma=simpo_gamma,
+        policy_chosen, policy_rejected,
+        zeros if reference_free else reference_chosen,
+        zeros if reference_free else reference_rejected,
+        **lengths, beta=beta, label_smoothing=label_smoothing,
+        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau, ipo_length_normalize=ipo_length_normalize,
+        simpo_gamma=simpo_gamma,
     )  # fmt: skip
-    per_type = [w * LOSSES[name](pairs) for name, w in zip(names, weights, strict=True)]
+    sft_pairs = pairs
+    if extra["sft_chosen_logps"] is not None:  # LD-DPO: the NLL term reads the plain sums
+        sft_pairs = replace(pairs, policy_chosen_logps=extra["sft_chosen_logps"])
+    per_type = [
+        w * LOSSES[name](sft_pairs if name == "sft" else pairs)
+        for name, w in zip(names, weights, strict=True)
+    ]
     losses = sum(per_type[1:], per_type[0])
-    # Rewards are the implicit reward model r = β log π/π_ref (DPO §5), never differentiated.
-    chosen_rewards = mx.stop_gradient(beta * pairs.chosen_logratios)
-    rejected_rewards = mx.stop_gradient(beta * pairs.rejected_logratios)
+    if use_weighting:  # WPO (Zhou et al. 2024, Eq. 2): a detached per-pair weight
+        losses = losses * mx.stop_gradient(extra["chosen_weights"] * extra["rejected_weights"])
+    # Rewards are the implicit reward model r = β log π/π_ref (DPO §5), never differentiated;
+    # reference_free changes the loss only (the paper code keeps the rewards against the
+    # reference, as a measure of drift).
+    chosen_rewards = mx.stop_gradient(beta * (policy_chosen - reference_chosen))
+    rejected_rewards = mx.stop_gradient(beta * (policy_rejected - reference_rejected))
     return DPOOutput(losses.mean(), losses, chosen_rewards, rejected_rewards)
+
+
+def pair_extras(forward: Any, b: int) -> dict[str, Any]:
+    """dpo_loss's WPO weights and LD-DPO's plain chosen sums from a ``logps.PairForward`` of
+    B = ``b`` pairs (rows 0..b-1 chosen, b..2b-1 rejected)."""
+    extras: dict[str, Any] = {"sft_chosen_logps": forward.plain_logps[:b]}
+    if forward.weights is not None:
+        extras["chosen_weights"] = forward.weights[:b]
+        extras["rejected_weights"] = forward.weights[b:]
+    return extras
 
 
 def check_loss_options(
@@ -370,6 +424,8 @@ def check_loss_options(
     label_smoothing: float = 0.0,
     f_divergence_type: str = "reverse_kl",
     rpo_alpha: float | None = None,
+    use_weighting: bool = False,
+    ld_alpha: float | None = None,
     **other_options: Any,
 ) -> tuple[list[str], list[float]]:
     """Check ``dpo_loss``'s options without any data (a config can call it with all of them).
@@ -399,6 +455,13 @@ def check_loss_options(
         raise ValueError(f"label_smoothing only applies to {LABEL_SMOOTHING_LOSSES}, not {names}")
     if f_divergence_type not in F_DIVERGENCES:
         raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCES)}")
+    if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
+        raise ValueError(
+            f"ld_alpha is LD-DPO's weight of the longer answer's tail, in [0, 1]; got {ld_alpha}"
+        )
+    if use_weighting and {"aot", "aot_unpaired"} & set(names):
+        # AOT's per-example losses come out sorted: they no longer belong to a pair (as TRL)
+        raise ValueError("use_weighting (WPO) does not apply to aot/aot_unpaired (sorted losses)")
     refused = [n for n in names if n not in F_DIVERGENCE_LOSSES]
     if f_divergence_type != "reverse_kl" and refused:
         raise ValueError(

@@ -22,12 +22,12 @@ memory_calibration.py --grid full --fit). On Metal and CUDA the structure is the
 not re-measured there.
 
 `check_fits(plan)` compares the plan (plus the runtime's own ~0.5 GB) with the memory MLX can
-use: Metal's recommended working set when the device reports one, else the machine's RAM.
+use (`available_bytes(platform)`): Metal's recommended working set, a CUDA device's memory, or
+the machine's RAM on a CPU.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from mlx.utils import tree_flatten
 
 from mlx_dpo import cpu_kernels
 from mlx_dpo.config import ConfigError
+from mlx_dpo.platform import Platform, detect
 
 RUNTIME_OVERHEAD = 512 << 20  # Python, MLX, mlx-lm, tokenizer: resident but not in the plan
 PAD_TO = 32  # data.collate pads rows to a multiple of this
@@ -342,25 +343,30 @@ def _float_size(params: dict) -> int:
     return max(set(sizes), key=sizes.count) if sizes else 4
 
 
-def available_bytes() -> tuple[int, str]:
-    """(bytes MLX may use, where the number comes from). Keys differ per backend: guarded."""
-    try:
-        info = mx.device_info()
-    except (AttributeError, RuntimeError):
-        info = {}
-    if "max_recommended_working_set_size" in info:  # Metal
+def available_bytes(plat: Platform | None = None) -> tuple[int, str]:
+    """(bytes MLX may use, where the number comes from) on `plat` (default: this machine).
+
+    Metal: the recommended working set (~75% of unified memory; more gets paged out or fails);
+    CUDA: the GPU's total memory when the device reports it; a CPU: the machine's RAM. Keys of
+    `mx.device_info()` differ per backend, so each is read only where it exists."""
+    plat = plat or detect()
+    info = plat.device_info
+    if plat.backend == "metal" and info.get("max_recommended_working_set_size"):
         return int(info["max_recommended_working_set_size"]), "Metal's recommended working set"
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "total RAM"
-    except (ValueError, OSError, AttributeError):
-        return 0, "unknown"
+    if plat.backend == "cuda" and info.get("total_memory"):
+        return int(info["total_memory"]), "the CUDA device's memory"
+    if plat.memory_bytes > 0:
+        return plat.memory_bytes, "unified memory" if plat.backend == "metal" else "total RAM"
+    return 0, "unknown"
 
 
-def check_fits(plan: MemoryPlan, available: int | None = None) -> None:
+def check_fits(
+    plan: MemoryPlan, available: int | None = None, plat: Platform | None = None
+) -> None:
     """Raise ConfigError, with the numbers and what to change, when the step will not fit."""
     source = "given"
     if available is None:
-        available, source = available_bytes()
+        available, source = available_bytes(plat)
     need = plan.total_bytes + RUNTIME_OVERHEAD
     if available <= 0 or need <= available:
         return

@@ -4,7 +4,10 @@ Decisions:
 - The reference is the same weights with the adapters off; no second copy (DESIGN.md).
 - On MLX's CPU backend `quantized_matmul` runs at ~3 GFLOP/s and bf16 matmul at ~7 against
   ~400 for fp32 sgemm, so there a quantized base keeps its 4/8-bit storage and is dequantized to
-  float32 right before each matmul (`DequantLinear`); on Metal and CUDA the native kernels stay.
+  float32 right before each matmul (`DequantLinear`); on Metal and CUDA the native kernels stay
+  (QuantizedLinear through `mx.quantized_matmul`, bf16/fp16 weights and activations). The choice
+  is made from a `mlx_dpo.platform.Platform` (detected when not given), so tests run both paths
+  on any machine. The dtype of each part of the step on each path: docs/precision.md.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from mlx_dpo.platform import Platform, detect, set_wired_limit
 
 ADAPTER_LAYERS = (LoRALinear, DoRALinear, LoRAEmbedding, DoRAEmbedding, LoRASwitchLinear)
 
@@ -85,8 +90,10 @@ def load(
     quantize: int | None = None,
     q_group_size: int = 64,
     compute_dtype: str = "auto",
+    platform: Platform | None = None,
 ) -> LoadedModel:
-    """Load model and tokenizer, optionally quantize, and set up the compute path."""
+    """Load model and tokenizer, optionally quantize, and set up the compute path for
+    `platform` (default: this machine's)."""
     from mlx_lm.utils import load_model, load_tokenizer
 
     path = resolve_path(model, revision)
@@ -99,7 +106,7 @@ def load(
     notes = [f"rope_theta={fixes['rope_theta']} taken from rope_parameters"] if fixes else []
     if quantize:
         notes += quantize_model(net, bits=quantize, group_size=q_group_size)
-    notes += set_compute_path(net, compute_dtype)
+    notes += set_compute_path(net, compute_dtype, platform)
     net.freeze()
     net.eval()
     return LoadedModel(net, tokenizer, path, config, notes)
@@ -180,11 +187,24 @@ class DequantEmbedding(nn.QuantizedEmbedding):
         return x.astype(mx.float32) @ _dequantized(self).T
 
 
-def set_compute_path(model: nn.Module, compute_dtype: str = "auto") -> list[str]:
-    """Choose how the frozen base computes; returns a note for the user."""
-    on_cpu = mx.default_device() == mx.cpu
+def set_compute_path(
+    model: nn.Module, compute_dtype: str = "auto", platform: Platform | None = None
+) -> list[str]:
+    """Choose how the frozen base computes on `platform`; returns notes for the user.
+
+    "auto": on a CPU, float32 (quantized layers dequantized at use, the x86 kernels where they
+    apply); on Metal/CUDA the model's own dtype and quantized kernels ("native"). A float dtype
+    casts every float parameter to it (quantized layers keep their storage; with float32 they
+    are dequantized at use)."""
+    from mlx_dpo import cpu_kernels
+
+    platform = platform or detect()
+    on_cpu = not platform.gpu
+    notes = [n for n in [set_wired_limit(platform)] if n]
     if compute_dtype == "native" or (compute_dtype == "auto" and not on_cpu):
-        return []
+        # mlx-lm's own attention and SwiGLU (undoes an earlier x86 model's swap in this process)
+        cpu_kernels.install(model, platform, allowed=False)
+        return notes
     dtype = mx.float32 if compute_dtype == "auto" else getattr(mx, compute_dtype)
     n_quant = 0
     for _, module in model.named_modules():
@@ -202,17 +222,14 @@ def set_compute_path(model: nn.Module, compute_dtype: str = "auto") -> list[str]
     )
     if n_cast:
         model.update(tree_unflatten(list(floats.items())))
-    notes = []
     if n_quant:
         notes.append(
             f"{n_quant} quantized layers dequantized at use for {dtype} compute (fast on CPU)"
         )
     if n_cast:
         notes.append(f"{n_cast} tensors cast to {dtype} for compute")
-    if on_cpu and dtype == mx.float32:
-        from mlx_dpo import cpu_kernels
-
-        notes += cpu_kernels.install(model)
+    # The x86 kernels compute in float32: only on that path.
+    notes += cpu_kernels.install(model, platform, allowed=on_cpu and dtype == mx.float32)
     return notes
 
 

@@ -61,9 +61,12 @@ def cache_key(model_identity: dict, pairs) -> str:
     return pairs_digest(pairs, h)
 
 
-def compute(model, pairs, *, batch_size: int, group=None) -> tuple[np.ndarray, np.ndarray]:
-    """Summed completion log-probs of every pair under `model` (no gradient), float32.
-    Distributed: each rank scores every world-th batch and the shards are summed together."""
+def compute(
+    model, pairs, *, batch_size: int, group=None, ld_alpha: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Summed completion log-probs of every pair under `model` (no gradient), float32 (LD-DPO's
+    sums with `ld_alpha`). Distributed: each rank scores every world-th batch and the shards are
+    summed together."""
     world, rank = (group.size(), group.rank()) if group else (1, 0)
     chosen = np.zeros(len(pairs), np.float32)
     rejected = np.zeros(len(pairs), np.float32)
@@ -71,7 +74,7 @@ def compute(model, pairs, *, batch_size: int, group=None) -> tuple[np.ndarray, n
         if i % world != rank:
             continue
         for batch in update.micro_batches:
-            logps, _ = forward_logps(model, batch)
+            logps, _ = forward_logps(model, batch, ld_alpha=ld_alpha)
             logps = np.array(mx.stop_gradient(logps).astype(mx.float32))
             chosen[batch.index] = logps[: batch.size]
             rejected[batch.index] = logps[batch.size :]
@@ -95,7 +98,9 @@ def cached_compute(
         cached = cached if hits == group.size() else None
     if cached is not None:
         return cached[0], cached[1], True
-    chosen, rejected = compute(model, pairs, batch_size=batch_size, group=group)
+    # LD-DPO's reference sums differ from the plain ones; the identity (cache key) holds alpha
+    ld_alpha = model_identity.get("ld_alpha")
+    chosen, rejected = compute(model, pairs, batch_size=batch_size, group=group, ld_alpha=ld_alpha)
     is_main = group is None or group.rank() == 0
     if use_cache and is_main:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from mlx_dpo import _testhooks, checkpoint, cpu_kernels, data, lifecycle, memory
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
 from mlx_dpo.model import adapter_config
+from mlx_dpo.platform import Platform, detect
 from mlx_dpo.report import JsonlSink, Reporter, check_sinks, make_sinks
 from mlx_dpo.rundir import RunDir
 from mlx_dpo.stop import StopSignals
@@ -66,7 +67,8 @@ def load_pairs(cfg: TrainConfig, tokenizer, log, splits: dict | None = None) -> 
     return out[0], out[1]
 
 
-def model_identity(cfg: TrainConfig, loaded) -> dict:
+def model_identity(cfg: TrainConfig, loaded, plat: Platform | None = None) -> dict:
+    plat = plat or detect()
     ident = {
         "model": reference.fingerprint_dir(loaded.path),
         "quantize": cfg.quantize,
@@ -74,8 +76,11 @@ def model_identity(cfg: TrainConfig, loaded) -> dict:
         "compute_dtype": cfg.compute_dtype,
         "device": str(mx.default_device()),
         "mlx": mx.__version__,
-        "cpu_kernels": cpu_kernels.enabled(),  # a different exp: round-off-level differences
+        "cpu_kernels": cpu_kernels.enabled(plat),  # a different exp: round-off-level differences
+        "platform": plat.kind,  # Metal and CUDA are both "gpu" devices; their kernels differ
     }
+    if cfg.ld_alpha is not None:  # LD-DPO's reference sums are other numbers
+        ident["ld_alpha"] = cfg.ld_alpha
     if cfg.init_adapter:
         ident["init_adapter"] = reference.fingerprint_dir(Path(cfg.init_adapter))
     if cfg.ref_model:

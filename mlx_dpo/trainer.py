@@ -23,8 +23,8 @@ from mlx.utils import tree_map
 
 from mlx_dpo import _testhooks, checkpoint
 from mlx_dpo.data import iterate_batches
-from mlx_dpo.logps import forward_logps
-from mlx_dpo.losses import METRIC_KEYS, dpo_loss, dpo_metrics
+from mlx_dpo.logps import forward_logps, forward_pair_logps
+from mlx_dpo.losses import METRIC_KEYS, dpo_loss, dpo_metrics, pair_extras
 from mlx_dpo.stop import Interrupted, StopSignals
 
 BATCH_FIELDS = (
@@ -56,8 +56,13 @@ def batch_arrays(batch) -> tuple:
 def batch_loss(model: nn.Module, arrays: tuple, loss_kwargs: dict):
     """DPO loss of one micro-batch. Returns (loss, metrics dict of scalars)."""
     batch = SimpleNamespace(**dict(zip(BATCH_FIELDS, arrays, strict=True)))
-    logps, counts = forward_logps(model, batch)
     b = batch.ref_chosen.shape[0]
+    ld_alpha, wpo = loss_kwargs.get("ld_alpha"), loss_kwargs.get("use_weighting", False)
+    if ld_alpha is None and not wpo:
+        (logps, counts), extras = forward_logps(model, batch), {}
+    else:  # LD-DPO / WPO need per-token information from the head
+        fwd = forward_pair_logps(model, batch, ld_alpha=ld_alpha, with_weights=wpo)
+        logps, counts, extras = fwd.logps, fwd.counts, pair_extras(fwd, b)
     policy_chosen, policy_rejected = logps[:b], logps[b:]
     out = dpo_loss(
         policy_chosen,
@@ -66,6 +71,7 @@ def batch_loss(model: nn.Module, arrays: tuple, loss_kwargs: dict):
         batch.ref_rejected,
         chosen_lengths=counts[:b],
         rejected_lengths=counts[b:],
+        **extras,
         **loss_kwargs,
     )
     metrics = dpo_metrics(out, policy_chosen, policy_rejected)

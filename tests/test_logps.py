@@ -13,7 +13,13 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import qwen2
 
-from mlx_dpo.logps import LMHead, forward_logps, lean_token_logps, sequence_logps
+from mlx_dpo.logps import (
+    LMHead,
+    forward_logps,
+    forward_pair_logps,
+    lean_token_logps,
+    sequence_logps,
+)
 
 
 def _np(x: mx.array) -> np.ndarray:
@@ -362,3 +368,86 @@ def test_lean_peak_memory_is_bounded_by_the_tile():
     assert full >= naive  # the measurement does see an N x V array when one exists
     # MLX's CPU scheduler keeps ~10 tasks in flight, so about a dozen tiles (~6 MiB) can be live.
     assert forward < 0.25 * naive and backward < 0.25 * naive, (forward, backward, naive)
+
+
+# ---------------------------------------------------------------- LD-DPO and WPO from the head
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "plain"])
+@pytest.mark.parametrize("kind", ["tied", "quantized32"])
+def test_ld_dpo_sums_and_wpo_weights_match_torch(kind, lean):
+    """Rows 0-1 chosen, 2-3 rejected: pairs (6 vs 9 tokens) and (2 vs 4). LD-DPO's sums and
+    WPO's weights from the lean tiles (or full logits) against loops over float64 logits."""
+    torch = pytest.importorskip("torch")
+    from torch_reference import pair_sequence_stats
+
+    model = _tiny_model(kind)
+    batch = _batch(4, vocab=320, rows=((3, 6), (5, 2), (2, 9), (4, 4)))
+    out = forward_pair_logps(
+        model, batch, lean=lean, vocab_chunk=64, token_chunk=5, ld_alpha=0.3, with_weights=True
+    )
+    logits = torch.tensor(np.array(model(mx.array(batch.tokens)), np.float64))
+    plain, ld, weight = pair_sequence_stats(logits, torch.tensor(batch.labels), ld_alpha=0.3)
+    assert _np(out.counts).tolist() == [6, 2, 9, 4]
+    np.testing.assert_allclose(_np(out.plain_logps), plain.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_np(out.logps), ld.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_np(out.weights), weight.numpy(), rtol=1e-5)
+    # the shorter answer of each pair is counted whole; only the longer one's tail is damped
+    assert _np(out.logps)[[0, 1]] == pytest.approx(_np(out.plain_logps)[[0, 1]], rel=1e-6)
+    assert not np.allclose(_np(out.logps)[[2, 3]], _np(out.plain_logps)[[2, 3]])
+    # ld_alpha = 1 is plain DPO; the default call leaves the sums alone and computes no weights
+    one = forward_pair_logps(model, batch, lean=lean, vocab_chunk=64, ld_alpha=1.0)
+    np.testing.assert_allclose(_np(one.logps), _np(out.plain_logps), rtol=1e-6)
+    assert one.weights is None
+
+
+def test_wpo_weights_carry_no_gradient_and_keep_the_logps_gradient():
+    model = _tiny_model("tied")
+    batch = _batch(5, vocab=320)
+
+    def loss(with_weights):
+        def f(model):
+            out = forward_pair_logps(model, batch, vocab_chunk=64, with_weights=with_weights)
+            return out.logps.sum() + (0.0 if out.weights is None else 7.0 * out.weights.sum())
+
+        return dict(tree_flatten(nn.value_and_grad(model, f)(model)[1]))
+
+    with_w, without = loss(True), loss(False)
+    for name, g in without.items():
+        np.testing.assert_allclose(_np(with_w[name]), _np(g), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_training_with_ld_alpha_and_wpo_end_to_end(tiny_model_path, tmp_path):
+    """--ld-alpha reaches the reference pass too (step-1 loss still ln 2, and a cached plain
+    reference is not reused); --use-weighting scales the step-1 loss by the mean WPO weight."""
+    import json
+
+    from test_trainer import make_cfg, read_metrics
+
+    from mlx_dpo.run import run_training
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    rows = [  # chosen answers longer than rejected ones: LD-DPO damps their tails
+        {"prompt": f"Question {i}: say it?", "chosen": "Sure! " + "one two three " * (1 + i % 3),
+         "rejected": "No."}
+        for i in range(8)
+    ]  # fmt: skip
+    (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logs = {}
+    for name, options in {
+        "plain": {},
+        "ld": dict(ld_alpha=0.5),
+        "wpo": dict(use_weighting=True, ld_alpha=0.5, loss_type=["sigmoid", "sft"]),
+    }.items():
+        lines = []
+        cfg = make_cfg(tiny_model_path, data_dir, tmp_path / name, iters=2, batch_size=4,
+                       reference_cache=True, **options)  # fmt: skip
+        run_training(cfg, log=lines.append)
+        logs[name] = (read_metrics(tmp_path / name), " ".join(lines))
+    assert "reference log-probs (train): computed" in logs["ld"][1]  # not plain's cache entry
+    assert logs["ld"][0][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert logs["ld"][0][0]["logps/chosen"] != logs["plain"][0][0]["logps/chosen"]
+    first = logs["wpo"][0][0]
+    # at random init the data is far off-policy: tiny WPO weights, a loss far below ln 2
+    assert math.isfinite(first["loss"]) and first["loss"] < 0.5 * math.log(2)

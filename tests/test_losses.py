@@ -187,6 +187,10 @@ def test_rpo_alpha_is_sigmoid_plus_weighted_sft():
         (dict(loss_type="bco_pair", f_divergence_type="js_divergence"), "bco_pair"),
         (dict(f_divergence_type="kl"), "f_divergence_type"),
         (dict(chosen_lengths=[1, 2, 3], rejected_lengths=[1, 2]), "same B"),
+        (dict(use_weighting=True), "chosen_weights"),
+        (dict(loss_type="aot", use_weighting=True, chosen_weights=[1, 1]), "aot"),
+        (dict(ld_alpha=1.5), "ld_alpha"),
+        (dict(ld_alpha=-0.1), "ld_alpha"),
     ],
 )
 def test_bad_options_raise(kwargs, message):
@@ -200,6 +204,59 @@ def test_check_loss_options_without_data():
     assert names == (["sigmoid", "sft"], [1.0, 0.5])
     with pytest.raises(ValueError, match="valid ones"):
         check_loss_options(loss_type="nope", simpo_gamma=1.0)
+
+
+def test_reference_free_keeps_rewards_against_the_reference():
+    """The DPO paper code: reference_free drops the reference from the loss only; the rewards
+    stay beta (policy - reference). Same with cDPO. Without a reference: beta * policy."""
+    pc, pr, rc, rr = [-2.0, -4.0], [-3.0, -1.0], [-1.0, -5.0], [-2.5, -2.0]
+    for eps in (0.0, 0.2):
+        free = dpo_loss(pc, pr, rc, rr, beta=0.5, reference_free=True, label_smoothing=eps)
+        np.testing.assert_allclose(_np(free.chosen_rewards), [-0.5, 0.5], rtol=1e-6)
+        np.testing.assert_allclose(_np(free.rejected_rewards), [-0.25, 0.5], rtol=1e-6)
+        # the loss is that of no reference at all: d = pc - pr = [1, -3]
+        none = dpo_loss(pc, pr, beta=0.5, label_smoothing=eps)
+        assert free.loss.item() == none.loss.item()
+        z = np.array([0.5, -1.5])
+        expected = -(1 - eps) * -np.logaddexp(0, -z) - eps * -np.logaddexp(0, z)
+        assert none.loss.item() == pytest.approx(expected.mean(), rel=1e-6)
+    np.testing.assert_allclose(_np(none.chosen_rewards), [-1.0, -2.0], rtol=1e-6)
+    np.testing.assert_allclose(_np(none.rejected_rewards), [-1.5, -0.5], rtol=1e-6)
+
+
+def test_wpo_weights_multiply_each_pair_and_are_detached():
+    """WPO by hand: losses[i] = W_i * ln 2 at d = 0, W = chosen_weights * rejected_weights, and
+    the weights get no gradient."""
+    same = [-3.0, -5.0, -7.0]
+    w_c, w_r = mx.array([0.5, 1.0, 0.1]), mx.array([0.2, 1.0, 3.0])
+    out = dpo_loss(same, same, same, same, use_weighting=True, chosen_weights=w_c,
+                   rejected_weights=w_r)  # fmt: skip
+    np.testing.assert_allclose(_np(out.losses), np.array([0.1, 1.0, 0.3]) * LN2, rtol=1e-6)
+    grad = mx.grad(
+        lambda w: (
+            dpo_loss(
+                same, [-4.0] * 3, use_weighting=True, chosen_weights=w, rejected_weights=w_r
+            ).loss
+        )  # fmt: skip
+    )(w_c)
+    assert not np.any(_np(grad))
+    unweighted = dpo_loss(same, same, same, same, chosen_weights=w_c, rejected_weights=w_r)
+    assert unweighted.loss.item() == pytest.approx(LN2, rel=1e-7)  # weights unused without it
+
+
+def test_ld_alpha_sft_reads_the_plain_sums():
+    args = ([-4.0, -9.0], [-5.0, -8.0], [-4.5, -9.0], [-5.0, -8.5])
+    lengths = dict(chosen_lengths=[3, 6], rejected_lengths=[4, 5])
+    sft = dpo_loss(*args, loss_type="sft", ld_alpha=0.5, sft_chosen_logps=[-6.0, -12.0], **lengths)
+    assert sft.loss.item() == pytest.approx(18 / 9, rel=1e-6)  # -(-6 - 12) / (3 + 6)
+
+
+def test_low_precision_logps_are_refused():
+    """A margin of bf16 sums is noise: -301.0 and -300.0 round to the same bf16 value."""
+    assert mx.array(-301.0, mx.bfloat16).item() == mx.array(-300.0, mx.bfloat16).item()
+    for dtype in (mx.bfloat16, mx.float16):
+        with pytest.raises(ValueError, match="float32"):
+            dpo_loss(mx.array([-301.0], dtype), mx.array([-300.0], dtype))
 
 
 def test_bad_shapes_raise():
@@ -264,6 +321,11 @@ CONFIGS = [dict(loss_type=name) for name in LOSSES if name != "exo_pair"] + [
     dict(loss_type="sigmoid", rpo_alpha=0.3),
     dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),  # MPO
     dict(loss_type=["hinge", "apo_zero"]),
+    dict(loss_type="sigmoid", use_weighting=True),  # WPO
+    dict(loss_type=["ipo", "sft"], loss_weights=[1.0, 0.5], use_weighting=True),
+    dict(loss_type="sigmoid", reference_free=True, label_smoothing=0.2),  # cDPO, no reference
+    dict(loss_type=["sigmoid", "sft"], ld_alpha=0.5),  # LD-DPO: sft reads the plain sums
+    dict(loss_type="sigmoid", rpo_alpha=0.3, ld_alpha=0.0, use_weighting=True),
 ]
 for _f in ("forward_kl", "js_divergence", "alpha_divergence"):
     for _name in F_DIVERGENCE_LOSSES:
@@ -279,10 +341,22 @@ def _config_id(config):
     return "-".join(f"{v}" if k == "loss_type" else f"{k}={v}" for k, v in config.items())
 
 
+def _extras(case, config) -> dict:
+    """WPO weights and LD-DPO's plain chosen sums, when the config reads them."""
+    n = len(case["logps"][0])
+    rng = np.random.default_rng(n)
+    extras = {}
+    if config.get("use_weighting"):
+        extras["chosen_weights"], extras["rejected_weights"] = rng.uniform(0.05, 1.5, (2, n))
+    if config.get("ld_alpha") is not None:
+        extras["sft_chosen_logps"] = case["logps"][0] - rng.uniform(0.0, 5.0, n)
+    return {k: v.astype(np.float32) for k, v in extras.items()}
+
+
 def _mlx_side(case, config):
     pc, pr, rc, rr = (mx.array(v) for v in case["logps"])
     kwargs = dict(config, beta=case["beta"], chosen_lengths=case["lengths"][0],
-                  rejected_lengths=case["lengths"][1])  # fmt: skip
+                  rejected_lengths=case["lengths"][1], **_extras(case, config))  # fmt: skip
     out = dpo_loss(pc, pr, rc, rr, **kwargs)
     grads = mx.grad(lambda *a: dpo_loss(*a, **kwargs).loss, argnums=(0, 1, 2, 3))(pc, pr, rc, rr)
     return out, grads
@@ -294,9 +368,11 @@ def _torch_side(case, config):
 
     logps = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in case["logps"]]
     lengths = [torch.tensor(v, dtype=torch.float64) for v in case["lengths"]]
+    extras = {k: torch.tensor(v, dtype=torch.float64) for k, v in _extras(case, config).items()}
     loss, losses, chosen_rewards, rejected_rewards = reference_loss(
-        *logps, **config, beta=case["beta"], chosen_lengths=lengths[0], rejected_lengths=lengths[1]
-    )
+        *logps, **config, beta=case["beta"], chosen_lengths=lengths[0],
+        rejected_lengths=lengths[1], **extras,
+    )  # fmt: skip
     grads = torch.autograd.grad(loss, logps, allow_unused=True)
     grads = [
         np.zeros(len(g_in)) if g is None else g.numpy()
@@ -364,8 +440,28 @@ def test_no_nan_or_inf_at_extremes(config):
     if config["loss_type"] == "ipo" and exponential_scores:
         pytest.skip("ipo squares scores up to e^80: beyond float32 whatever the code")
     lengths = dict(chosen_lengths=[1, 3, 0, 1, 100], rejected_lengths=[1, 3, 0, 1, 2])
-    kwargs = dict(config, beta=10.0, **lengths)
+    extras = {}
+    if config.get("use_weighting"):
+        extras = dict(chosen_weights=[1e-30, 1.0, 2.0, 0.5, 1e3], rejected_weights=[1.0] * 5)
+    if config.get("ld_alpha") is not None:
+        extras["sft_chosen_logps"] = [-1e4, -1.0, -0.5, -300.0, -2.0]
+    kwargs = dict(config, beta=10.0, **lengths, **extras)
     out = dpo_loss(pc, pr, rc, rr, **kwargs)
     grads = mx.grad(lambda *a: dpo_loss(*a, **kwargs).loss, argnums=(0, 1, 2, 3))(pc, pr, rc, rr)
     for value in (out.loss, out.losses, out.chosen_rewards, out.rejected_rewards, *grads):
         assert np.all(np.isfinite(_np(value))), value
+
+
+def test_wpo_and_ld_dpo_config_keys(tmp_path):
+    """YAML keys and flags come from TrainConfig's fields; a bad ld_alpha names the field."""
+    from mlx_dpo.config import LOSS_FIELDS, ConfigError, TrainConfig
+
+    (tmp_path / "c.yaml").write_text("use-weighting: true\nld_alpha: 0.25\n")
+    cfg = TrainConfig.from_yaml(tmp_path / "c.yaml")
+    assert (cfg.use_weighting, cfg.ld_alpha) == (True, 0.25)
+    assert {"use_weighting", "ld_alpha"} <= set(LOSS_FIELDS)
+    assert cfg.loss_kwargs()["ld_alpha"] == 0.25
+    with pytest.raises(ConfigError, match="ld_alpha"):
+        TrainConfig(ld_alpha=1.5)
+    with pytest.raises(ConfigError, match="aot"):
+        TrainConfig(loss_type=["aot"], use_weighting=True)

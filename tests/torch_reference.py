@@ -1,6 +1,7 @@
 """Our own small PyTorch (float64) reference of the DPO math, written from the papers' formulas
-(shared/reference/dpo-math.md §2-3) and kept deliberately naive: plain formulas, one if/elif
-chain, no shared code with mlx_dpo. The tests compare mlx_dpo's float32 MLX code against it.
+(DPO paper code, TRL 1.16's DPOTrainer) and kept deliberately naive: plain formulas, one
+if/elif chain, loops over rows, no shared code with mlx_dpo. The tests compare mlx_dpo's float32
+MLX code against it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,37 @@ def batch_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = Fals
     per_token = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(2)).squeeze(2)
     total = (per_token * mask).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def pair_sequence_stats(
+    logits: torch.Tensor, labels: torch.Tensor, ld_alpha: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of [chosen rows; rejected rows] (row r's pair partner is r +- B), from full logits
+    (2B, T, V) and labels (2B, T) as in ``batch_logps``, float64:
+
+    - the plain sum of the counted tokens' log-probs;
+    - LD-DPO's sum (Liu et al. 2024; TRL 1.16 ``ld_alpha``): with l = the shorter of the pair's
+      two completions, its first l tokens count fully, the rest ld_alpha times;
+    - WPO's weight (Zhou et al. 2024, Eq. 2; TRL 1.16 ``use_weighting``):
+      exp(mean over counted tokens of log p_t - log sum_v p_v^2), 1 for a row with no token.
+    """
+    logp = logits[:, :-1].double().log_softmax(-1)
+    labels = labels[:, 1:]
+    rows = logp.shape[0]
+    tokens, log_sum_sq = [], []
+    for r in range(rows):
+        at = (labels[r] != -100).nonzero().flatten()
+        tokens.append(logp[r, at, labels[r, at]])
+        log_sum_sq.append(torch.log((logp[r, at].exp() ** 2).sum(-1)))
+    plain, ld, weight = [], [], []
+    for r in range(rows):
+        partner = tokens[(r + rows // 2) % rows]
+        shared = min(len(tokens[r]), len(partner))
+        plain.append(tokens[r].sum())
+        ld.append(tokens[r][:shared].sum() + ld_alpha * tokens[r][shared:].sum())
+        mean = (tokens[r] - log_sum_sq[r]).sum() / max(len(tokens[r]), 1)
+        weight.append(torch.exp(mean))
+    return torch.stack(plain), torch.stack(ld), torch.stack(weight)
 
 
 def f_score(u: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
@@ -130,16 +162,33 @@ def dpo_loss(
     loss_weights: list[float] | None = None,
     reference_free: bool = False,
     rpo_alpha: float | None = None,
+    use_weighting: bool = False,
+    chosen_weights: torch.Tensor | None = None,
+    rejected_weights: torch.Tensor | None = None,
+    sft_chosen_logps: torch.Tensor | None = None,
+    ld_alpha: float | None = None,
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, losses, chosen_rewards, rejected_rewards); loss = sum_k w_k mean_i l_k[i]."""
-    if rc is None or reference_free:
+    """(loss, losses, chosen_rewards, rejected_rewards); loss = sum_k w_k mean_i l_k[i].
+
+    As the DPO paper code: reference_free zeroes the reference in the loss only; the rewards
+    stay beta (policy - reference), and are beta policy without a reference. WPO (TRL 1.16):
+    every loss type's per-example values are multiplied by chosen_weights * rejected_weights.
+    LD-DPO: pc..rr are already LD-DPO's sums; sft reads sft_chosen_logps (the plain sums)."""
+    if rc is None:
         rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
+    rc_loss, rr_loss = (torch.zeros_like(pc), torch.zeros_like(pr)) if reference_free else (rc, rr)
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = list(loss_weights) if loss_weights is not None else [1.0] * len(types)
     if rpo_alpha is not None:
         types, weights = types + ["sft"], weights + [rpo_alpha]
-    per_type = [per_example_loss(t, pc, pr, rc, rr, beta=beta, **options) for t in types]
+    per_type = []
+    for t in types:
+        chosen = sft_chosen_logps if t == "sft" and sft_chosen_logps is not None else pc
+        lk = per_example_loss(t, chosen, pr, rc_loss, rr_loss, beta=beta, **options)
+        if use_weighting:
+            lk = lk * (chosen_weights * rejected_weights).detach()
+        per_type.append(lk)
     loss = sum(w * lk.mean() for w, lk in zip(weights, per_type, strict=True))
     losses = sum(w * lk for w, lk in zip(weights, per_type, strict=True))
     return loss, losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
