@@ -64,7 +64,7 @@ class Spec:
         return {"layers": layers, "embedding": embed, "total": layers + embed + head}
 
 
-# "mid" is the study's mid-qwen2 (shared/reference/perf-mlx-cpu.md); "mid-152k" the same with
+# "mid" is a mid-size Qwen2-style model (40M, vocab 32k); "mid-152k" the same with
 # Qwen's 151936-token vocabulary; "small" is bench-qwen2-sized; "tiny" is for tests.
 SPECS = {
     "tiny": Spec(64, 2, 4, 2, 128, 512),

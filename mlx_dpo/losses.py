@@ -4,7 +4,7 @@ Inputs per pair i: policy and reference log-probs of the chosen and rejected com
 *summed* over completion tokens (``mlx_dpo.logps``). With the log-ratios ``clr = pc - rc`` and
 ``rlr = pr - rr`` and ``d = f(clr) - f(rlr)`` (f = identity unless ``f_divergence_type`` says
 otherwise), each entry of ``LOSSES`` maps a ``PairLogps`` to per-example losses (B,). Semantics
-and keyword names follow TRL 1.16 (formulas: shared/reference/dpo-math.md §3), except where a
+and keyword names follow TRL 1.16 (formulas with their papers: docs/losses.md), except where a
 docstring says otherwise:
 
 * ``label_smoothing`` on ``sigmoid`` is conservative DPO (cDPO, the DPO paper code); TRL 1.16

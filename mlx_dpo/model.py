@@ -1,7 +1,7 @@
 """Load an mlx-lm model, pick the compute path, and add (or remove) LoRA/DoRA adapters.
 
 Decisions:
-- The reference is the same weights with the adapters off; no second copy (DESIGN.md).
+- The reference is the same weights with the adapters off; no second copy is ever loaded.
 - On MLX's CPU backend `quantized_matmul` runs at ~3 GFLOP/s and bf16 matmul at ~7 against
   ~400 for fp32 sgemm, so there a quantized base keeps its 4/8-bit storage and is dequantized to
   float32 right before each matmul (`DequantLinear`); on Metal and CUDA the native kernels stay
