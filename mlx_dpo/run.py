@@ -144,7 +144,8 @@ def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
 def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     is_main = group is None or group.rank() == 0
     check_sinks(cfg.report_to)
-    resume = lifecycle.open_run(cfg, run, say) if is_main else None
+    # every rank takes the same decisions (rank 0 alone would leave the others waiting)
+    resume = lifecycle.open_run(cfg, run, say, writer=is_main)
     if resume is not None and resume.finished:
         return RunResult(run.path, resume.ckpt.step, {}, {}, finished=True)
     if mx.default_device() == mx.cpu:
@@ -156,10 +157,9 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     train_pairs, valid_pairs = load_pairs(cfg, loaded.tokenizer, say, rows)
     world = group.size() if group else 1
     total = trainer.total_updates(cfg, len(train_pairs), world)
-    if is_main:
-        identity = lifecycle.identity(cfg, train_pairs, valid_pairs)
-        if lifecycle.check_changes(cfg, run, resume, identity, total, say):
-            return RunResult(run.path, resume.ckpt.step, {}, {}, finished=True)
+    identity = lifecycle.identity(cfg, train_pairs, valid_pairs)
+    if lifecycle.check_changes(cfg, run, resume, identity, total, say):
+        return RunResult(run.path, resume.ckpt.step, {}, {}, finished=True)
     if cfg.init_adapter:
         init_config = model_lib.load_adapter_dir(loaded.model, cfg.init_adapter)
         cfg = _adopt_adapter_config(cfg, init_config, say)
