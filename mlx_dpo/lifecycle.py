@@ -128,7 +128,7 @@ def _check_empty(run: RunDir) -> None:
             f"--adapter-path {run.path} already holds a run; pass --resume to continue it "
             "or choose another --adapter-path (nothing was overwritten)"
         )
-    names = [n for n in run.entries() if n != ".lock"]
+    names = run.entries()
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     raise RunError(
         f"--adapter-path {run.path} holds files that are not an mlx_dpo run ({shown}); "

@@ -24,6 +24,7 @@ from pathlib import Path
 from mlx_dpo.errors import RunError
 
 LOCK = ".lock"
+PROBE = ".write-test-"
 IDENTITY = "run.json"
 ADAPTERS = "adapters.safetensors"
 CONFIG = "adapter_config.json"
@@ -71,7 +72,11 @@ class RunDir:
 
     # --- what the directory holds
     def entries(self) -> list[str]:
-        return sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        """The directory's files, but our own lock and write probes (another rank's, say)."""
+        if not self.path.is_dir():
+            return []
+        names = (p.name for p in self.path.iterdir())
+        return sorted(n for n in names if n != LOCK and not n.startswith(PROBE))
 
     def is_ours(self) -> bool:
         """An mlx_dpo run: it has our identity file or checkpoints."""
@@ -81,7 +86,7 @@ class RunDir:
         """Anything a new run would lose: checkpoints, adapters, or files that are not ours."""
         names = set(self.entries())
         if not self.is_ours():
-            return bool(names - {LOCK})
+            return bool(names)
         return bool(names - PROVISIONAL - {CHECKPOINTS}) or self.has_checkpoints()
 
     def has_checkpoints(self) -> bool:
@@ -130,7 +135,7 @@ class RunDir:
             os.close(fd)
 
     def check_writable(self) -> None:
-        probe = self.path / f".write-test-{os.getpid()}"
+        probe = self.path / f"{PROBE}{os.getpid()}"
         try:
             with open(probe, "wb") as f:
                 f.write(b"\0" * 4096)
