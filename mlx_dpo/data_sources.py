@@ -227,6 +227,7 @@ def load_splits(
                 f".parquet), data/{words[0]}-*.parquet, a {words[0]}/ folder or a file name "
                 f"containing '{words[0]}' (name it with --data-split)"
             )
+    n_unparsed = sum(p.reason != "unreadable file" for p in problems)
     fields = (prompt_field, chosen_field, rejected_field)
     wanted = {s: records[s] for s in splits if s in records}
     formats = Counter(detect(r, fields) for rs in wanted.values() for _, r in rs)
@@ -242,9 +243,8 @@ def load_splits(
             else:
                 out[split].append(row)
     problems += _filter_margin(out, min_score_margin)
-    n_records = sum(len(r) for r in wanted.values()) + sum(
-        p.reason != "unreadable file" for p in problems
-    )
+    # every row: the records read, and the lines that could not be read as one
+    n_records = sum(len(r) for r in wanted.values()) + n_unparsed
     _raise_on_invalid(problems, n_records, skip_invalid_rows, data)
     out.skipped = [p for p in problems if p.reason != "unreadable file"]
     if "valid" in splits and "valid" not in out and valid_fraction > 0 and "train" in out:
