@@ -55,6 +55,8 @@ def load_pairs(cfg: TrainConfig, tokenizer, log, splits: dict | None = None) -> 
     for split in ("train", "valid"):
         pairs, stats = data.tokenize_rows(splits.get(split, []), tokenizer, **cfg.tokenize_kwargs())
         log(f"{split}: {stats}")
+        if isinstance(splits, data.Splits):  # for skipped_rows.jsonl
+            splits.skipped += stats.skipped
         out.append(pairs)
     if not out[0]:
         raise data.DataError(
@@ -142,6 +144,10 @@ def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
     for note in loaded.notes:
         say(f"model: {note}")
     train_pairs, valid_pairs = load_pairs(cfg, loaded.tokenizer, say, rows)
+    if is_main:
+        from mlx_dpo.data_report import report_read
+
+        report_read(rows, run_dir, say)
     if cfg.init_adapter:
         init_config = model_lib.load_adapter_dir(loaded.model, cfg.init_adapter)
         cfg = _adopt_adapter_config(cfg, init_config, say)
