@@ -17,6 +17,7 @@ and each completion is cut at its end to fit `prompt + completion <= max_length`
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections.abc import Sequence
@@ -100,10 +101,12 @@ class _Encoder:
     """Text -> token ids the same way for prompts and whole rows, many rows at a time.
 
     Speed (50k pairs in seconds, not minutes) comes from three things: templates rendered a
-    batch of conversations per call, the fast tokenizer's batch encoding, and, for chat rows,
-    encoding the text a prompt and its rows share only once. That last step is exact because
-    a tokenizer encodes the text between special tokens (`<|im_start|>`, ...) on its own; it
-    is checked against whole-row encoding on the first rows and turned off if they differ.
+    batch of conversations per call, the fast tokenizer's batch encoding, and encoding the
+    text a prompt and its two rows share only once. That last step cuts the text where the
+    tokenizer itself always cuts, so each side encodes alone to the same tokens: after a
+    special token (`<|im_start|>`, ...), and, for regex byte-level tokenizers, after a newline
+    before a word. It is checked against whole-row encoding on the first rows and turned off
+    for good if they differ.
     """
 
     def __init__(self, tokenizer, chat_template: str | None):
@@ -134,9 +137,12 @@ class _Encoder:
             t.content for t in getattr(hf, "added_tokens_decoder", {}).values() if t.special
         ]
         specials = sorted(filter(None, specials), key=len, reverse=True)
-        self.special = re.compile("|".join(map(re.escape, specials))) if specials else None
+        cuts = [re.escape(t) for t in specials]
+        if _splits_at_newlines(self.fast):
+            cuts.append(r"\n(?=\S)")  # a newline before a word: always a pre-token boundary
+        self.cut = re.compile("|".join(cuts)) if cuts else None
         self.split_checked = 0  # rows whose split encoding matched whole-row encoding
-        self.split_ok = self.special is not None
+        self.split_ok = self.cut is not None
 
     def text(self, text: str) -> list[int]:
         return self.with_bos(self.encode([text])[0])
@@ -175,31 +181,33 @@ class _Encoder:
         return text
 
     def split_point(self, prompt: str, rows: tuple[str, str]) -> int:
-        """End of the last special token in the text the prompt and both rows share (0: none)."""
+        """The last place in the text the prompt and both rows share where each side can be
+        encoded alone (after a special token or a newline before a word); 0 when none."""
         if not self.split_ok:
             return 0
         shared = min(common_prefix_length(prompt, row) for row in rows)
-        ends = [m.end() for m in self.special.finditer(prompt, 0, shared)]
-        return ends[-1] if ends else 0
+        last = None
+        for last in self.cut.finditer(prompt, 0, shared):  # noqa: B007 - the last match
+            pass
+        return last.end() if last else 0
 
     def encode_rows(self, texts: list[tuple[str, str, str]], chat: list[bool]) -> list[tuple]:
         """(prompt_ids, chosen_row_ids, rejected_row_ids) of each (prompt, chosen row,
         rejected row) text triple; chat rows get no BOS (their template writes it)."""
-        cuts = [self.split_point(t[0], t[1:]) if c else 0 for t, c in zip(texts, chat, strict=True)]
+        cuts = [self.split_point(t[0], t[1:]) for t in texts]
         pieces = []
         for (prompt, chosen, rejected), s in zip(texts, cuts, strict=True):
             pieces += [prompt[:s], prompt[s:], chosen[s:], rejected[s:]]
         ids = self.encode(pieces)
-        out = []
-        for i, is_chat in enumerate(chat):
+        raw = []
+        for i in range(len(texts)):
             head, prompt, chosen, rejected = ids[4 * i : 4 * i + 4]
-            triple = (head + prompt, head + chosen, head + rejected)
-            out.append(triple if is_chat else tuple(self.with_bos(t) for t in triple))
+            raw.append((head + prompt, head + chosen, head + rejected))
         if self.split_ok and self.split_checked < 16 and any(cuts):
-            self._check_split(texts, cuts, out)
+            self._check_split(texts, cuts, raw)
             if not self.split_ok:
                 return self.encode_rows(texts, chat)
-        return out
+        return [r if c else tuple(map(self.with_bos, r)) for r, c in zip(raw, chat, strict=True)]
 
     def _check_split(self, texts, cuts, out) -> None:
         for text, s, triple in zip(texts, cuts, out, strict=True):
@@ -208,6 +216,22 @@ class _Encoder:
                 if self.encode(list(text)) != list(triple):
                     self.split_ok = False  # this tokenizer does not encode segments alone
                     return
+
+
+def _splits_at_newlines(fast) -> bool:
+    """Whether a tokenizer is a regex byte-level one (GPT-2, Llama 3, Qwen, ...): no normalizer
+    that sees across the text, and a pre-tokenizer that cuts before a word after a newline."""
+    if fast is None or fast.normalizer is not None:
+        return False
+    try:
+        state = json.loads(fast.pre_tokenizer.__getstate__())
+    except (AttributeError, TypeError, ValueError):
+        return False
+    parts = state.get("pretokenizers", [state])
+    return any(p.get("type") == "ByteLevel" and p.get("use_regex") for p in parts) or (
+        any(p.get("type") == "Split" for p in parts)
+        and any(p.get("type") == "ByteLevel" for p in parts)
+    )
 
 
 def truncate_pair(

@@ -299,3 +299,77 @@ def test_detect_names_each_format():
     assert detect({"conversations": [], "chosen": {}, "rejected": {}}) == "sharegpt"
     assert detect({"input": {"messages": []}, "preferred_output": []}) == "openai"
     assert detect({"q": 1}, ("q", "a", "b")) == "mapped"
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch tokenization equals row-by-row tokenization
+
+
+def reference_pair(row: dict, tok) -> tuple[list, list, list]:
+    """TRL's convention, one text at a time: the whole prompt and whole rows, common prefix."""
+    hf = tok._tokenizer
+    if isinstance(row["prompt"], list):
+        render = lambda m, g: hf.apply_chat_template(m, tokenize=False, add_generation_prompt=g)  # noqa: E731
+        texts = [render(row["prompt"], True)] + [
+            render(row["prompt"] + row[k], False) for k in ("chosen", "rejected")
+        ]
+    else:
+        texts = [row["prompt"]] + [
+            row["prompt"] + row[k] + "<|im_end|>" for k in ("chosen", "rejected")
+        ]
+    prompt, chosen, rejected = (hf.encode(t, add_special_tokens=False) for t in texts)
+    k = 0
+    while k < len(prompt) and prompt[k] == chosen[k] == rejected[k]:
+        k += 1
+    return prompt[:k], chosen[k:], rejected[k:]
+
+
+def varied_rows(n: int) -> list[dict]:
+    words = "The quick brown fox\njumps over\n\nthe lazy dog. What is the capital of France?".split(
+        " "
+    )
+    rows = []
+    for i in range(n):
+        prompt = " ".join(words[: 3 + i % 9]) + ("\n" if i % 3 == 0 else " " if i % 3 == 1 else "")
+        chosen, rejected = " ".join(words[i % 5 : 7]), "\n".join(words[i % 4 : 6])
+        if i % 2:
+            rows.append(
+                {
+                    "prompt": [user(prompt)],
+                    "chosen": assistant(chosen),
+                    "rejected": assistant(rejected),
+                }
+            )
+        else:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return [{**r, "source": f"r:{i}"} for i, r in enumerate(rows)]
+
+
+def test_batch_tokenization_matches_one_row_at_a_time(tok):
+    rows = varied_rows(60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # some varied rows repeat an answer
+        pairs, _ = tokenize_rows(rows, tok, max_length=None, chunk=7)
+    by_source = {p.source: p for p in pairs}
+    for row in rows:
+        want = reference_pair(row, tok)
+        if want[1] != want[2]:
+            p = by_source[row["source"]]
+            assert (p.prompt_ids, p.chosen_ids, p.rejected_ids) == want, row
+
+
+def test_shared_text_cut_is_checked_and_dropped_when_wrong(tok, monkeypatch):
+    import re
+
+    from mlx_dpo import tokenization
+
+    real_init = tokenization._Encoder.__init__
+
+    def bad_cuts(self, *args):
+        real_init(self, *args)
+        self.cut = re.compile(r"(?<=qu)")  # inside a word: encoding each side alone differs
+
+    monkeypatch.setattr(tokenization._Encoder, "__init__", bad_cuts)
+    rows = [{"prompt": "The quick brown ", "chosen": "fox", "rejected": "dog", "source": "r:0"}]
+    (pair,), _ = tokenize_rows(rows, tok)
+    assert (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids) == reference_pair(rows[0], tok)
