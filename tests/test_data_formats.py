@@ -363,13 +363,13 @@ def test_shared_text_cut_is_checked_and_dropped_when_wrong(tok, monkeypatch):
 
     from mlx_dpo import tokenization
 
-    real_init = tokenization._Encoder.__init__
+    real_init = tokenization.Encoder.__init__
 
     def bad_cuts(self, *args):
         real_init(self, *args)
         self.cut = re.compile(r"(?<=qu)")  # inside a word: encoding each side alone differs
 
-    monkeypatch.setattr(tokenization._Encoder, "__init__", bad_cuts)
+    monkeypatch.setattr(tokenization.Encoder, "__init__", bad_cuts)
     rows = [{"prompt": "The quick brown ", "chosen": "fox", "rejected": "dog", "source": "r:0"}]
     (pair,), _ = tokenize_rows(rows, tok)
     assert (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids) == reference_pair(rows[0], tok)
