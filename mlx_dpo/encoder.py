@@ -117,14 +117,19 @@ class Encoder:
 
     def split_point(self, prompt: str, rows: tuple[str, str]) -> int:
         """The last place in the text the prompt and both rows share where each side can be
-        encoded alone (after a special token or a newline before a word); 0 when none."""
+        encoded alone (after a special token, or a newline before a word); 0 when none."""
         if not self.split_ok:
             return 0
-        shared = min(common_prefix_length(prompt, row) for row in rows)
-        last = None
-        for last in self.cut.finditer(prompt, 0, shared):  # noqa: B007 - the last match
-            pass
-        return last.end() if last else 0
+        chosen, rejected = rows
+        shared = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
+        # Search the chosen row one character past the shared text, so that a newline that
+        # ends the prompt is seen with the answer's first character after it.
+        ends = [m.end() for m in self.cut.finditer(chosen, 0, shared + 1) if m.end() <= shared]
+        for s in reversed(ends):
+            after = rejected[s : s + 1]
+            if s < shared or chosen[s - 1] != "\n" or (after and not after.isspace()):
+                return s
+        return 0
 
     def encode_rows(self, texts: list[tuple[str, str, str]], chat: list[bool]) -> list[tuple]:
         """(prompt_ids, chosen_row_ids, rejected_row_ids) of each (prompt, chosen row,
