@@ -198,10 +198,14 @@ DATA_FIELDS = [
     "data",
     "data_split",
     "data_config",
+    "data_dir",
     "data_revision",
     "prompt_field",
     "chosen_field",
     "rejected_field",
+    "skip_invalid_rows",
+    "hh_as_messages",
+    "min_score_margin",
     "valid_fraction",
     "chat_template",
     "max_length",
@@ -223,18 +227,45 @@ def data_group():
 @config_options(DATA_FIELDS)
 @user_errors
 def data_check(config_path, **flags):
-    """Validate a dataset without training and print its statistics."""
+    """Validate a dataset without training: the format detected, rows skipped and why,
+    token-length statistics, and 3 sample pairs with the trained tokens marked.
+
+    Without --model the rows are tokenized with the bundled demo model's tokenizer (a ChatML
+    template) and the documented defaults (--max-length 1024); pass --model to see your
+    model's template and token counts.
+    """
     from mlx_dpo import data
+    from mlx_dpo.data_report import format_samples, skipped_line
     from mlx_dpo.model import load_tokenizer_only
     from mlx_dpo.run import with_demo_defaults
 
-    cfg = with_demo_defaults(build_config(config_path, flags))
+    values = {**(read_yaml(config_path) if config_path else {})}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if values.get("model") is None and values.get("data") is None:
+        cfg = with_demo_defaults(build_config(config_path, flags))  # the demo, as `train` runs it
+    else:  # the user's data: TrainConfig's documented defaults, not the demo's
+        cfg = with_demo_defaults(TrainConfig.from_dict(values, source=config_path or "flags"))
+    if values.get("model") is None:
+        click.echo(
+            "tokenizer: the bundled demo model's (ChatML template), as no --model was given; "
+            "pass --model to check with your model's tokenizer and chat template"
+        )
+    click.echo(
+        f"limits: max_length={cfg.max_length}, max_prompt_length={cfg.max_prompt_length}, "
+        f"truncation_mode={cfg.truncation_mode}"
+    )
     tokenizer = load_tokenizer_only(cfg.model, cfg.revision)
     splits = data.load_splits(cfg.data, **cfg.data_kwargs())
+    click.echo(splits.format_line())
     pairs, stats = {}, {}
     for name, rows in splits.items():
         pairs[name], stats[name] = data.tokenize_rows(rows, tokenizer, **cfg.tokenize_kwargs())
+    skipped = splits.skipped + [p for st in stats.values() for p in st.skipped]
+    if line := skipped_line(skipped):
+        click.echo(line)
     click.echo(data.dataset_stats(pairs, stats))
+    click.echo("")
+    click.echo(format_samples(pairs.get("train") or next(iter(pairs.values()), []), tokenizer))
 
 
 @main.command()

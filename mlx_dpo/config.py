@@ -53,14 +53,29 @@ class TrainConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of --model.")
     data: str | None = _f(
         None,
-        "Directory, file (.jsonl/.json/.parquet) or Hub dataset id (default: the bundled demo data).",
+        "Directory, file (.jsonl/.json/.parquet, also .jsonl.gz/.json.gz/.jsonl.zst) or Hub dataset id (default: the bundled demo data).",
     )
     data_split: str | None = _f(None, "Split of a Hub dataset to train on (default: train).")
     data_config: str | None = _f(None, "Configuration (subset) of a Hub dataset.")
+    data_dir: str | None = _f(
+        None, "Subfolder of the dataset to read (a Hub dataset's data_dir, e.g. harmless-base)."
+    )
     data_revision: str | None = _f(None, "Hub revision of --data.")
     prompt_field: str = _f("prompt", "Column holding the prompt.")
     chosen_field: str = _f("chosen", "Column holding the preferred completion.")
     rejected_field: str = _f("rejected", "Column holding the dispreferred completion.")
+    skip_invalid_rows: bool = _f(
+        False,
+        "Skip rows with structural errors (malformed JSON, wrong types, missing fields) instead of failing; they are listed in skipped_rows.jsonl of the run. More than half invalid still fails.",
+    )
+    hh_as_messages: bool | None = _f(
+        None,
+        "Parse Anthropic HH transcripts ('Human: ... Assistant: ...' turns) into chat messages so the chat template applies (default: when every row is one); --no-hh-as-messages keeps them as text.",
+    )
+    min_score_margin: float | None = _f(
+        None,
+        "Keep only scored pairs (score_chosen/score_rejected, chosen-rating/rejected-rating) whose chosen score beats the rejected one by at least this.",
+    )
     valid_fraction: float = _f(
         0.05, "Share of train rows held out for validation when the data has no validation split."
     )
@@ -246,12 +261,14 @@ class TrainConfig:
     def data_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `data.load_splits` (how rows are found and read)."""
         names = ("prompt_field", "chosen_field", "rejected_field", "valid_fraction", "seed")
-        names += ("data_split", "data_config", "data_revision")
+        names += ("data_split", "data_config", "data_dir", "data_revision")
+        names += ("skip_invalid_rows", "hh_as_messages", "min_score_margin")
         return {name: getattr(self, name) for name in names}
 
     def tokenize_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `data.tokenize_rows`."""
         names = ("max_length", "max_prompt_length", "truncation_mode", "chat_template")
+        names += ("skip_invalid_rows",)
         return {name: getattr(self, name) for name in names}
 
     def model_kwargs(self) -> dict[str, Any]:

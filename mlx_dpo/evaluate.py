@@ -78,7 +78,11 @@ def config_for(adapter_path: str | Path | None, overrides: dict) -> TrainConfig:
         values = {k: v for k, v in saved.items() if k in known}
     else:
         values = {"model": saved["model"]} if isinstance(saved.get("model"), str) else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "data" in given and "valid_fraction" not in given:
+        # Data given here is scored whole; the run's held-out slice only applies to its own data.
+        given["valid_fraction"] = 0.0
+    values.update(given)
     values.update(resume=False, allow_changes=False, adapter_path=str(adapter_path or "adapters"))
     source = f"{adapter_path}/adapter_config.json" if adapter_path else "flags"
     return TrainConfig.from_dict(values, source=source)
@@ -88,8 +92,9 @@ def load_eval_pairs(
     cfg: TrainConfig, tokenizer, split: str | None = None, log=print
 ) -> tuple[str, list]:
     """(split name, tokenized pairs) of `split`, or of the first of valid, test, train that has
-    pairs. "valid" is carved from train exactly as training carved it (same fraction and seed)
-    when the data has no validation file, so it is the run's held-out set."""
+    pairs. For the run's own data, "valid" is carved from train exactly as training carved it
+    (same fraction and seed) when the data has no validation file, so it is the run's held-out
+    set; data given to `eval --data` has valid_fraction 0 (`config_for`): every row is scored."""
     if cfg.data is None:
         raise ConfigError("--data is required (the adapter's config names no data)")
     kwargs = cfg.data_kwargs()
@@ -104,7 +109,9 @@ def load_eval_pairs(
         raise data.DataError(
             f"{cfg.data}: no {split or 'valid, test or train'} split; found: {found}"
         )
-    if split is None and name == "train":
+    if split is None and name == "train" and cfg.valid_fraction == 0:
+        log(f"{cfg.data}: evaluating every row")
+    elif split is None and name == "train":
         log(f"{cfg.data}: no held-out split; evaluating on the training rows")
     pairs, stats = data.tokenize_rows(rows[name], tokenizer, **cfg.tokenize_kwargs())
     log(f"{name}: {stats}")

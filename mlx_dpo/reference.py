@@ -3,8 +3,9 @@
 The reference policy is the base model (plus an `--init-adapter`, when given) at step 0, so
 its per-pair summed completion log-probs never change during training: one no-grad pass
 replaces two reference forwards per step and no second model is held. The cache file is keyed
-by the model's identity, the compute path and the exact token ids of every pair, so the next
-run on the same model and data reuses it, and any change in tokenization misses it.
+by the model's content (`fingerprint_dir`), the compute path and the exact token ids of every
+pair, so the next run on the same model and data reuses it, and any change in tokenization or
+weights misses it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from mlx_dpo.data import iterate_batches
 from mlx_dpo.logps import forward_logps
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: content-keyed model identity
 
 
 def cache_dir() -> Path:
@@ -29,20 +30,39 @@ def cache_dir() -> Path:
     return Path(root) / "reference"
 
 
+WHOLE_FILE_BYTES = 64 << 20  # files up to this size are hashed whole
+SAMPLE_BYTES = 1 << 20
+
+
+def fingerprint_file(path: Path) -> str:
+    """Content hash of one file. Small files: all of it. Big weight files: their size, the
+    safetensors header (every tensor's name, dtype, shape and offset) and 1 MiB from the
+    start, middle and end of the data, so a model of GBs is keyed in milliseconds."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= WHOLE_FILE_BYTES:
+            h.update(f.read())
+            return h.hexdigest()
+        header = int.from_bytes(f.read(8), "little") if path.suffix == ".safetensors" else 0
+        f.seek(0)
+        h.update(f.read(8 + header if 8 + header < size else 0))
+        for offset in (0, size // 2, size - SAMPLE_BYTES):
+            f.seek(offset)
+            h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
 def fingerprint_dir(path: Path) -> dict:
-    """Cheap identity of a model/adapter directory: a Hub snapshot's commit, else the weight
-    files' names, sizes and modification times plus config.json's content."""
+    """Content identity of a model/adapter directory: a Hub snapshot's commit, else the hashes
+    of its weight and config files (`fingerprint_file`). Not paths or modification times:
+    reinstalling, copying or touching the files keeps the reference cache valid."""
     path = Path(path).resolve()
     if path.parent.name == "snapshots":
         return {"hub_commit": path.name, "repo": path.parent.parent.name}
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    config = (path / "config.json").read_text() if (path / "config.json").exists() else ""
-    return {
-        "path": str(path),
-        "files": stats,
-        "config": hashlib.sha256(config.encode()).hexdigest(),
-    }
+    return {"files": {p.name: fingerprint_file(p) for p in files if p.is_file()}}
 
 
 def pairs_digest(pairs, h=None) -> str:

@@ -15,6 +15,7 @@ import mlx.core as mx
 from mlx_dpo import _testhooks, checkpoint, cpu_kernels, data, lifecycle, memory, reference, trainer
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
+from mlx_dpo.data_report import report_read, write_skipped_rows
 from mlx_dpo.model import adapter_config
 from mlx_dpo.platform import Platform, detect
 from mlx_dpo.report import JsonlSink, Reporter, check_sinks, make_sinks
@@ -59,6 +60,8 @@ def load_pairs(cfg: TrainConfig, tokenizer, log, splits: dict | None = None) -> 
     for split in ("train", "valid"):
         pairs, stats = data.tokenize_rows(splits.get(split, []), tokenizer, **cfg.tokenize_kwargs())
         log(f"{split}: {stats}")
+        if isinstance(splits, data.Splits):  # for skipped_rows.jsonl
+            splits.skipped += stats.skipped
         out.append(pairs)
     if not out[0]:
         raise data.DataError(
@@ -155,6 +158,8 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     for note in loaded.notes:
         say(f"model: {note}")
     train_pairs, valid_pairs = load_pairs(cfg, loaded.tokenizer, say, rows)
+    if is_main:
+        report_read(rows, run.path, say)
     world = group.size() if group else 1
     total = trainer.total_updates(cfg, len(train_pairs), world)
     identity = lifecycle.identity(cfg, train_pairs, valid_pairs)
@@ -184,6 +189,7 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     start_step = _restore(cfg, run.path, loaded.model, optimizer, say)
     if is_main:  # the first writes into the run directory, after every check has passed
         lifecycle.start_writing(cfg, run, resume, identity, adapter_config(cfg, loaded.model), say)
+        write_skipped_rows(rows, run.path)
     sinks = [JsonlSink(run.path / "metrics.jsonl", append=True)] if is_main else []
     if is_main:
         sinks += make_sinks(cfg.report_to, run.path, cfg.to_dict())
