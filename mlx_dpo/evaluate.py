@@ -197,7 +197,9 @@ def evaluate_adapters(
     if adapter_path is None and not cfg.ref_model and not cfg.init_adapter:
         policy = refs  # the policy is the reference
     else:
-        policy = reference.compute(loaded.model, pairs, batch_size=2 * cfg.batch_size)
+        policy = reference.compute(
+            loaded.model, pairs, batch_size=2 * cfg.batch_size, label="evaluation"
+        )
     metrics, scores = score(policy, refs, pairs, cfg)
     return EvalResult(name, metrics, scores)
 
