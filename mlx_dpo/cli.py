@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import sys
 from pathlib import Path
 
@@ -29,24 +30,53 @@ def _field_type(annotation: str) -> tuple[type, bool]:
     return _TYPES[base], False
 
 
-def config_options(fields: list[str] | None = None):
-    """Decorator adding one click option per TrainConfig field (or the named subset)."""
+def config_options(fields: list[str] | None = None, *, defaults: str = "train"):
+    """Decorator adding one click option per TrainConfig field (or the named subset).
+
+    defaults="train": the help shows TrainConfig's default and, where the bundled demo's
+    settings differ, "(demo: ...)". defaults="run" (eval, compare, fuse): every flag left out
+    takes the run's setting from its adapter_config.json, and the help says so.
+    """
+    demo = _demo_values() if defaults == "train" else {}
 
     def decorate(fn):
         for f in reversed(dataclasses.fields(TrainConfig)):
             if fields is not None and f.name not in fields:
                 continue
-            fn = _option(f)(fn)
+            fn = _option(f, run_default=defaults == "run", demo=demo.get(f.name))(fn)
         return fn
 
     return decorate
 
 
-def _option(f: dataclasses.Field):
+@functools.cache
+def _demo_values() -> dict:
+    """demo.yaml's settings (the demo's run directory named as `train` picks it)."""
+    from mlx_dpo import demo
+
+    values = read_yaml(Path(demo.__file__).parent / "demo.yaml")
+    if "adapter_path" in values:
+        values["adapter_path"] = f"{values['adapter_path']}, or -2, -3, ... when taken"
+    return values
+
+
+def _help(f: dataclasses.Field, default, run_default: bool, demo) -> str:
+    text = f.metadata["help"]
+    if run_default:
+        # "(default: ...)" in a field's help describes train; here the run's value replaces it.
+        return re.sub(r" ?\(default: [^)]*\)", "", text) + " [default: the run's]"
+    if default not in (None, []):
+        text += f" [default: {default}]"
+    if demo is not None and demo != default:
+        text += f" (demo: {demo})"
+    return text
+
+
+def _option(f: dataclasses.Field, *, run_default: bool = False, demo=None):
     flag = "--" + f.name.replace("_", "-")
     kind, is_list = _field_type(f.type)
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    help_text = f.metadata["help"] + (f" [default: {default}]" if default not in (None, []) else "")
+    help_text = _help(f, default, run_default, demo)
     if kind is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
     if "choices" in f.metadata:
@@ -142,10 +172,10 @@ def main():
 @user_errors
 def train(config_path, **flags):
     """Train adapters. With no --model and --data: the bundled demo (a 4-bit model, ~2 min on a CPU)."""
+    cfg = build_config(config_path, flags)  # every setting is checked before MLX is imported
     from mlx_dpo.run import run_training
     from mlx_dpo.trainer import Interrupted, NonFiniteLoss
 
-    cfg = build_config(config_path, flags)
     _say_blas()
     try:
         run_training(cfg, log=click.echo)
@@ -189,13 +219,18 @@ def data_group():
 @user_errors
 def data_check(config_path, **flags):
     """Validate a dataset without training and print its statistics."""
+    from mlx_dpo import demo
+    from mlx_dpo.data_sources import load_splits
+
+    cfg = build_config(config_path, flags)
+    cfg = dataclasses.replace(
+        cfg, model=cfg.model or str(demo.MODEL_DIR), data=cfg.data or str(demo.DATA_DIR)
+    )
+    splits = load_splits(cfg.data, **cfg.data_kwargs())  # bad data fails before MLX loads
     from mlx_dpo import data
     from mlx_dpo.model import load_tokenizer_only
-    from mlx_dpo.run import with_demo_defaults
 
-    cfg = with_demo_defaults(build_config(config_path, flags))
     tokenizer = load_tokenizer_only(cfg.model, cfg.revision)
-    splits = data.load_splits(cfg.data, **cfg.data_kwargs())
     pairs, stats = {}, {}
     for name, rows in splits.items():
         pairs[name], stats[name] = data.tokenize_rows(rows, tokenizer, **cfg.tokenize_kwargs())

@@ -200,7 +200,7 @@ class TrainConfig:
                 )
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
-        from mlx_dpo.losses import check_loss_options  # the loss module owns its option rules
+        from mlx_dpo.loss_options import check_loss_options  # MLX-free: checked before MLX loads
 
         try:
             check_loss_options(**self.loss_kwargs())
