@@ -171,7 +171,7 @@ def main():
 @config_options()
 @user_errors
 def train(config_path, **flags):
-    """Train adapters. With no --model and --data: the bundled demo (a 4-bit model, ~2 min on a CPU)."""
+    """Train adapters. With no --model and --data: the bundled demo (a tiny 4-bit model, under a minute on 2 CPU cores)."""
     cfg = build_config(config_path, flags)  # every setting is checked before MLX is imported
     from mlx_dpo.run import run_training
     from mlx_dpo.trainer import Interrupted, NonFiniteLoss
