@@ -272,7 +272,10 @@ def plot(run_dir, output):
 
     path = plot_run(run_dir, output)
     if path is None:
-        raise ConfigError("plotting needs matplotlib: pip install 'mlx-dpo[plot]'")
+        raise ConfigError(
+            "plotting needs matplotlib: `pip install matplotlib` "
+            '(or `pip install ".[plot]"` in a checkout of mlx_dpo)'
+        )
     click.echo(f"wrote {path}")
 
 
