@@ -27,7 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_dpo import model as model_lib
-from mlx_dpo.config import LOSS_FIELDS, ConfigError
+from mlx_dpo.config import LOSS_FIELDS, ConfigError, TrainConfig
 from mlx_dpo.progress import Progress
 
 
@@ -159,18 +159,18 @@ def model_card(model: str, adapter_path: str | Path, *, dequantize: bool = False
     config = _read_json(run / "adapter_config.json") or {}
     hub_id = _hub_id(model)
     losses = config.get("loss_type") or ["?"]
-    loss_settings = {k: config[k] for k in LOSS_FIELDS if k in config and k != "loss_type"}
     training = ("fine_tune_type", "lora_rank", "lora_scale", "num_layers", "learning_rate")
     training += ("iters", "epochs", "batch_size", "grad_accumulation_steps", "max_length", "seed")
     front = ["---", "library_name: mlx", "pipeline_tag: text-generation"]
     front += ["tags: [mlx, mlx-dpo, dpo]"] + ([f"base_model: {hub_id}"] if hub_id else [])
-    lines = front + ["---", "", f"# {hub_id or Path(model).name} + DPO adapters (fused)", ""]
+    title = hub_id or "/".join(Path(model).parts[-2:])
+    lines = front + ["---", "", f"# {title} + DPO adapters (fused)", ""]
     lines += [
         f"- base model: `{model}`" + ("" if hub_id else " (a local directory)"),
         f"- adapter run: `{run}` (fused with `mlx_dpo fuse`"
         + (", weights dequantized to float)" if dequantize else ")"),
         f"- loss: {' + '.join(losses)}; "
-        + ", ".join(f"{k}={v}" for k, v in loss_settings.items() if v is not None),
+        + ", ".join(f"{k}={v}" for k, v in loss_settings(config).items()),
         "- training: "
         + ", ".join(f"{k}={config[k]}" for k in training if config.get(k) is not None),
         f"- data: `{config.get('data', '?')}`",
@@ -179,6 +179,31 @@ def model_card(model: str, adapter_path: str | Path, *, dequantize: bool = False
     lines += _final_metrics(run / "metrics.jsonl")
     lines += ["", "Load it with `mlx_lm.load(PATH)`; it needs no adapters.", ""]
     return "\n".join(lines)
+
+
+def loss_settings(config: dict) -> dict:
+    """The loss options of a run that matter for its loss types (beta always; the others when
+    a chosen loss reads them or they differ from their defaults)."""
+    names = set(config.get("loss_type") or [])
+    defaults = TrainConfig()
+    reads = {
+        "discopop_tau": "discopop",
+        "simpo_gamma": "simpo",
+        "ipo_length_normalize": "ipo",
+    }
+    out = {}
+    for key in LOSS_FIELDS:
+        if key == "loss_type" or key not in config or config[key] is None:
+            continue
+        alpha = config.get("f_divergence_type") == "alpha_divergence"
+        if (
+            key == "beta"
+            or reads.get(key) in names
+            or (key == "f_alpha_divergence_coef" and alpha)
+            or (key not in reads and config[key] != getattr(defaults, key))
+        ):
+            out[key] = config[key]
+    return out
 
 
 def _final_metrics(path: Path) -> list[str]:
