@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 from test_export import make_adapter
 
-from mlx_dpo import cli, demo, reference
+from mlx_dpo import cli, demo, export, progress, reference
 from mlx_dpo.config import TrainConfig
 from mlx_dpo.data import PreferencePair
 from mlx_dpo.export import model_card
@@ -121,3 +121,41 @@ def test_reference_batches_cover_every_pair_once_within_the_token_budget():
     # short pairs share bigger batches: 32-token rows go 64 to a forward, not 4
     short = [pair(10, 22, 12)] * 200  # 32 tokens a row
     assert [len(b) for b in reference.length_batches(short, batch_size=4)] == [64, 64, 64, 8]
+
+
+class EveryUpdate(progress.Progress):
+    """A progress display that prints a line on every update (the real one: every 5 s)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "every_s": 0.0, "interactive": False})
+
+
+def test_long_phases_show_count_rate_and_eta(tiny_model_path, tmp_path, monkeypatch):
+    for module in (progress, reference, export):
+        monkeypatch.setattr(module, "Progress", EveryUpdate)
+    adapter = make_adapter(tiny_model_path, tmp_path / "run")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say hello.\nSay goodbye.\n")
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Question {i}?", "chosen": "Yes.", "rejected": "No."} for i in range(5)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(cli.main, list(args))
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    base = ["--adapter-path", str(adapter)]
+    evaluated = ["--data", str(data), "--split", "train", "--valid-fraction", "0"]
+    shown = run("eval", *base, *evaluated, "--no-reference-cache")
+    shown += run("compare", *base, "--prompts", str(prompts), "--max-tokens", "3")
+    shown += run("fuse", *base, "--output", str(tmp_path / "fused"))
+    for label, total, unit in (
+        ("reference pass", 5, "pairs"),
+        ("evaluation", 5, "pairs"),
+        ("generation", 4, "answers"),  # base and tuned answer per prompt
+        ("fusing", 14, "layers"),  # every linear layer of the tiny model's 2 blocks
+    ):
+        line = re.search(rf"{label}: {total}/{total} {unit} \| [\d.]+ {unit}/s \| ETA 0:00", shown)
+        assert line, (label, shown)
+    assert re.search(r"writing: \d+/\d+ MB \| [\d.]+ MB/s", shown)

@@ -60,3 +60,45 @@ def test_loss_rules_name_every_loss():
 
     assert sorted(LOSS_TYPES) == sorted(LOSSES)
     assert sorted(F_DIVERGENCE_TYPES) == sorted(F_DIVERGENCES)
+
+
+BLAS_PROBE = """
+import json, os
+import mlx_dpo
+from mlx_dpo import _blas
+keys = ("MKL_THREADING_LAYER", "OMP_WAIT_POLICY")
+print(json.dumps({"kind": _blas.STATE.kind, "reason": _blas.STATE.reason,
+                  **{k: os.environ.get(k) for k in keys}}))
+"""
+
+
+def blas_state(**env: str) -> dict:
+    import os
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_DPO_NO_", "MKL_"))}
+    environment.pop("OMP_WAIT_POLICY", None)
+    done = subprocess.run(
+        [sys.executable, "-c", BLAS_PROBE],
+        capture_output=True,
+        text=True,
+        env={**environment, **env},
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the preload is Linux-only")
+def test_blas_switches():
+    import ctypes.util
+
+    assert "disabled by MLX_DPO_NO_FAST_BLAS" in blas_state(MLX_DPO_NO_FAST_BLAS="1")["reason"]
+    wheel = blas_state(MLX_DPO_NO_SYSTEM_BLAS="1")
+    if wheel["kind"] is None:
+        pytest.skip("no mkl wheel in this environment")
+    assert wheel["kind"] == "mkl" and "mkl wheel" in wheel["reason"]
+    if ctypes.util.find_library("gomp"):  # MKL's threads sleep between calls
+        assert (wheel["MKL_THREADING_LAYER"], wheel["OMP_WAIT_POLICY"]) == ("GNU", "PASSIVE")
+    else:
+        assert wheel["MKL_THREADING_LAYER"] == "SEQUENTIAL"
+    mine = blas_state(MLX_DPO_NO_SYSTEM_BLAS="1", MKL_THREADING_LAYER="SEQUENTIAL")
+    assert mine["MKL_THREADING_LAYER"] == "SEQUENTIAL"  # the user's setting wins
