@@ -82,3 +82,11 @@ def test_python_snippet_runs_as_written(tmp_path):
 
 def _numbers(lines: list[str]) -> list[str]:
     return [w for line in lines for w in line.split() if re.fullmatch(r"-?\d+\.\d+", w)]
+
+
+def test_links_to_docs_resolve():
+    root = README.parent
+    for page in [README, *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith("http"):
+                assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
