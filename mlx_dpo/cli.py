@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import re
 import sys
 from pathlib import Path
 
@@ -34,24 +35,53 @@ class FieldValue(click.ParamType):
             self.fail(str(e).split(": ", 1)[-1], param, ctx)
 
 
-def config_options(fields: list[str] | None = None):
-    """Decorator adding one click option per TrainConfig field (or the named subset)."""
+def config_options(fields: list[str] | None = None, *, defaults: str = "train"):
+    """Decorator adding one click option per TrainConfig field (or the named subset).
+
+    defaults="train": the help shows TrainConfig's default and, where the bundled demo's
+    settings differ, "(demo: ...)". defaults="run" (eval, compare, fuse): every flag left out
+    takes the run's setting from its adapter_config.json, and the help says so.
+    """
+    demo = _demo_values() if defaults == "train" else {}
 
     def decorate(fn):
         for f in reversed(dataclasses.fields(TrainConfig)):
             if fields is not None and f.name not in fields:
                 continue
-            fn = _option(f)(fn)
+            fn = _option(f, run_default=defaults == "run", demo=demo.get(f.name))(fn)
         return fn
 
     return decorate
 
 
-def _option(f: dataclasses.Field):
+@functools.cache
+def _demo_values() -> dict:
+    """demo.yaml's settings (the demo's run directory named as `train` picks it)."""
+    from mlx_dpo import demo
+
+    values = read_yaml(Path(demo.__file__).parent / "demo.yaml")
+    if "adapter_path" in values:
+        values["adapter_path"] = f"{values['adapter_path']}, or -2, -3, ... when taken"
+    return values
+
+
+def _help(f: dataclasses.Field, default, run_default: bool, demo) -> str:
+    text = f.metadata["help"]
+    if run_default:
+        # "(default: ...)" in a field's help describes train; here the run's value replaces it.
+        return re.sub(r" ?\(default: [^)]*\)", "", text) + " [default: the run's]"
+    if default not in (None, []):
+        text += f" [default: {default}]"
+    if demo is not None and demo != default:
+        text += f" (demo: {demo})"
+    return text
+
+
+def _option(f: dataclasses.Field, *, run_default: bool = False, demo=None):
     flag = "--" + f.name.replace("_", "-")
     kind, is_list, _ = field_kind(f)
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    help_text = f.metadata["help"] + (f" [default: {default}]" if default not in (None, []) else "")
+    help_text = _help(f, default, run_default, demo)
     if kind is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
     if "choices" in f.metadata:
@@ -89,7 +119,8 @@ def build_config(config_path: str | None, flags: dict) -> TrainConfig:
     overrides = {k: v for k, v in flags.items() if v is not None}
     values = read_yaml(config_path) if config_path else {}
     demo_values = {}
-    if overrides.get("model") is None and values.get("model") is None:
+    named = ("model", "data")  # the demo's settings apply only to the demo's model and data
+    if all(overrides.get(k) is None and values.get(k) is None for k in named):
         from mlx_dpo import demo
 
         demo_values = read_yaml(Path(demo.__file__).parent / "demo.yaml")
@@ -175,12 +206,12 @@ def main():
 @config_options()
 @user_errors
 def train(config_path, **flags):
-    """Train adapters. With no --model and --data: the bundled demo (a 4-bit model, ~2 min on a CPU)."""
+    """Train adapters. With no --model and --data: the bundled demo (a tiny 4-bit model, under a minute on 2 CPU cores)."""
+    cfg = build_config(config_path, flags)  # every setting is checked before MLX is imported
     from mlx_dpo.run import run_training
     from mlx_dpo.stop import Interrupted
     from mlx_dpo.trainer import NonFiniteLoss
 
-    cfg = build_config(config_path, flags)
     _say_blas()
     try:
         run_training(cfg, log=click.echo)
@@ -234,18 +265,15 @@ def data_check(config_path, **flags):
     template) and the documented defaults (--max-length 1024); pass --model to see your
     model's template and token counts.
     """
-    from mlx_dpo import data
-    from mlx_dpo.data_report import format_samples, skipped_line
-    from mlx_dpo.model import load_tokenizer_only
-    from mlx_dpo.run import with_demo_defaults
+    from mlx_dpo import demo
+    from mlx_dpo.data_sources import load_splits
 
-    values = {**(read_yaml(config_path) if config_path else {})}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    if values.get("model") is None and values.get("data") is None:
-        cfg = with_demo_defaults(build_config(config_path, flags))  # the demo, as `train` runs it
-    else:  # the user's data: TrainConfig's documented defaults, not the demo's
-        cfg = with_demo_defaults(TrainConfig.from_dict(values, source=config_path or "flags"))
-    if values.get("model") is None:
+    cfg = build_config(config_path, flags)  # the demo's settings only when no model or data
+    given_model = cfg.model is not None
+    cfg = dataclasses.replace(
+        cfg, model=cfg.model or str(demo.MODEL_DIR), data=cfg.data or str(demo.DATA_DIR)
+    )
+    if not given_model:
         click.echo(
             "tokenizer: the bundled demo model's (ChatML template), as no --model was given; "
             "pass --model to check with your model's tokenizer and chat template"
@@ -254,9 +282,13 @@ def data_check(config_path, **flags):
         f"limits: max_length={cfg.max_length}, max_prompt_length={cfg.max_prompt_length}, "
         f"truncation_mode={cfg.truncation_mode}"
     )
-    tokenizer = load_tokenizer_only(cfg.model, cfg.revision)
-    splits = data.load_splits(cfg.data, **cfg.data_kwargs())
+    splits = load_splits(cfg.data, **cfg.data_kwargs())  # bad data fails before MLX loads
     click.echo(splits.format_line())
+    from mlx_dpo import data
+    from mlx_dpo.data_report import format_samples, skipped_line
+    from mlx_dpo.model import load_tokenizer_only
+
+    tokenizer = load_tokenizer_only(cfg.model, cfg.revision)
     pairs, stats = {}, {}
     for name, rows in splits.items():
         pairs[name], stats[name] = data.tokenize_rows(rows, tokenizer, **cfg.tokenize_kwargs())

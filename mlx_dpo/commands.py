@@ -73,16 +73,18 @@ def _data_option(fn):
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 @_model_option
 @_data_option
-@config_options(EVAL_FIELDS)
+@config_options(EVAL_FIELDS, defaults="run")
 @user_errors
 def eval_command(adapter_path, split, output, as_json, **flags):
     """DPO metrics of adapters on a data split (loss, reward accuracy and margin, log-probs).
 
     Flags left out take the run's settings from ADAPTER_PATH/adapter_config.json.
     """
-    from mlx_dpo.evaluate import config_for, evaluate_adapters, format_metrics, write_scores
+    from mlx_dpo.saved_config import config_for
 
-    cfg = config_for(adapter_path, flags)
+    cfg = config_for(adapter_path, flags)  # settings checked before MLX is imported
+    from mlx_dpo.evaluate import evaluate_adapters, format_metrics, write_scores
+
     log = (lambda *_: None) if as_json else click.echo
     result = evaluate_adapters(cfg, adapter_path, split=split, log=log)
     if output:
@@ -147,7 +149,7 @@ def eval_command(adapter_path, split, output, as_json, **flags):
 )
 @_model_option
 @_data_option
-@config_options(COMPARE_FIELDS)
+@config_options(COMPARE_FIELDS, defaults="run")
 @user_errors
 def compare(
     adapter_path,
@@ -166,16 +168,17 @@ def compare(
 
     Flags left out take the run's settings from ADAPTER_PATH/adapter_config.json.
     """
-    from mlx_dpo import compare as lib
-    from mlx_dpo import model as model_lib
     from mlx_dpo.config import ConfigError
-    from mlx_dpo.evaluate import config_for
+    from mlx_dpo.saved_config import config_for
 
     if prompts and flags.get("data"):
         raise ConfigError("give --prompts or --data, not both")
-    cfg = config_for(adapter_path, flags)
+    cfg = config_for(adapter_path, flags)  # settings checked before MLX is imported
     if not prompts and not cfg.data:
         raise ConfigError("--prompts or --data is required (the adapter's config names no data)")
+    from mlx_dpo import compare as lib
+    from mlx_dpo import model as model_lib
+
     loaded = model_lib.load(cfg.model, **cfg.model_kwargs())
     tokenizer = loaded.tokenizer
     if prompts:
@@ -228,7 +231,7 @@ def compare(
 )
 @click.option("--upload-repo", help="Upload the fused model to this Hugging Face repo (org/name).")
 @_model_option
-@config_options(["revision", "quantize", "q_group_size"])
+@config_options(["revision", "quantize", "q_group_size"], defaults="run")
 @user_errors
 def fuse(adapter_path, output, dequantize, upload_repo, **flags):
     """Fuse adapters into the base weights: a standalone model that mlx_lm.load reads.
@@ -236,12 +239,13 @@ def fuse(adapter_path, output, dequantize, upload_repo, **flags):
     Flags left out take the run's settings from ADAPTER_PATH/adapter_config.json.
     """
     from mlx_dpo.config import ConfigError
-    from mlx_dpo.evaluate import config_for
-    from mlx_dpo.export import fuse as fuse_model
+    from mlx_dpo.saved_config import config_for
 
-    cfg = config_for(adapter_path, flags)
+    cfg = config_for(adapter_path, flags)  # settings checked before MLX is imported
     if cfg.model is None:
         raise ConfigError("--model is required (the adapter's config names none)")
+    from mlx_dpo.export import fuse as fuse_model
+
     fuse_model(
         cfg.model,
         adapter_path,
@@ -268,7 +272,10 @@ def plot(run_dir, output):
 
     path = plot_run(run_dir, output)
     if path is None:
-        raise ConfigError("plotting needs matplotlib: pip install 'mlx-dpo[plot]'")
+        raise ConfigError(
+            "plotting needs matplotlib: `pip install matplotlib` "
+            '(or `pip install ".[plot]"` in a checkout of mlx_dpo)'
+        )
     click.echo(f"wrote {path}")
 
 

@@ -165,24 +165,37 @@ def generate_both(
     seed: int = 0,
     on_result=None,
 ) -> list[Comparison]:
-    """Generate from the base (adapters off) and the tuned model for every prompt."""
-    from mlx_lm import generate
+    """Generate from the base (adapters off) and the tuned model for every prompt, with a
+    progress display (answers done, rate, ETA) that also ticks during a long answer."""
+    from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
+    from mlx_dpo.progress import Progress
+
     sampler = make_sampler(temp=temp, top_p=top_p)
+    progress = Progress("generation", 2 * len(prompts), unit="answers")
 
     def one(tokens: list[int]) -> str:
         mx.random.seed(seed)
-        return generate(model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler)
+        text = ""  # as mlx_lm.generate builds it, token by token
+        for response in stream_generate(
+            model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler
+        ):
+            text += response.text
+            progress.update(0)  # redraw (or a line every few seconds) during a long answer
+        progress.update(1)
+        return text
 
     results = []
-    for p in prompts:
-        with adapters_off(model):
-            base = one(p.tokens)
-        result = Comparison(p.text, base, one(p.tokens), p.source, p.chosen, p.rejected)
-        results.append(result)
-        if on_result is not None:
-            on_result(len(results), result)
+    with progress:
+        for p in prompts:
+            with adapters_off(model):
+                base = one(p.tokens)
+            result = Comparison(p.text, base, one(p.tokens), p.source, p.chosen, p.rejected)
+            results.append(result)
+            if on_result is not None:
+                progress.close()  # clear the bar before the caller prints the result
+                on_result(len(results), result)
     return results
 
 

@@ -246,7 +246,7 @@ class TrainConfig:
             raise ConfigError(f"val_batches must be -1 (all) or >= 1, got {self.val_batches}")
         if self.allow_changes and not self.resume:
             raise ConfigError("allow_changes only applies with resume (--resume --allow-changes)")
-        from mlx_dpo.losses import check_loss_options  # the loss module owns its option rules
+        from mlx_dpo.loss_options import check_loss_options  # MLX-free: checked before MLX loads
 
         try:
             check_loss_options(**self.loss_kwargs())

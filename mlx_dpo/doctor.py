@@ -53,6 +53,12 @@ def report() -> str:
     lines.append(f"mlx-lm {mlx_lm.__version__}")
     if sys.platform.startswith("linux"):
         lines.append(f"blas: {state.reason}")
+        if state.kind == "mkl":
+            layer = os.environ.get("MKL_THREADING_LAYER", "?")
+            lines.append(
+                f"blas: MKL threading {layer}; a system OpenBLAS is used instead when present, "
+                "often faster on AMD CPUs (docs/linux-cpu.md)"
+            )
         lines.append(f"cpu fp32 matmul 512^3: {_matmul_gflops():.0f} GFLOP/s")
     lines.append(f"cpu exp kernels: {cpu_kernels.describe()}")
     lines.append(

@@ -27,6 +27,7 @@ from mlx_dpo import data, reference
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
 from mlx_dpo.losses import METRIC_KEYS
+from mlx_dpo.saved_config import config_for, read_adapter_config  # noqa: F401 (re-exported)
 
 SPLITS = ("valid", "test", "train")  # the default order: the first that has pairs
 SCORE_FIELDS = (
@@ -48,44 +49,6 @@ class EvalResult:
     split: str
     metrics: dict[str, float]  # METRIC_KEYS + preference_accuracy, reference_preference_accuracy
     scores: list[dict] = field(repr=False)  # one dict of SCORE_FIELDS per pair, in data order
-
-
-def read_adapter_config(adapter_path: str | Path) -> dict:
-    path = Path(adapter_path)
-    if not path.is_dir():
-        raise model_lib.ModelError(f"--adapter-path {path}: no such directory")
-    file = path / "adapter_config.json"
-    if not file.is_file():
-        raise model_lib.ModelError(
-            f"{path}: not an adapter directory (needs adapter_config.json and adapters.safetensors)"
-        )
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise model_lib.ModelError(f"{file}: unreadable ({e})") from None
-    if not isinstance(config, dict):
-        raise model_lib.ModelError(f"{file}: expected a JSON object")
-    return config
-
-
-def config_for(adapter_path: str | Path | None, overrides: dict) -> TrainConfig:
-    """TrainConfig defaults < the settings saved in `adapter_path`/adapter_config.json <
-    `overrides` (None values are ignored). An adapter trained by mlx-lm (not mlx_dpo) only
-    contributes its `model`."""
-    saved = read_adapter_config(adapter_path) if adapter_path is not None else {}
-    known = {f for f in TrainConfig.__dataclass_fields__}
-    if "loss_type" in saved:  # ours: the full, once-validated TrainConfig of the run
-        values = {k: v for k, v in saved.items() if k in known}
-    else:
-        values = {"model": saved["model"]} if isinstance(saved.get("model"), str) else {}
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if "data" in given and "valid_fraction" not in given:
-        # Data given here is scored whole; the run's held-out slice only applies to its own data.
-        given["valid_fraction"] = 0.0
-    values.update(given)
-    values.update(resume=False, allow_changes=False, adapter_path=str(adapter_path or "adapters"))
-    source = f"{adapter_path}/adapter_config.json" if adapter_path else "flags"
-    return TrainConfig.from_dict(values, source=source)
 
 
 def load_eval_pairs(
@@ -207,7 +170,11 @@ def evaluate_adapters(
         policy = refs  # the policy is the reference
     else:
         policy = reference.compute(
-            loaded.model, pairs, batch_size=2 * cfg.batch_size, ld_alpha=cfg.ld_alpha
+            loaded.model,
+            pairs,
+            batch_size=2 * cfg.batch_size,
+            ld_alpha=cfg.ld_alpha,
+            label="evaluation",
         )
     metrics, scores = score(policy, refs, pairs, cfg)
     return EvalResult(name, metrics, scores)

@@ -35,12 +35,14 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
+# The option rules live in an MLX-free module so that a config is checked before MLX loads.
+from mlx_dpo.loss_options import (  # noqa: F401 (re-exported)
+    F_DIVERGENCE_LOSSES,
+    LABEL_SMOOTHING_LOSSES,
+    check_loss_options,
+)
+
 EXP_CLAMP = 80.0  # largest exponent passed to exp: e^80 ~ 5.5e34 < float32 max ~ 3.4e38
-# TRL 1.16 accepts a non-default f-divergence only on these ("difference" losses).
-F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")
-F_DIVERGENCE_LOSSES += ("sft",)
-# The losses that read label_smoothing; on any other it would silently do nothing.
-LABEL_SMOOTHING_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")
 
 
 class DPOOutput(NamedTuple):
@@ -414,61 +416,6 @@ def pair_extras(forward: Any, b: int) -> dict[str, Any]:
         extras["chosen_weights"] = forward.weights[:b]
         extras["rejected_weights"] = forward.weights[b:]
     return extras
-
-
-def check_loss_options(
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    f_divergence_type: str = "reverse_kl",
-    rpo_alpha: float | None = None,
-    use_weighting: bool = False,
-    ld_alpha: float | None = None,
-    **other_options: Any,
-) -> tuple[list[str], list[float]]:
-    """Check ``dpo_loss``'s options without any data (a config can call it with all of them).
-
-    Returns:
-        The loss type names and their weights, ``sft`` appended when ``rpo_alpha`` is set.
-    Raises:
-        ValueError naming the bad option and the valid choices.
-    """
-    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = [1.0] * len(names) if loss_weights is None else [float(w) for w in loss_weights]
-    if rpo_alpha is not None:
-        names, weights = names + ["sft"], weights + [float(rpo_alpha)]
-    eps = label_smoothing
-    unknown = [n for n in names if n not in LOSSES]
-    if unknown or not names:
-        raise ValueError(f"unknown loss_type {unknown or names}; valid ones: {sorted(LOSSES)}")
-    if len(weights) != len(names):
-        raise ValueError(f"loss_weights has {len(weights)} entries for {len(names)} loss types")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= eps < 0.5:
-        raise ValueError(f"label_smoothing is a label-flip probability in [0, 0.5), got {eps}")
-    if "exo_pair" in names and eps <= 0:
-        raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (1e-3 is a common value)")
-    if eps > 0 and not set(names) & set(LABEL_SMOOTHING_LOSSES):
-        raise ValueError(f"label_smoothing only applies to {LABEL_SMOOTHING_LOSSES}, not {names}")
-    if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCES)}")
-    if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
-        raise ValueError(
-            f"ld_alpha is LD-DPO's weight of the longer answer's tail, in [0, 1]; got {ld_alpha}"
-        )
-    if use_weighting and {"aot", "aot_unpaired"} & set(names):
-        # AOT's per-example losses come out sorted: they no longer belong to a pair (as TRL)
-        raise ValueError("use_weighting (WPO) does not apply to aot/aot_unpaired (sorted losses)")
-    refused = [n for n in names if n not in F_DIVERGENCE_LOSSES]
-    if f_divergence_type != "reverse_kl" and refused:
-        raise ValueError(
-            f"f_divergence_type={f_divergence_type!r} only applies to {F_DIVERGENCE_LOSSES}; "
-            f"not to {refused}"
-        )
-    return names, weights
 
 
 # The metrics every report carries, in print order (dpo_metrics' keys plus the loss).

@@ -25,13 +25,10 @@ from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from mlx_dpo.errors import ModelError  # noqa: F401 (defined MLX-free; model.ModelError stays)
 from mlx_dpo.platform import Platform, detect, set_wired_limit
 
 ADAPTER_LAYERS = (LoRALinear, DoRALinear, LoRAEmbedding, DoRAEmbedding, LoRASwitchLinear)
-
-
-class ModelError(ValueError):
-    """A model that cannot be found or loaded; the message says what to do."""
 
 
 @dataclass

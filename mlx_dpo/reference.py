@@ -19,10 +19,16 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_dpo.data import iterate_batches
+from mlx_dpo.data import collate
 from mlx_dpo.logps import forward_logps
+from mlx_dpo.progress import Progress
 
 CACHE_VERSION = 2  # 2: content-keyed model identity
+# Rows of a forward-only pass hold no activations for a backward, so short pairs go in bigger
+# batches: at least this many tokens per half-batch (chosen or rejected rows). The demo's 32-token
+# rows then run 64 pairs per forward instead of 8; long rows keep the training batch size.
+MIN_BATCH_TOKENS = 2048
+PAD_TO = 8  # less padding than training's 32: shapes need not repeat here (nothing is compiled)
 
 
 def cache_dir() -> Path:
@@ -81,23 +87,50 @@ def cache_key(model_identity: dict, pairs) -> str:
     return pairs_digest(pairs, h)
 
 
+def length_batches(pairs, batch_size: int) -> list[np.ndarray]:
+    """Pair indices in length order, cut so that every batch holds about as many tokens as
+    `batch_size` pairs of the longest row (and at least MIN_BATCH_TOKENS per half)."""
+    lengths = np.array(
+        [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    )
+    padded = -(-lengths // PAD_TO) * PAD_TO
+    budget = max(batch_size * int(padded.max()), MIN_BATCH_TOKENS)
+    order = np.argsort(lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1  # sorted ascending: the last pair of a batch sets its padded length
+        while end < len(order) and (end + 1 - start) * padded[order[end]] <= budget:
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
 def compute(
-    model, pairs, *, batch_size: int, group=None, ld_alpha: float | None = None
+    model,
+    pairs,
+    *,
+    batch_size: int,
+    group=None,
+    ld_alpha: float | None = None,
+    label: str = "reference pass",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed completion log-probs of every pair under `model` (no gradient), float32 (LD-DPO's
-    sums with `ld_alpha`). Distributed: each rank scores every world-th batch and the shards are
-    summed together."""
+    sums with `ld_alpha`).
+    Distributed: each rank scores every world-th batch and the shards are summed together.
+    Shows a progress bar (or periodic lines) on the main process."""
     world, rank = (group.size(), group.rank()) if group else (1, 0)
     chosen = np.zeros(len(pairs), np.float32)
     rejected = np.zeros(len(pairs), np.float32)
-    for i, update in enumerate(iterate_batches(pairs, batch_size, loop=False)):
-        if i % world != rank:
-            continue
-        for batch in update.micro_batches:
-            logps, _ = forward_logps(model, batch, ld_alpha=ld_alpha)
-            logps = np.array(mx.stop_gradient(logps).astype(mx.float32))
-            chosen[batch.index] = logps[: batch.size]
-            rejected[batch.index] = logps[batch.size :]
+    with Progress(label, len(pairs), unit="pairs", enabled=rank == 0) as progress:
+        for i, index in enumerate(length_batches(pairs, batch_size)):
+            if i % world == rank:
+                batch = collate([pairs[j] for j in index], index=index, pad_to=PAD_TO)
+                logps, _ = forward_logps(model, batch, ld_alpha=ld_alpha)
+                logps = np.array(mx.stop_gradient(logps).astype(mx.float32))
+                chosen[index] = logps[: len(index)]
+                rejected[index] = logps[len(index) :]
+            progress.update(len(index))  # the other ranks keep pace with this one
     if world > 1:
         both = mx.distributed.all_sum(mx.array(np.stack([chosen, rejected])), group=group)
         chosen, rejected = np.array(both[0]), np.array(both[1])

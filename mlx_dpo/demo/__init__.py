@@ -96,26 +96,35 @@ def sample_answers(
     """Sample `n` answers per prompt with mlx-lm; returns them prompt by prompt (len = n * len).
 
     Each prompt (a question, or chat messages) is rendered with the tokenizer's chat template.
-    The global MLX random state is seeded once with `seed`, so a call is reproducible for a
-    given model.
+    All answers are generated as one batch (mlx-lm's `batch_generate`: ~10x faster than one at
+    a time for the demo's 48 prompts). The global MLX random state is seeded once with `seed`,
+    so a call is reproducible for a given model and list of prompts.
     """
     import mlx.core as mx
-    from mlx_lm import generate
+    from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
-    sampler = make_sampler(temp=temp)
-    mx.random.seed(seed)
-    answers = []
+    tokens = []
     for prompt in prompts:
         # Render to text, then encode: `tokenize=True` returns a dict in newer transformers.
         text = tokenizer.apply_chat_template(
             _messages(prompt), add_generation_prompt=True, tokenize=False
         )
-        tokens = tokenizer.encode(text, add_special_tokens=False)
-        for _ in range(n):
-            text = generate(model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler)
-            answers.append(text)
-    return answers
+        tokens += [tokenizer.encode(text, add_special_tokens=False)] * n
+    if not tokens:
+        return []
+    mx.random.seed(seed)
+    size = len(tokens)
+    response = batch_generate(
+        model,
+        tokenizer,
+        tokens,
+        max_tokens=max_tokens,
+        sampler=make_sampler(temp=temp),
+        completion_batch_size=size,
+        prefill_batch_size=size,
+    )
+    return list(response.texts)
 
 
 def preferred_share(model, tokenizer, prompts: Sequence[Prompt], **kw) -> float:
