@@ -35,14 +35,16 @@ class FieldValue(click.ParamType):
             self.fail(str(e).split(": ", 1)[-1], param, ctx)
 
 
-def config_options(fields: list[str] | None = None, *, defaults: str = "train"):
+def config_options(fields: list[str] | None = None, *, defaults: str = "train", demo=None):
     """Decorator adding one click option per TrainConfig field (or the named subset).
 
     defaults="train": the help shows TrainConfig's default and, where the bundled demo's
     settings differ, "(demo: ...)". defaults="run" (eval, compare, fuse): every flag left out
-    takes the run's setting from its adapter_config.json, and the help says so.
+    takes the run's setting from its adapter_config.json, and the help says so. `demo`: the
+    demo's settings to show instead of demo.yaml's (`iterate` has a demo of its own).
     """
-    demo = _demo_values() if defaults == "train" else {}
+    if demo is None:
+        demo = _demo_values() if defaults == "train" else {}
 
     def decorate(fn):
         for f in reversed(dataclasses.fields(TrainConfig)):

@@ -1,4 +1,4 @@
-"""After-training commands: `eval`, `compare`, `fuse` and `plot`; cli.py adds COMMANDS to the
+"""After-training commands: `eval`, `compare`, `fuse` and `plot`, and `iterate`; cli.py adds COMMANDS to the
 `mlx_dpo` group. Like cli.py this only maps flags onto settings and calls the module that does
 the work (evaluate.py, compare.py, export.py, plot.py).
 
@@ -268,9 +268,10 @@ def fuse(adapter_path, output, dequantize, upload_repo, **flags):
 def plot(run_dir, output):
     """Plot loss, reward accuracy, margins and rewards of a run (train and validation)."""
     from mlx_dpo.config import ConfigError
+    from mlx_dpo.iterate_report import is_iterate_run, plot_rounds
     from mlx_dpo.plot import plot_run
 
-    path = plot_run(run_dir, output)
+    path = (plot_rounds if is_iterate_run(run_dir) else plot_run)(run_dir, output)
     if path is None:
         raise ConfigError(
             "plotting needs matplotlib: `pip install matplotlib` "
@@ -279,6 +280,126 @@ def plot(run_dir, output):
     click.echo(f"wrote {path}")
 
 
-COMMANDS += [eval_command, compare, fuse, plot]
+def _iterate_options(fn):
+    from mlx_dpo.iterate_config import DEMO_ITERATE
+
+    def demo(name):
+        return f" (demo: {DEMO_ITERATE[name]})" if name in DEMO_ITERATE else ""
+
+    options = [
+        (
+            "--prompts",
+            click.Path(dir_okay=False),
+            "Prompts: .jsonl/.json/.parquet rows with a prompt (text or messages); other fields go to the reward (demo: the demo's training prompts).",
+        ),
+        (
+            "--eval-prompts",
+            click.Path(dir_okay=False),
+            "Held-out prompts, sampled and scored before training and after each round (demo: the demo's validation prompts).",
+        ),
+        (
+            "--num-prompts",
+            click.IntRange(min=1),
+            "Use the first N prompts [default: all]" + demo("num_prompts") + ".",
+        ),
+        (
+            "--reward",
+            str,
+            "Reward function module:function, importable from the working directory: (prompts, completions, **row_fields) -> list[float], as in TRL"
+            + demo("reward")
+            + ".",
+        ),
+        (
+            "--judge-model",
+            str,
+            "Score with this mlx-lm model instead: the first number of its greedy reply to --judge-template.",
+        ),
+        (
+            "--judge-template",
+            click.Path(dir_okay=False),
+            "File with the judge's prompt, with {prompt} and {completion} placeholders [default: a 0-10 rating prompt].",
+        ),
+        (
+            "--rounds",
+            click.IntRange(min=1),
+            "Rounds of sample -> score -> pair -> train [default: 3].",
+        ),
+        ("--samples", click.IntRange(min=2), "Answers sampled per prompt and round [default: 4]."),
+        ("--temperature", click.FloatRange(min=0), "Sampling temperature [default: 1.0]."),
+        ("--top-p", click.FloatRange(0, 1), "Nucleus sampling threshold (1: off) [default: 1.0]."),
+        (
+            "--max-tokens",
+            click.IntRange(min=1),
+            "Tokens per sampled answer [default: 128]" + demo("max_tokens") + ".",
+        ),
+        (
+            "--min-margin",
+            click.FloatRange(min=0),
+            "Keep a prompt's best-vs-worst pair only when the reward margin is at least this (ties are always dropped) [default: 0].",
+        ),
+        (
+            "--target",
+            float,
+            "Report the share of prompts whose best sample's reward reaches this"
+            + demo("target")
+            + ".",
+        ),
+        (
+            "--reference",
+            click.Choice(["start", "previous"]),
+            "Reference of each round: the model at the start of the run, or the previous round's policy [default: start].",
+        ),
+        (
+            "--sample-batch",
+            click.IntRange(min=1),
+            "Prompts per generation batch and reward call [default: 16].",
+        ),
+    ]
+    for flag, kind, help_text in reversed(options):
+        fn = click.option(flag, type=kind, default=None, help=help_text)(fn)
+    return fn
+
+
+def _iterate_train_options(fn):
+    from mlx_dpo.iterate_config import DEMO_TRAIN, TRAIN_FIELDS
+
+    return config_options(TRAIN_FIELDS, demo=DEMO_TRAIN)(fn)
+
+
+@click.command()
+@_iterate_options
+@_iterate_train_options
+@user_errors
+def iterate(**flags):
+    """On-policy DPO from prompts and a reward: each round samples answers from the current
+    model, scores them, pairs best with worst and trains on the pairs (every `train` option
+    applies to each round). With no arguments: the bundled demo (about 2 minutes on 2 cores).
+    """
+    import sys
+
+    from mlx_dpo.iterate_config import resolve
+
+    icfg, cfg, state = resolve(flags)  # every setting is checked before MLX is imported
+    from mlx_dpo.cli import _say_blas
+    from mlx_dpo.iterate import run_iterate
+    from mlx_dpo.stop import Interrupted
+    from mlx_dpo.trainer import NonFiniteLoss
+
+    _say_blas()
+    again = f"mlx_dpo iterate --adapter-path {cfg.adapter_path} --resume"
+    try:
+        run_iterate(icfg, cfg, state, log=click.echo)
+    except NonFiniteLoss as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except Interrupted as e:
+        click.echo(f"{e}\ncontinue the iterate run with: {again}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo(f"stopped; the samples saved so far are kept. Continue with: {again}", err=True)
+        sys.exit(130)
+
+
+COMMANDS += [eval_command, compare, fuse, plot, iterate]
 for _command in COMMANDS:  # when this module was imported before cli.py finished
     main.add_command(_command)

@@ -113,6 +113,10 @@ class TrainConfig:
         None,
         "Start from this adapter directory (an SFT adapter, say); it becomes part of the reference.",
     )
+    start_adapter: str | None = _f(
+        None,
+        "Start the policy from this adapter directory's weights; unlike --init-adapter it is not part of the reference (mlx_dpo iterate continues each round from the last).",
+    )
     ref_model: str | None = _f(
         None, "A separate reference model (default: the base model with adapters off)."
     )
@@ -244,6 +248,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.val_batches == 0 or self.val_batches < -1:
             raise ConfigError(f"val_batches must be -1 (all) or >= 1, got {self.val_batches}")
+        if self.init_adapter and self.start_adapter:
+            raise ConfigError(
+                "give init_adapter (part of the reference) or start_adapter (not), not both"
+            )
         if self.allow_changes and not self.resume:
             raise ConfigError("allow_changes only applies with resume (--resume --allow-changes)")
         from mlx_dpo.loss_options import check_loss_options  # MLX-free: checked before MLX loads

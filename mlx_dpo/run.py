@@ -20,6 +20,7 @@ from mlx_dpo.model import adapter_config
 from mlx_dpo.platform import Platform, detect
 from mlx_dpo.report import JsonlSink, Reporter, check_sinks, make_sinks
 from mlx_dpo.rundir import RunDir
+from mlx_dpo.saved_config import read_adapter_config
 from mlx_dpo.stop import StopSignals
 
 
@@ -168,6 +169,9 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     if cfg.init_adapter:
         init_config = model_lib.load_adapter_dir(loaded.model, cfg.init_adapter)
         cfg = _adopt_adapter_config(cfg, init_config, say)
+    elif cfg.start_adapter:  # its shape, now; its weights once the reference pass is done
+        start_config = read_adapter_config(cfg.start_adapter)
+        cfg = _adopt_adapter_config(cfg, start_config, say, in_reference=False)
     # Before any heavy work: refuse a configuration whose step will not fit in memory.
     step_plan = memory.plan_for_pairs(loaded.model, cfg, train_pairs)
     say(str(step_plan).splitlines()[0])
@@ -179,6 +183,8 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     )
     if not cfg.init_adapter:
         n_train = model_lib.apply_adapters(loaded.model, cfg, seed=cfg.seed)
+        if cfg.start_adapter:
+            _load_start_adapter(loaded.model, Path(cfg.start_adapter))
     else:
         n_train = model_lib.trainable_count(loaded.model)
     if cfg.grad_checkpoint:
@@ -237,7 +243,15 @@ def _is_demo(cfg: TrainConfig) -> bool:
     return same(cfg.model, demo.MODEL_DIR) and same(cfg.data, demo.DATA_DIR)
 
 
-def _adopt_adapter_config(cfg: TrainConfig, init: dict, log) -> TrainConfig:
+def _load_start_adapter(model, path: Path) -> None:
+    file = path / "adapters.safetensors"
+    weights = model_lib.read_adapter_weights(file)
+    model_lib.check_adapter_weights(model, weights, file)
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+
+
+def _adopt_adapter_config(cfg: TrainConfig, init: dict, log, in_reference=True) -> TrainConfig:
     params = init.get("lora_parameters", {})
     adopted = replace(
         cfg,
@@ -248,9 +262,14 @@ def _adopt_adapter_config(cfg: TrainConfig, init: dict, log) -> TrainConfig:
         lora_dropout=params.get("dropout", cfg.lora_dropout),
         lora_keys=params.get("keys", cfg.lora_keys),
     )
-    log(
-        f"init adapter {cfg.init_adapter}: training continues from it (rank {adopted.lora_rank}); it is part of the reference"
-    )
+    if in_reference:
+        log(
+            f"init adapter {cfg.init_adapter}: training continues from it (rank {adopted.lora_rank}); it is part of the reference"
+        )
+    else:
+        log(
+            f"start adapter {cfg.start_adapter}: training continues from it (rank {adopted.lora_rank}); the reference is the base model"
+        )
     return adopted
 
 
