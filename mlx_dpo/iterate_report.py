@@ -74,18 +74,24 @@ def print_summary(state: dict, icfg, log) -> None:
             f"Before/after {last['round']} round(s), on {after['prompts']} held-out prompts "
             f"({icfg.samples} samples each, temperature {icfg.temperature}):"
         )
-        log(
-            f"  mean reward:                      {_num(before['mean_reward']):>6} -> {_num(after['mean_reward'])}"
-        )
+        lines = [("mean reward", _num(before["mean_reward"]), _num(after["mean_reward"]))]
         if before.get("sample_target_share") is not None:
             what = (
                 "sampled answers with the preferred behaviour"
                 if is_demo_reward(icfg.reward)
                 else f"sampled answers meeting --target {icfg.target:g}"
             )
-            log(
-                f"  {what}: {_pct(before['sample_target_share'])} -> {_pct(after['sample_target_share'])}"
+            lines.append(
+                (what, _pct(before["sample_target_share"]), _pct(after["sample_target_share"]))
             )
+        width = max(len(what) for what, _, _ in lines) + 1
+        for what, old, new in lines:
+            log(f"  {what + ':':<{width}} {old:>6} -> {new}")
+        key = "sample_target_share" if before.get("sample_target_share") is not None else None
+        key = key or "mean_reward"
+        show = _pct if key == "sample_target_share" else _num
+        steps = [show(before[key])] + [show(r["eval"][key]) for r in rounds if r.get("eval")]
+        log(f"  held-out, before and after each round: {', '.join(steps)}")
     else:
         log(f"Rounds 1 to {last['round']}, sampled answers on the training prompts:")
         log(f"  mean reward: {_num(first['mean_reward'])} (round 1) -> {_num(last['mean_reward'])}")
