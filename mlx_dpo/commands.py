@@ -281,81 +281,9 @@ def plot(run_dir, output):
 
 
 def _iterate_options(fn):
-    from mlx_dpo.iterate_config import DEMO_ITERATE
+    from mlx_dpo.iterate_config import cli_options
 
-    def demo(name):
-        return f" (demo: {DEMO_ITERATE[name]})" if name in DEMO_ITERATE else ""
-
-    options = [
-        (
-            "--prompts",
-            click.Path(dir_okay=False),
-            "Prompts: .jsonl/.json/.parquet rows with a prompt (text or messages); other fields go to the reward (demo: the demo's training prompts).",
-        ),
-        (
-            "--eval-prompts",
-            click.Path(dir_okay=False),
-            "Held-out prompts, sampled and scored before training and after each round (demo: the demo's validation prompts).",
-        ),
-        (
-            "--num-prompts",
-            click.IntRange(min=1),
-            "Use the first N prompts [default: all]" + demo("num_prompts") + ".",
-        ),
-        (
-            "--reward",
-            str,
-            "Reward function module:function, importable from the working directory: (prompts, completions, **row_fields) -> list[float], as in TRL"
-            + demo("reward")
-            + ".",
-        ),
-        (
-            "--judge-model",
-            str,
-            "Score with this mlx-lm model instead: the first number of its greedy reply to --judge-template.",
-        ),
-        (
-            "--judge-template",
-            click.Path(dir_okay=False),
-            "File with the judge's prompt, with {prompt} and {completion} placeholders [default: a 0-10 rating prompt].",
-        ),
-        (
-            "--rounds",
-            click.IntRange(min=1),
-            "Rounds of sample -> score -> pair -> train [default: 3].",
-        ),
-        ("--samples", click.IntRange(min=2), "Answers sampled per prompt and round [default: 4]."),
-        ("--temperature", click.FloatRange(min=0), "Sampling temperature [default: 1.0]."),
-        ("--top-p", click.FloatRange(0, 1), "Nucleus sampling threshold (1: off) [default: 1.0]."),
-        (
-            "--max-tokens",
-            click.IntRange(min=1),
-            "Tokens per sampled answer [default: 128]" + demo("max_tokens") + ".",
-        ),
-        (
-            "--min-margin",
-            click.FloatRange(min=0),
-            "Keep a prompt's best-vs-worst pair only when the reward margin is at least this (ties are always dropped) [default: 0].",
-        ),
-        (
-            "--target",
-            float,
-            "Report the share of prompts whose best sample's reward reaches this"
-            + demo("target")
-            + ".",
-        ),
-        (
-            "--reference",
-            click.Choice(["start", "previous"]),
-            "Reference of each round: the model at the start of the run, or the previous round's policy [default: start].",
-        ),
-        (
-            "--sample-batch",
-            click.IntRange(min=1),
-            "Prompts per generation batch and reward call [default: 16].",
-        ),
-    ]
-    for flag, kind, help_text in reversed(options):
+    for flag, kind, help_text in reversed(cli_options()):
         fn = click.option(flag, type=kind, default=None, help=help_text)(fn)
     return fn
 
@@ -367,19 +295,27 @@ def _iterate_train_options(fn):
 
 
 @click.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="YAML file of settings (iterate's and train's names as keys); flags override it.",
+)
 @_iterate_options
 @_iterate_train_options
 @user_errors
-def iterate(**flags):
+def iterate(config_path, **flags):
     """On-policy DPO from prompts and a reward: each round samples answers from the current
     model, scores them, pairs best with worst and trains on the pairs (every `train` option
-    applies to each round). With no arguments: the bundled demo (about 2 minutes on 2 cores).
+    applies to each round). With no arguments: the bundled demo (under a minute on 2 cores).
     """
     import sys
 
     from mlx_dpo.iterate_config import resolve
 
-    icfg, cfg, state = resolve(flags)  # every setting is checked before MLX is imported
+    icfg, cfg, state = resolve(
+        flags, config_path
+    )  # every setting is checked before MLX is imported
     from mlx_dpo.cli import _say_blas
     from mlx_dpo.iterate import run_iterate
     from mlx_dpo.stop import Interrupted

@@ -58,6 +58,13 @@ class IterateConfig:
     sample_batch: int = 16  # prompts per generation and reward call
 
     def __post_init__(self):
+        for name, kind in _NUMBERS.items():  # YAML (--config) values come as they were typed
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                try:
+                    setattr(self, name, kind(float(value)) if kind is int else float(value))
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{name}: expected a number, got {value!r}") from None
         if self.reward and self.judge_model:
             raise ConfigError("give --reward or --judge-model, not both")
         if self.judge_template and not self.judge_model:
@@ -73,6 +80,10 @@ class IterateConfig:
             raise ConfigError(f"--reference must be start or previous, got {self.reference!r}")
 
 
+_NUMBERS = {"num_prompts": int, "rounds": int, "samples": int, "max_tokens": int}
+_NUMBERS |= {"sample_batch": int, "temperature": float, "top_p": float, "min_margin": float}
+_NUMBERS |= {"target": float}
+
 # The demo: 128 of the demo's training prompts, its held-out prompts, its rule as the reward.
 DEMO_ITERATE = {"rounds": 3, "samples": 4, "temperature": 1.0, "max_tokens": 24, "target": 1.0}
 DEMO_ITERATE |= {"num_prompts": 128, "reward": "mlx_dpo.rewards:demo_reward"}
@@ -86,9 +97,12 @@ def is_demo_reward(spec: str | None) -> bool:
     return spec == DEMO_ITERATE["reward"]
 
 
-def resolve(flags: dict) -> tuple[IterateConfig, TrainConfig, dict]:
-    """(IterateConfig, TrainConfig, saved state or {}) from the flags given (None = not given)."""
+def resolve(flags: dict, config_path: str | None = None) -> tuple[IterateConfig, TrainConfig, dict]:
+    """(IterateConfig, TrainConfig, saved state or {}) from the flags given (None = not given)
+    over the --config YAML (keys: iterate's and train's setting names)."""
     given = {k: v for k, v in flags.items() if v is not None}
+    if config_path:
+        given = {**_read_config(config_path), **given}
     it_names = {f.name for f in dataclasses.fields(IterateConfig)}
     path = given.get("adapter_path")
     demo = not given.get("model") and not given.get("prompts")
@@ -114,7 +128,7 @@ def resolve(flags: dict) -> tuple[IterateConfig, TrainConfig, dict]:
         from mlx_dpo import demo as demo_pkg
 
         values["model"] = str(demo_pkg.MODEL_DIR)
-    if given.get("judge_model"):
+    if given.get("judge_model") and "reward" not in given:  # the demo's or the saved reward
         values.pop("reward", None)
     icfg = IterateConfig(**{k: v for k, v in values.items() if k in it_names})
     if not icfg.prompts:
@@ -126,6 +140,18 @@ def resolve(flags: dict) -> tuple[IterateConfig, TrainConfig, dict]:
     if state:
         check_resume(state, icfg, cfg)
     return icfg, cfg, state
+
+
+def _read_config(path: str) -> dict:
+    from mlx_dpo.config import read_yaml
+
+    values = read_yaml(path)
+    known = {f.name for f in dataclasses.fields(IterateConfig)} | set(TRAIN_FIELDS)
+    if unknown := sorted(set(values) - known):
+        raise ConfigError(
+            f"{path}: unknown setting(s) {', '.join(unknown)}; see `mlx_dpo iterate --help`"
+        )
+    return values
 
 
 def settings(icfg: IterateConfig, cfg: TrainConfig) -> dict:
@@ -176,3 +202,82 @@ def fresh_dir(path: Path) -> str:
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return str(candidate)
+
+
+def cli_options() -> list[tuple]:
+    """(flag, click type, help) of iterate's own flags (the training flags come from TrainConfig)."""
+    import click
+
+    def demo(name):
+        return f" (demo: {DEMO_ITERATE[name]})" if name in DEMO_ITERATE else ""
+
+    options = [
+        (
+            "--prompts",
+            click.Path(dir_okay=False),
+            "Prompts: .jsonl/.json/.parquet rows with a prompt (text or messages); other fields go to the reward (demo: the demo's training prompts).",
+        ),
+        (
+            "--eval-prompts",
+            click.Path(dir_okay=False),
+            "Held-out prompts, sampled and scored before training and after each round (demo: the demo's validation prompts).",
+        ),
+        (
+            "--num-prompts",
+            click.IntRange(min=1),
+            "Use the first N prompts [default: all]" + demo("num_prompts") + ".",
+        ),
+        (
+            "--reward",
+            str,
+            "Reward function module:function, importable from the working directory: (prompts, completions, **row_fields) -> list[float], as in TRL"
+            + demo("reward")
+            + ".",
+        ),
+        (
+            "--judge-model",
+            str,
+            "Score with this mlx-lm model instead: the first number of its greedy reply to --judge-template.",
+        ),
+        (
+            "--judge-template",
+            click.Path(dir_okay=False),
+            "File with the judge's prompt, with {prompt} and {completion} placeholders [default: a 0-10 rating prompt].",
+        ),
+        (
+            "--rounds",
+            click.IntRange(min=1),
+            "Rounds of sample -> score -> pair -> train [default: 3].",
+        ),
+        ("--samples", click.IntRange(min=2), "Answers sampled per prompt and round [default: 4]."),
+        ("--temperature", click.FloatRange(min=0), "Sampling temperature [default: 1.0]."),
+        ("--top-p", click.FloatRange(0, 1), "Nucleus sampling threshold (1: off) [default: 1.0]."),
+        (
+            "--max-tokens",
+            click.IntRange(min=1),
+            "Tokens per sampled answer [default: 128]" + demo("max_tokens") + ".",
+        ),
+        (
+            "--min-margin",
+            click.FloatRange(min=0),
+            "Keep a prompt's best-vs-worst pair only when the reward margin is at least this (ties are always dropped) [default: 0].",
+        ),
+        (
+            "--target",
+            float,
+            "Report the share of prompts whose best sample's reward reaches this"
+            + demo("target")
+            + ".",
+        ),
+        (
+            "--reference",
+            click.Choice(["start", "previous"]),
+            "Reference of each round: the model at the start of the run, or the previous round's policy [default: start].",
+        ),
+        (
+            "--sample-batch",
+            click.IntRange(min=1),
+            "Prompts per generation batch and reward call [default: 16].",
+        ),
+    ]
+    return options

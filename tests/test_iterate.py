@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from mlx_dpo import demo, onpolicy
 from mlx_dpo.cli import main
+from mlx_dpo.errors import RunError
 from mlx_dpo.iterate import run_iterate
 from mlx_dpo.iterate_config import resolve
 from mlx_dpo.rewards import RewardError, parse_score
@@ -319,3 +320,34 @@ def test_judge_model_scores_samples(work, tmp_path):
     samples = read_jsonl(work["root"] / "run/round-1/samples.jsonl")
     assert all(s["reward"] is None or isinstance(s["reward"], float) for s in samples)
     assert state["rounds"][0]["scored"] == sum(s["reward"] is not None for s in samples)
+
+
+def test_settings_errors_are_one_line(work):
+    bad = [
+        ({"reward": "nocolon"}, "expected module:function"),
+        ({"reward": "no_such_module_x:f"}, "cannot import no_such_module_x"),
+        ({"judge_model": str(demo.MODEL_DIR)}, "give --reward or --judge-model, not both"),
+        ({"reward": None, "prompts": None}, "--prompts is required"),
+    ]
+    for extra, message in bad:
+        values = {k: v for k, v in flags(work, **extra).items() if v is not None}
+        result = cli(*as_args(values))
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in result.output and "Traceback" not in result.output
+    (work["root"] / "taken").mkdir()
+    (work["root"] / "taken/notes.txt").write_text("mine")
+    result = cli(*as_args(flags(work, run="taken")))
+    assert result.exit_code == 2 and "not empty; pass --resume" in result.output
+    assert (work["root"] / "taken/notes.txt").read_text() == "mine"
+    config = work["root"] / "it.yaml"
+    config.write_text("rounds: 1\nsamples: 3\nlearning_rate: 1e-4\nbogus: 1\n")
+    result = cli("--config", config, *as_args(flags(work)))
+    assert result.exit_code == 2 and "unknown setting(s) bogus" in result.output
+
+
+def test_resume_refuses_other_settings(work):
+    run(work, rounds=1)
+    with pytest.raises(RunError, match="samples: saved 4, given 3"):
+        resolve(flags(work, samples=3, resume=True))
+    icfg, cfg, state = resolve(flags(work, rounds=2, resume=True))  # more rounds: allowed
+    assert (icfg.rounds, state["round"], state["phase"]) == (2, 2, "sample")
