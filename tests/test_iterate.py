@@ -142,6 +142,9 @@ def test_pairs_follow_a_reward_that_prefers_a_known_token(work):
     assert report["dropped"] == ({"all equal": 8 - len(mixed)} if len(mixed) < 8 else {})
     assert report["mean_reward"] == pytest.approx(np.mean([s["reward"] for s in samples]))
     assert (work["root"] / "run/adapters.safetensors").is_file()  # the newest round's, published
+    (work["root"] / "run/rounds.png").unlink()
+    result = CliRunner().invoke(main, ["plot", str(work["root"] / "run")])
+    assert result.exit_code == 0 and (work["root"] / "run/rounds.png").stat().st_size > 10_000
 
 
 def test_make_pairs_ties_margins_and_unscored():
@@ -351,3 +354,17 @@ def test_resume_refuses_other_settings(work):
         resolve(flags(work, samples=3, resume=True))
     icfg, cfg, state = resolve(flags(work, rounds=2, resume=True))  # more rounds: allowed
     assert (icfg.rounds, state["round"], state["phase"]) == (2, 2, "sample")
+
+
+@pytest.mark.slow
+def test_the_demo_raises_the_preferred_share_to_90_percent(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLX_DPO_CACHE", str(tmp_path / "cache"))
+    icfg, cfg, _ = resolve({})  # no arguments: the demo
+    assert cfg.adapter_path == "runs/iterate" and icfg.eval_prompts
+    lines = []
+    state = run_iterate(icfg, cfg, log=lines.append)
+    before, after = state["before"], state["rounds"][-1]["eval"]
+    assert 0.3 <= before["sample_target_share"] <= 0.6  # the base answers both ways
+    assert after["sample_target_share"] >= 0.9
+    assert any("sampled answers with the preferred behaviour" in line for line in lines)
