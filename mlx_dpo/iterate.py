@@ -64,7 +64,7 @@ def run_iterate(icfg: IterateConfig, cfg, state: dict | None = None, *, log=prin
     if icfg.eval_prompts:
         eval_rows = onpolicy.read_prompt_rows(icfg.eval_prompts, cfg.prompt_field)
     run = RunDir(Path(cfg.adapter_path))
-    if not state and [n for n in run.entries()]:
+    if not state and run.entries():
         raise RunError(
             f"--adapter-path {run.path} is not empty; pass --resume to continue the run there "
             "or choose another --adapter-path (nothing was overwritten)"

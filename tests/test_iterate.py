@@ -181,6 +181,18 @@ def test_make_pairs_ties_margins_and_unscored():
     assert msg_pairs[0]["chosen"] == [{"role": "assistant", "content": "a01"}]
 
 
+def test_samples_file_keeps_whole_batches_only(tmp_path):
+    """A kill in the middle of appending a batch: that batch is sampled again on resume."""
+    file = tmp_path / "samples.jsonl"
+    onpolicy.append_chunk(file, [{"chunk": 0, "reward": 1.0}, {"chunk": 0, "reward": 0.0}])
+    onpolicy.append_chunk(file, [{"chunk": 1, "reward": 1.0}])  # 1 of its 2 records
+    with open(file, "a") as f:
+        f.write('{"chunk": 1, "rew')  # cut short
+    done = onpolicy.read_chunks(file, [2, 2, 2])
+    assert [len(c) for c in done] == [2]
+    assert [json.loads(line)["chunk"] for line in file.read_text().splitlines()] == [0, 0]
+
+
 def test_rounds_resume_exactly(work, monkeypatch):
     run(work, run="straight")
     sys.modules[work["module"]].calls = 0  # count the reward's calls from the next run on
