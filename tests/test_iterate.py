@@ -380,3 +380,32 @@ def test_the_demo_raises_the_preferred_share_to_90_percent(tmp_path, monkeypatch
     assert 0.3 <= before["sample_target_share"] <= 0.6  # the base answers both ways
     assert after["sample_target_share"] >= 0.9
     assert any("sampled answers with the preferred behaviour" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_round_s_training_then_resume(work):
+    """A real kill -9 inside round 1's training (paused after update 3) and --resume: the run
+    finishes with the adapters of a run that was never stopped."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    run(work, run="straight")
+    pause = work["root"] / "paused"
+    env = {**os.environ, "MLX_DPO_TEST_PAUSE": "update:3", "MLX_DPO_TEST_PAUSE_FILE": str(pause)}
+    command = [sys.executable, "-m", "mlx_dpo", "iterate", *as_args(flags(work, run="killed"))]
+    proc = subprocess.Popen(command, env=env, cwd=work["root"], stdout=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not pause.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert pause.exists(), "the run never reached update 3"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    env.pop("MLX_DPO_TEST_PAUSE")
+    done = subprocess.run(
+        [*command, "--resume"], env=env, cwd=work["root"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = (mx.load(str(work["root"] / d / "adapters.safetensors")) for d in ("straight", "killed"))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
