@@ -1,7 +1,7 @@
 """Evaluate adapters on a data split with the training code's numbers.
 
 `evaluate_adapters(cfg, adapter_path)` scores every pair of one split twice, both through
-`reference.compute` (the trainer's forward and completion-only log-probs):
+`reference.pair_logps` (the trainer's forward and completion-only log-probs):
 - reference: the base with no adapters (plus the run's `--init-adapter`, or its `--ref-model`),
   reused from the reference cache that training filled when the model, data and tokenization
   are the same;
@@ -126,25 +126,6 @@ def score(
     return metrics, scores
 
 
-def reference_logps(cfg: TrainConfig, loaded, pairs: list, log=print):
-    """The run's reference log-probs of `pairs`: through the same on-disk cache as training."""
-    from mlx_dpo.run import model_identity
-
-    net = loaded.model
-    if cfg.ref_model:
-        net = model_lib.load(cfg.ref_model, compute_dtype=cfg.compute_dtype).model
-    chosen, rejected, hit = reference.cached_compute(
-        net,
-        pairs,
-        model_identity(cfg, loaded),
-        batch_size=2 * cfg.batch_size,
-        use_cache=cfg.reference_cache,
-        log=log,
-    )
-    log(f"reference log-probs: {'reused from cache' if hit else 'computed'}")
-    return chosen, rejected
-
-
 def evaluate_adapters(
     cfg: TrainConfig,
     adapter_path: str | Path | None,
@@ -163,13 +144,13 @@ def evaluate_adapters(
         read_adapter_config(adapter_path)  # a clear error before the reference pass
     if cfg.init_adapter:  # part of the run's reference; the run trained it further
         model_lib.load_adapter_dir(loaded.model, cfg.init_adapter)
-    refs = reference_logps(cfg, loaded, pairs, log)
+    refs = reference.for_run(cfg, loaded, {name: pairs}, log=log)[name]
     if adapter_path is not None:
         _load_adapters(loaded.model, Path(adapter_path), cfg)
     if adapter_path is None and not cfg.ref_model and not cfg.init_adapter:
         policy = refs  # the policy is the reference
     else:
-        policy = reference.compute(
+        policy = reference.pair_logps(
             loaded.model,
             pairs,
             batch_size=2 * cfg.batch_size,

@@ -6,18 +6,16 @@ call into the module that owns it (model, data, reference, trainer).
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_dpo import _testhooks, checkpoint, cpu_kernels, data, lifecycle, memory, reference, trainer
+from mlx_dpo import checkpoint, data, lifecycle, memory, reference, trainer
 from mlx_dpo import model as model_lib
-from mlx_dpo.config import ConfigError, TrainConfig
+from mlx_dpo.config import TrainConfig
 from mlx_dpo.data_report import report_read, write_skipped_rows
 from mlx_dpo.model import adapter_config
-from mlx_dpo.platform import Platform, detect
 from mlx_dpo.report import JsonlSink, Reporter, check_sinks, make_sinks
 from mlx_dpo.rundir import RunDir
 from mlx_dpo.stop import StopSignals
@@ -68,59 +66,6 @@ def load_pairs(cfg: TrainConfig, tokenizer, log, splits: dict | None = None) -> 
             f"{cfg.data}: no training pairs left after tokenization and truncation"
         )
     return out[0], out[1]
-
-
-def model_identity(cfg: TrainConfig, loaded, plat: Platform | None = None) -> dict:
-    plat = plat or detect()
-    ident = {
-        "model": reference.fingerprint_dir(loaded.path),
-        "quantize": cfg.quantize,
-        "q_group_size": cfg.q_group_size if cfg.quantize else None,
-        "compute_dtype": cfg.compute_dtype,
-        "device": str(mx.default_device()),
-        "mlx": mx.__version__,
-        "cpu_kernels": cpu_kernels.enabled(plat),  # a different exp: round-off-level differences
-        "platform": plat.kind,  # Metal and CUDA are both "gpu" devices; their kernels differ
-    }
-    if cfg.ld_alpha is not None:  # LD-DPO's reference sums are other numbers
-        ident["ld_alpha"] = cfg.ld_alpha
-    if cfg.init_adapter:
-        ident["init_adapter"] = reference.fingerprint_dir(Path(cfg.init_adapter))
-    if cfg.ref_model:
-        ident["ref_model"] = reference.fingerprint_dir(model_lib.resolve_path(cfg.ref_model))
-    return ident
-
-
-def reference_logps(cfg, loaded, identity, train_pairs, valid_pairs, group, log):
-    """(train_refs, valid_refs); the separate --ref-model is loaded, used and freed here."""
-    model = loaded.model
-    if cfg.ref_model:
-        ref = model_lib.load(cfg.ref_model, compute_dtype=cfg.compute_dtype)
-        if (
-            ref.model.args.vocab_size != loaded.model.args.vocab_size
-            if hasattr(ref.model, "args")
-            else False
-        ):
-            raise ConfigError(f"--ref-model {cfg.ref_model}: its vocabulary differs from --model's")
-        model = ref.model
-    _testhooks.point("reference-pass")
-    refs = []
-    for name, pairs in (("train", train_pairs), ("valid", valid_pairs)):
-        chosen, rejected, hit = reference.cached_compute(
-            model,
-            pairs,
-            identity,
-            batch_size=2 * cfg.batch_size,
-            use_cache=cfg.reference_cache,
-            group=group,
-            log=log,
-        )
-        if pairs:
-            log(f"reference log-probs ({name}): {'reused from cache' if hit else 'computed'}")
-        refs.append((chosen, rejected))
-    del model
-    gc.collect()
-    return refs[0], refs[1]
 
 
 def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
@@ -174,9 +119,10 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     if tradeoff := memory.checkpoint_tradeoff(step_plan):
         say(tradeoff)
     memory.check_fits(step_plan)
-    train_refs, valid_refs = reference_logps(
-        cfg, loaded, model_identity(cfg, loaded), train_pairs, valid_pairs, group, say
+    refs = reference.for_run(
+        cfg, loaded, {"train": train_pairs, "valid": valid_pairs}, group=group, log=say
     )
+    train_refs, valid_refs = refs["train"], refs["valid"]
     if not cfg.init_adapter:
         n_train = model_lib.apply_adapters(loaded.model, cfg, seed=cfg.seed)
     else:

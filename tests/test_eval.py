@@ -1,7 +1,7 @@
 """`mlx_dpo eval`: per-pair scores and split metrics against the training code's own numbers.
 
 A short run trains adapters on a tiny model; the expectations are recomputed here from the
-pieces training uses (run.load_pairs, reference.compute, the base with adapters off) and the
+pieces training uses (run.load_pairs, reference.pair_logps, the base with adapters off) and the
 DPO loss is also written out in numpy.
 """
 
@@ -93,11 +93,11 @@ def test_scores_and_metrics_match_the_training_code(run, tmp_path):
     # The expectation, from the pieces training uses.
     loaded = model_lib.load(run.model)
     _, valid = load_pairs(run, loaded.tokenizer, log=lambda *_: None)
-    base = reference.compute(loaded.model, valid, batch_size=4)
+    base = reference.pair_logps(loaded.model, valid, batch_size=4)
     model_lib.load_adapter_dir(loaded.model, run.adapter_path)
-    policy = reference.compute(loaded.model, valid, batch_size=4)
+    policy = reference.pair_logps(loaded.model, valid, batch_size=4)
     with model_lib.adapters_off(loaded.model):
-        off = reference.compute(loaded.model, valid, batch_size=4)
+        off = reference.pair_logps(loaded.model, valid, batch_size=4)
 
     assert metrics["split"] == "valid" and metrics["pairs"] == len(valid) == len(scores) == 5
     assert [s["source"] for s in scores] == [p.source for p in valid]
@@ -250,9 +250,9 @@ def test_run_from_an_init_adapter_keeps_it_in_the_reference(run, tmp_path):
     loaded = model_lib.load(run.model)
     _, valid = load_pairs(run, loaded.tokenizer, log=lambda *_: None)
     model_lib.load_adapter_dir(loaded.model, run.adapter_path)
-    init = reference.compute(loaded.model, valid, batch_size=4)
+    init = reference.pair_logps(loaded.model, valid, batch_size=4)
     loaded.model.load_weights(str(Path(second.adapter_path) / "adapters.safetensors"), strict=False)
-    policy = reference.compute(loaded.model, valid, batch_size=4)
+    policy = reference.pair_logps(loaded.model, valid, batch_size=4)
     np.testing.assert_allclose([s["reference_chosen_logps"] for s in scores], init[0], rtol=1e-5)
     np.testing.assert_allclose([s["chosen_logps"] for s in scores], policy[0], rtol=1e-5)
     assert np.abs(policy[0] - init[0]).max() > 1e-3

@@ -207,8 +207,8 @@ def test_saved_adapters_load_in_mlx_lm_with_same_logps(tiny_model_path, toy_data
     load_adapter_dir(ours.model, tmp_path / "run")
     pairs, _ = load_pairs(cfg, ours.tokenizer, quiet)
     theirs, _ = mlx_lm.load(str(tiny_model_path), adapter_path=str(tmp_path / "run"))
-    a = reference.compute(ours.model, pairs, batch_size=4)
-    b = reference.compute(theirs, pairs, batch_size=4)
+    a = reference.pair_logps(ours.model, pairs, batch_size=4)
+    b = reference.pair_logps(theirs, pairs, batch_size=4)
     np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
     np.testing.assert_allclose(a[1], b[1], rtol=1e-5)
 
@@ -246,7 +246,7 @@ def test_reference_cache_is_reused(tiny_model_path, toy_data, tmp_path, monkeypa
     )
     assert any("reference log-probs (train): computed" in m for m in messages)
     calls = []
-    monkeypatch.setattr(reference, "compute", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(reference, "pair_logps", lambda *a, **k: calls.append(1))
     messages.clear()
     run_training(
         make_cfg(tiny_model_path, toy_data, tmp_path / "b", iters=1, reference_cache=True),
