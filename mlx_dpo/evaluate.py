@@ -27,6 +27,7 @@ from mlx_dpo import data, reference
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
 from mlx_dpo.losses import METRIC_KEYS
+from mlx_dpo.rundir import RunDir
 from mlx_dpo.saved_config import config_for, read_adapter_config  # noqa: F401 (re-exported)
 
 SPLITS = ("valid", "test", "train")  # the default order: the first that has pairs
@@ -166,9 +167,7 @@ def _load_adapters(net, path: Path, cfg: TrainConfig) -> None:
         model_lib.load_adapter_dir(net, path)
         return
     # The init adapter's layers are in place; the run's weights are those layers, trained on.
-    file = path / "adapters.safetensors"
-    if not file.is_file():
-        raise model_lib.ModelError(f"{path}: not an adapter directory (no adapters.safetensors)")
+    file = RunDir(path).adapters_file()
     weights = model_lib.read_adapter_weights(file)
     model_lib.check_adapter_weights(net, weights, file)
     net.load_weights(list(weights.items()), strict=False)

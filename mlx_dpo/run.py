@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_dpo import checkpoint, data, lifecycle, memory, reference, trainer
+from mlx_dpo import checkpoint, data, demo, lifecycle, memory, reference, trainer
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import TrainConfig
 from mlx_dpo.data_report import report_read, write_skipped_rows
@@ -37,13 +37,6 @@ def distributed_group():
         return None
     group = mx.distributed.init()
     return group if group.size() > 1 else None
-
-
-def with_demo_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Fill in the bundled demo model/data where --model/--data were not given."""
-    from mlx_dpo import demo
-
-    return replace(cfg, model=cfg.model or str(demo.MODEL_DIR), data=cfg.data or str(demo.DATA_DIR))
 
 
 def read_rows(cfg: TrainConfig) -> dict[str, list[dict]]:
@@ -73,7 +66,7 @@ def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
 
     The run directory is locked for the whole call; SIGINT/SIGTERM stop it cleanly (see stop.py).
     """
-    cfg = with_demo_defaults(cfg)
+    cfg = demo.with_defaults(cfg)
     group = distributed_group()
     is_main = group is None or group.rank() == 0
     say = log if is_main else (lambda *_: None)
@@ -169,18 +162,11 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
         if (png := plot_run(run.path)) is not None:
             say(f"plot: {png}")
     summary = None
-    if _is_demo(cfg) and cfg.demo_summary and is_main and valid_pairs:
-        from mlx_dpo.summary import demo_summary
+    if demo.is_demo(cfg) and cfg.demo_summary and is_main and valid_pairs:
+        from mlx_dpo.demo.summary import demo_summary
 
         summary = demo_summary(loaded, valid_pairs, valid_refs, cfg, log=say)
     return RunResult(run.path, result.step, result.train_metrics, result.valid_metrics, summary)
-
-
-def _is_demo(cfg: TrainConfig) -> bool:
-    from mlx_dpo import demo
-
-    same = lambda a, b: a is not None and Path(a).resolve() == Path(b).resolve()  # noqa: E731
-    return same(cfg.model, demo.MODEL_DIR) and same(cfg.data, demo.DATA_DIR)
 
 
 def _adopt_adapter_config(cfg: TrainConfig, init: dict, log) -> TrainConfig:
