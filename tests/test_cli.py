@@ -5,7 +5,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from test_trainer import write_pairs
+from tiny import write_pairs
 
 from mlx_dpo import cli
 from mlx_dpo.config import TrainConfig

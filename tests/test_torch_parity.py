@@ -3,7 +3,7 @@ per-sequence completion log-probs on the same pairs, and the same DPO loss."""
 
 import numpy as np
 import pytest
-from test_trainer import make_cfg, write_pairs
+from tiny import make_cfg, write_pairs
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_dpo.config import TrainConfig
 from mlx_dpo.data import CHATML
 from mlx_dpo.demo.tokenizer import write_chat_tokenizer
 
@@ -102,3 +103,50 @@ def build_tiny_model(
             }
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
+
+
+# --- toy preference data and a small run's config, shared by the trainer tests
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "tree", "fish", "book", "star"]
+
+
+def write_pairs(path, n: int, seed: int = 0, *, offset: int = 0) -> None:
+    """A learnable preference: a polite answer over a curt one, whatever the question."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = rng.choice(WORDS, 2, replace=False)
+            row = {
+                "prompt": f"Question {i + offset}: say {a} or {b}?",
+                "chosen": f"Sure! {a}.",
+                "rejected": f"No. {a}.",
+            }
+            f.write(json.dumps(row) + "\n")
+
+
+def make_cfg(model, data, run_dir, **kw) -> TrainConfig:
+    base = dict(
+        model=str(model),
+        data=str(data),
+        adapter_path=str(run_dir),
+        iters=2,
+        batch_size=2,
+        learning_rate=1e-3,
+        steps_per_report=1,
+        steps_per_eval=0,
+        save_every=100,
+        num_layers=-1,
+        lora_rank=4,
+        max_length=64,
+        reference_cache=False,
+        demo_summary=False,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def read_metrics(run_dir, split="train"):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def quiet(*_):
+    pass

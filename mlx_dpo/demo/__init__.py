@@ -110,13 +110,10 @@ def sample_answers(
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
-    tokens = []
-    for prompt in prompts:
-        # Render to text, then encode: `tokenize=True` returns a dict in newer transformers.
-        text = tokenizer.apply_chat_template(
-            _messages(prompt), add_generation_prompt=True, tokenize=False
-        )
-        tokens += [tokenizer.encode(text, add_special_tokens=False)] * n
+    from mlx_dpo.encoder import Encoder
+
+    rendered = Encoder(tokenizer, None).generation_prompts([_messages(p) for p in prompts])
+    tokens = [ids for ids in rendered for _ in range(n)]
     if not tokens:
         return []
     mx.random.seed(seed)
