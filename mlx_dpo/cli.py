@@ -84,15 +84,17 @@ def _option(f: dataclasses.Field, *, run_default: bool = False, demo=None):
     help_text = _help(f, default, run_default, demo)
     if kind is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+    if is_list:  # choices of list items are checked by TrainConfig, after the split
+        help_text += " Repeat the flag or separate values with commas."
+        if "choices" in f.metadata:
+            help_text += f" Choices: {', '.join(map(str, f.metadata['choices']))}."
+        return click.option(
+            flag, f.name, multiple=True, default=None, help=help_text, callback=_split(f)
+        )
     if "choices" in f.metadata:
         choice = click.Choice([str(c) for c in f.metadata["choices"]])
         return click.option(
             flag, f.name, type=choice, default=None, help=help_text, callback=_cast(f)
-        )
-    if is_list:
-        help_text += " Repeat the flag or separate values with commas."
-        return click.option(
-            flag, f.name, multiple=True, default=None, help=help_text, callback=_split(f)
         )
     return click.option(flag, f.name, type=FieldValue(f), default=None, help=help_text)
 

@@ -27,7 +27,7 @@ CASES = [
     (["eval", "--help"], 0, "[default: the run's]"),
     (["train", "--bogus"], 2, "No such option"),
     (["train", "--beta", "-1"], 2, "beta must be > 0"),
-    (["train", "--loss-type", "nope"], 2, "unknown loss_type"),
+    (["train", "--loss-type", "nope"], 2, "loss_type must be one of"),
     (["train", "--label-smoothing", "0.1", "--loss-type", "ipo"], 2, "label_smoothing only"),
     (["train", "--config", "{tmp}/missing.yaml"], 2, "config file not found"),
     (["eval", "--adapter-path", "{tmp}/missing"], 2, "no such directory"),
