@@ -56,7 +56,7 @@ def test_fast_answers_import_nothing_heavy(args, status, says, tmp_path):
 def test_loss_rules_name_every_loss():
     """The MLX-free option rules and the loss functions list the same loss types."""
     from mlx_dpo.loss_options import F_DIVERGENCE_TYPES, LOSS_TYPES
-    from mlx_dpo.losses import F_DIVERGENCES, LOSSES
+    from mlx_dpo.loss_types import F_DIVERGENCES, LOSSES
 
     assert sorted(LOSS_TYPES) == sorted(LOSSES)
     assert sorted(F_DIVERGENCE_TYPES) == sorted(F_DIVERGENCES)
