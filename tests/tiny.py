@@ -150,3 +150,24 @@ def read_metrics(run_dir, split="train"):
 
 def quiet(*_):
     pass
+
+
+def plain_pair_logps(model, pairs) -> tuple[np.ndarray, np.ndarray]:
+    """Summed completion log-probs of each pair, computed independently of the package's
+    log-prob head and batching: one unpadded row at a time, the model's full logits, and a
+    float64 log-softmax in numpy; the logit at position t scores token t+1."""
+    import mlx.core as mx
+
+    out = []
+    for pair in pairs:
+        sums = []
+        for answer in (pair.chosen_ids, pair.rejected_ids):
+            ids = list(pair.prompt_ids) + list(answer)
+            logits = np.array(model(mx.array([ids[:-1]])).astype(mx.float32), dtype=np.float64)[0]
+            top = logits.max(-1, keepdims=True)
+            logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+            start = len(pair.prompt_ids) - 1  # the first completion token's scoring position
+            sums.append(sum(logp[t, ids[t + 1]] for t in range(start, len(ids) - 1)))
+        out.append(sums)
+    both = np.array(out, dtype=np.float64)
+    return both[:, 0], both[:, 1]
