@@ -61,7 +61,7 @@ def _demo_values() -> dict:
     """demo.yaml's settings (the demo's run directory named as `train` picks it)."""
     from mlx_dpo import demo
 
-    values = read_yaml(Path(demo.__file__).parent / "demo.yaml")
+    values = demo.settings()
     if "adapter_path" in values:
         values["adapter_path"] = f"{values['adapter_path']}, or -2, -3, ... when taken"
     return values
@@ -86,15 +86,17 @@ def _option(f: dataclasses.Field, *, run_default: bool = False, demo=None):
     help_text = _help(f, default, run_default, demo)
     if kind is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+    if is_list:  # choices of list items are checked by TrainConfig, after the split
+        help_text += " Repeat the flag or separate values with commas."
+        if "choices" in f.metadata:
+            help_text += f" Choices: {', '.join(map(str, f.metadata['choices']))}."
+        return click.option(
+            flag, f.name, multiple=True, default=None, help=help_text, callback=_split(f)
+        )
     if "choices" in f.metadata:
         choice = click.Choice([str(c) for c in f.metadata["choices"]])
         return click.option(
             flag, f.name, type=choice, default=None, help=help_text, callback=_cast(f)
-        )
-    if is_list:
-        help_text += " Repeat the flag or separate values with commas."
-        return click.option(
-            flag, f.name, multiple=True, default=None, help=help_text, callback=_split(f)
         )
     return click.option(flag, f.name, type=FieldValue(f), default=None, help=help_text)
 
@@ -125,7 +127,7 @@ def build_config(config_path: str | None, flags: dict) -> TrainConfig:
     if all(overrides.get(k) is None and values.get(k) is None for k in named):
         from mlx_dpo import demo
 
-        demo_values = read_yaml(Path(demo.__file__).parent / "demo.yaml")
+        demo_values = demo.settings()
     resume = overrides.get("resume", values.get("resume", False))
     path = overrides.get("adapter_path", values.get("adapter_path"))
     if resume:
@@ -135,7 +137,7 @@ def build_config(config_path: str | None, flags: dict) -> TrainConfig:
     else:
         base = demo_values
         if demo_values and path is None:  # rerunning the demo starts a new run directory
-            base = {**demo_values, "adapter_path": _fresh_dir(Path(demo_values["adapter_path"]))}
+            base = {**demo_values, "adapter_path": demo.fresh_run_dir(demo_values["adapter_path"])}
     return TrainConfig.from_dict({**base, **values, **overrides}, source=config_path or "flags")
 
 
@@ -149,17 +151,6 @@ def _saved_settings(path: Path) -> dict:
     settings = run.read_identity().get("settings", {})
     keep = {f.name for f in dataclasses.fields(TrainConfig)} - {"adapter_path", "resume"}
     return {k: v for k, v in settings.items() if k in keep and k != "allow_changes"}
-
-
-def _fresh_dir(path: Path) -> str:
-    """`path`, or `path-2`, `path-3`, ... the first that holds no run yet and is not in use."""
-    from mlx_dpo.rundir import RunDir
-
-    candidate, n = path, 1
-    while RunDir(candidate).has_saved_work() or RunDir(candidate).is_locked():
-        n += 1
-        candidate = path.with_name(f"{path.name}-{n}")
-    return str(candidate)
 
 
 WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
@@ -272,9 +263,7 @@ def data_check(config_path, **flags):
 
     cfg = build_config(config_path, flags)  # the demo's settings only when no model or data
     given_model = cfg.model is not None
-    cfg = dataclasses.replace(
-        cfg, model=cfg.model or str(demo.MODEL_DIR), data=cfg.data or str(demo.DATA_DIR)
-    )
+    cfg = demo.with_defaults(cfg)
     if not given_model:
         click.echo(
             "tokenizer: the bundled demo model's (ChatML template), as no --model was given; "

@@ -90,28 +90,12 @@ def encode_prompt(
     """Token ids of a prompt to generate from: rendered with the chat template (`chat_template`,
     as in `--chat-template`, else the tokenizer's own) plus the generation prompt, a string as
     one user turn; without a template (or `use_template=False`) the text itself."""
-    from mlx_dpo.data import resolve_chat_template
+    from mlx_dpo.encoder import Encoder
 
-    template = resolve_chat_template(chat_template)
-    has_template = template is not None or getattr(tokenizer, "has_chat_template", False)
-    if isinstance(prompt, list) or (use_template and has_template):
-        if not has_template:
-            raise DataError(
-                "a message-list prompt needs a chat template and this tokenizer has none; "
-                "pass --chat-template"
-            )
+    enc = Encoder(tokenizer, chat_template)
+    if isinstance(prompt, list) or (use_template and enc.has_template):
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        # Render to text, then encode: `tokenize=True` returns a dict in newer transformers.
-        if template is not None:  # as data.py does: the HF tokenizer under mlx-lm's wrapper
-            hf = getattr(tokenizer, "_tokenizer", tokenizer)
-            text = hf.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False, chat_template=template
-            )
-        else:
-            text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return enc.generation_prompts([messages])[0]
     return list(tokenizer.encode(prompt))
 
 

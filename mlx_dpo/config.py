@@ -17,6 +17,10 @@ from typing import Any
 
 import yaml
 
+from mlx_dpo.loss_options import F_DIVERGENCE_TYPES, LOSS_TYPES
+
+TRUNCATION_MODES = ("keep_start", "keep_end")
+REPORT_TO = ("wandb", "tensorboard")  # report.py's sinks
 LOSS_FIELDS = (
     "loss_type",
     "loss_weights",
@@ -90,7 +94,7 @@ class TrainConfig:
         None, "Longest prompt in tokens (default: no separate limit)."
     )
     truncation_mode: str = _f(
-        "keep_start", "Which end of an over-long row to keep.", choices=("keep_start", "keep_end")
+        "keep_start", "Which end of an over-long row to keep.", choices=TRUNCATION_MODES
     )
     # --- adapters
     adapter_path: str = _f(
@@ -133,7 +137,9 @@ class TrainConfig:
         choices=("auto", "float32", "bfloat16", "float16", "native"),
     )
     # --- loss
-    loss_type: list[str] = _f(["sigmoid"], "Loss type(s); several are summed with --loss-weights.")
+    loss_type: list[str] = _f(
+        ["sigmoid"], "Loss type(s); several are summed with --loss-weights.", choices=LOSS_TYPES
+    )
     loss_weights: list[float] | None = _f(None, "One weight per loss type (default 1.0 each).")
     beta: float = _f(0.1, "Temperature of the implicit reward beta * log(pi/pi_ref).")
     label_smoothing: float = _f(
@@ -143,7 +149,7 @@ class TrainConfig:
     f_divergence_type: str = _f(
         "reverse_kl",
         "f-divergence of the regulariser.",
-        choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
+        choices=F_DIVERGENCE_TYPES,
     )
     f_alpha_divergence_coef: float = _f(0.5, "Alpha of the alpha divergence.")
     discopop_tau: float = _f(0.05, "Temperature of the discopop loss.")
@@ -198,7 +204,7 @@ class TrainConfig:
     reference_cache: bool = _f(
         True, "Cache reference log-probs on disk and reuse them across runs."
     )
-    report_to: list[str] = _f([], "Extra metric sinks: wandb, tensorboard.")
+    report_to: list[str] = _f([], "Extra metric sinks: wandb, tensorboard.", choices=REPORT_TO)
     demo_summary: bool = _f(True, "After a run on the demo model, print the before/after summary.")
 
     def __post_init__(self) -> None:
@@ -232,12 +238,13 @@ class TrainConfig:
                 f"loss_weights has {len(self.loss_weights)} values but loss_type has "
                 f"{len(self.loss_type)} ({', '.join(self.loss_type)}); give one weight per loss type"
             )
-        for name in fields_with_choices():
+        for name in fields_with_choices():  # the one place choices are checked
             value, choices = getattr(self, name), _choices(name)
-            if value is not None and value not in choices:
-                raise ConfigError(
-                    f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}"
-                )
+            for item in value if isinstance(value, list) else [value]:
+                if item is not None and item not in choices:
+                    raise ConfigError(
+                        f"{name} must be one of {', '.join(map(str, choices))}; got {item!r}"
+                    )
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         for name in ("max_grad_norm", "weight_decay", "warmup_steps", "steps_per_eval"):

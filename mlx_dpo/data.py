@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from mlx_dpo.config import TRUNCATION_MODES
 from mlx_dpo.data_report import dataset_stats
 from mlx_dpo.data_sources import DataError, Splits, load_splits
 from mlx_dpo.formats import Problem
 from mlx_dpo.tokenization import (
     CHATML,
-    TRUNCATION_MODES,
     PreferencePair,
     TokenizeStats,
     resolve_chat_template,

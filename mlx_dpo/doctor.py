@@ -64,6 +64,6 @@ def report() -> str:
     lines.append(
         f"huggingface-hub {huggingface_hub.__version__}, cache {huggingface_hub.constants.HF_HUB_CACHE}"
     )
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE  # the library's own reading of the variable
     lines.append(f"hub offline mode: {'on' if offline else 'off'} (HF_HUB_OFFLINE)")
     return "\n".join(lines)

@@ -110,6 +110,16 @@ class Encoder:
     def chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
         return self.encode(self.render([messages], add_generation_prompt))[0]
 
+    def generation_prompts(self, conversations: list[list[dict]]) -> list[list[int]]:
+        """Token ids to generate from: each conversation rendered with the generation prompt
+        (what `compare`, the demo's sampling and `iterate` feed to mlx-lm)."""
+        if not self.has_template:
+            raise DataError(
+                "a message-list prompt needs a chat template and this tokenizer has none; "
+                "pass --chat-template"
+            )
+        return self.encode(self.render(conversations, add_generation_prompt=True))
+
     def with_eos(self, text: str) -> str:
         if self.eos_text and not text.endswith(self.eos_text):
             return text + self.eos_text

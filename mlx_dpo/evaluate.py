@@ -1,7 +1,7 @@
 """Evaluate adapters on a data split with the training code's numbers.
 
 `evaluate_adapters(cfg, adapter_path)` scores every pair of one split twice, both through
-`reference.compute` (the trainer's forward and completion-only log-probs):
+`reference.pair_logps` (the trainer's forward and completion-only log-probs):
 - reference: the base with no adapters (plus the run's `--init-adapter`, or its `--ref-model`),
   reused from the reference cache that training filled when the model, data and tokenization
   are the same;
@@ -27,6 +27,7 @@ from mlx_dpo import data, reference
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
 from mlx_dpo.losses import METRIC_KEYS
+from mlx_dpo.rundir import RunDir
 from mlx_dpo.saved_config import config_for, read_adapter_config  # noqa: F401 (re-exported)
 
 SPLITS = ("valid", "test", "train")  # the default order: the first that has pairs
@@ -126,25 +127,6 @@ def score(
     return metrics, scores
 
 
-def reference_logps(cfg: TrainConfig, loaded, pairs: list, log=print):
-    """The run's reference log-probs of `pairs`: through the same on-disk cache as training."""
-    from mlx_dpo.run import model_identity
-
-    net = loaded.model
-    if cfg.ref_model:
-        net = model_lib.load(cfg.ref_model, compute_dtype=cfg.compute_dtype).model
-    chosen, rejected, hit = reference.cached_compute(
-        net,
-        pairs,
-        model_identity(cfg, loaded),
-        batch_size=2 * cfg.batch_size,
-        use_cache=cfg.reference_cache,
-        log=log,
-    )
-    log(f"reference log-probs: {'reused from cache' if hit else 'computed'}")
-    return chosen, rejected
-
-
 def evaluate_adapters(
     cfg: TrainConfig,
     adapter_path: str | Path | None,
@@ -163,13 +145,13 @@ def evaluate_adapters(
         read_adapter_config(adapter_path)  # a clear error before the reference pass
     if cfg.init_adapter:  # part of the run's reference; the run trained it further
         model_lib.load_adapter_dir(loaded.model, cfg.init_adapter)
-    refs = reference_logps(cfg, loaded, pairs, log)
+    refs = reference.for_run(cfg, loaded, {name: pairs}, log=log)[name]
     if adapter_path is not None:
         _load_adapters(loaded.model, Path(adapter_path), cfg)
     if adapter_path is None and not cfg.ref_model and not cfg.init_adapter:
         policy = refs  # the policy is the reference
     else:
-        policy = reference.compute(
+        policy = reference.pair_logps(
             loaded.model,
             pairs,
             batch_size=2 * cfg.batch_size,
@@ -185,9 +167,7 @@ def _load_adapters(net, path: Path, cfg: TrainConfig) -> None:
         model_lib.load_adapter_dir(net, path)
         return
     # The init adapter's layers are in place; the run's weights are those layers, trained on.
-    file = path / "adapters.safetensors"
-    if not file.is_file():
-        raise model_lib.ModelError(f"{path}: not an adapter directory (no adapters.safetensors)")
+    file = RunDir(path).adapters_file()
     weights = model_lib.read_adapter_weights(file)
     model_lib.check_adapter_weights(net, weights, file)
     net.load_weights(list(weights.items()), strict=False)

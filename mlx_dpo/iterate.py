@@ -162,13 +162,6 @@ def load_policy(cfg, policy: str | None):
     return loaded
 
 
-def _uses_template(tokenizer, cfg) -> bool:
-    from mlx_dpo.data import resolve_chat_template
-
-    has = resolve_chat_template(cfg.chat_template) is not None
-    return has or bool(getattr(tokenizer, "has_chat_template", False))
-
-
 def _sample_scored(icfg, cfg, loaded, rows, chunks_done, round_, reward_fn, on_chunk, label):
     """Sample and score `rows` chunk by chunk from chunk `len(chunks_done)`; `on_chunk` saves."""
     n, size = icfg.samples, icfg.sample_batch
@@ -225,7 +218,7 @@ def sample_round(icfg, cfg, rows, rdir: Path, r: int, policy, reward_fn, log):
         lambda records: onpolicy.append_chunk(file, records),
         f"round {r} sampling",
     )
-    as_messages = _uses_template(loaded.tokenizer, cfg)
+    as_messages = onpolicy.uses_template(loaded.tokenizer, cfg.chat_template)
     del loaded
     gc.collect()
     pairs, stats = onpolicy.make_pairs(

@@ -122,7 +122,7 @@ def resolve(flags: dict, config_path: str | None = None) -> tuple[IterateConfig,
             }
             base["eval_prompts"] = str(demo_pkg.DATA_DIR / "valid.jsonl")
             if path is None:
-                path = fresh_dir(Path(DEMO_TRAIN["adapter_path"]))
+                path = demo_pkg.fresh_run_dir(DEMO_TRAIN["adapter_path"])
     values = {**base, **given, "adapter_path": path or "runs/iterate"}
     if not values.get("model"):  # prompts of one's own for the demo model
         from mlx_dpo import demo as demo_pkg
@@ -193,15 +193,6 @@ def read_state(path: Path) -> dict:
         return json.loads(file.read_text())
     except (OSError, ValueError) as e:
         raise RunError(f"{file}: unreadable ({e}); the run cannot be resumed") from None
-
-
-def fresh_dir(path: Path) -> str:
-    """`path`, or `path-2`, `path-3`, ...: the first that does not exist or is empty."""
-    candidate, n = path, 1
-    while candidate.exists() and any(p.name != ".lock" for p in candidate.iterdir()):
-        n += 1
-        candidate = path.with_name(f"{path.name}-{n}")
-    return str(candidate)
 
 
 def cli_options() -> list[tuple]:

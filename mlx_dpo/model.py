@@ -260,12 +260,11 @@ def load_adapter_dir(model: nn.Module, path: str | Path) -> dict:
     """Insert the adapter layers described by `path`/adapter_config.json and load its weights."""
     from mlx_lm.tuner.utils import load_adapters
 
+    from mlx_dpo.rundir import RunDir
+
     path = Path(path)
-    if not (path / "adapter_config.json").exists() or not (path / "adapters.safetensors").exists():
-        raise ModelError(
-            f"{path}: not an adapter directory (needs adapter_config.json and adapters.safetensors)"
-        )
-    weights = read_adapter_weights(path / "adapters.safetensors")
+    config = RunDir(path).adapter_config()
+    weights = read_adapter_weights(RunDir(path).adapters_file())
     model.freeze()
     try:
         load_adapters(model, str(path))
@@ -278,7 +277,7 @@ def load_adapter_dir(model: nn.Module, path: str | Path) -> dict:
             f"({detail})"
         ) from None
     check_adapter_weights(model, weights, path / "adapters.safetensors")
-    return json.loads((path / "adapter_config.json").read_text())
+    return config
 
 
 def read_adapter_weights(file: Path) -> dict[str, mx.array]:

@@ -78,11 +78,7 @@ def sample_chunk(model, tokenizer, rows, *, n, temp, top_p, max_tokens, seed, ch
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from mlx_dpo.compare import encode_prompt
-
-    tokens = []
-    for row in rows:
-        tokens += [encode_prompt(tokenizer, row.prompt, chat_template=chat_template)] * n
+    tokens = [ids for ids in prompt_tokens(tokenizer, rows, chat_template) for _ in range(n)]
     if not tokens:
         return []
     mx.random.seed(seed)
@@ -96,6 +92,28 @@ def sample_chunk(model, tokenizer, rows, *, n, temp, top_p, max_tokens, seed, ch
         prefill_batch_size=len(tokens),
     )
     return list(response.texts)
+
+
+def uses_template(tokenizer, chat_template=None) -> bool:
+    """Whether prompts are rendered with a chat template (then pairs are written as messages)."""
+    from mlx_dpo.encoder import Encoder
+
+    return Encoder(tokenizer, chat_template).has_template
+
+
+def prompt_tokens(tokenizer, rows, chat_template=None) -> list[list[int]]:
+    """Token ids to generate from, as `compare` renders prompts: through the chat template
+    with the generation prompt (a string as one user turn), or the text itself without one."""
+    from mlx_dpo.encoder import Encoder
+
+    enc = Encoder(tokenizer, chat_template)
+    if not enc.has_template and all(isinstance(r.prompt, str) for r in rows):
+        return [list(tokenizer.encode(r.prompt)) for r in rows]
+    conversations = [
+        r.prompt if isinstance(r.prompt, list) else [{"role": "user", "content": r.prompt}]
+        for r in rows
+    ]
+    return enc.generation_prompts(conversations)
 
 
 def reward_inputs(rows, texts, n):

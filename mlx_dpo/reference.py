@@ -106,7 +106,7 @@ def length_batches(pairs, batch_size: int) -> list[np.ndarray]:
     return batches
 
 
-def compute(
+def pair_logps(
     model,
     pairs,
     *,
@@ -140,20 +140,23 @@ def compute(
 def cached_compute(
     model, pairs, model_identity: dict, *, batch_size: int, use_cache=True, group=None, log=print
 ):
-    """`compute`, through the on-disk cache. Returns (chosen, rejected, cache hit?)."""
+    """`pair_logps` of the reference model, through the on-disk cache. Returns (chosen,
+    rejected, cache hit?)."""
     if not pairs:
         return np.zeros(0, np.float32), np.zeros(0, np.float32), False
     path = cache_dir() / f"{cache_key(model_identity, pairs)}.npz"
     cached = _read_cache(path, len(pairs), log) if use_cache else None
     if group is not None and group.size() > 1:
-        # all ranks must agree, or some would wait forever in compute's all_sum
+        # all ranks must agree, or some would wait forever in pair_logps' all_sum
         hits = mx.distributed.all_sum(mx.array(int(cached is not None)), group=group).item()
         cached = cached if hits == group.size() else None
     if cached is not None:
         return cached[0], cached[1], True
     # LD-DPO's reference sums differ from the plain ones; the identity (cache key) holds alpha
     ld_alpha = model_identity.get("ld_alpha")
-    chosen, rejected = compute(model, pairs, batch_size=batch_size, group=group, ld_alpha=ld_alpha)
+    chosen, rejected = pair_logps(
+        model, pairs, batch_size=batch_size, group=group, ld_alpha=ld_alpha
+    )
     is_main = group is None or group.rank() == 0
     if use_cache and is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,3 +178,69 @@ def _read_cache(path: Path, n: int, log) -> tuple[np.ndarray, np.ndarray] | None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         log(f"warning: the reference cache file {path} is unreadable ({e}); recomputing it")
     return None
+
+
+def model_identity(cfg, loaded, plat=None) -> dict:
+    """What the reference log-probs depend on besides the token ids: the cache key's model part."""
+    from mlx_dpo import cpu_kernels
+    from mlx_dpo import model as model_lib
+    from mlx_dpo.platform import detect
+
+    plat = plat or detect()
+    ident = {
+        "model": fingerprint_dir(loaded.path),
+        "quantize": cfg.quantize,
+        "q_group_size": cfg.q_group_size if cfg.quantize else None,
+        "compute_dtype": cfg.compute_dtype,
+        "device": str(mx.default_device()),
+        "mlx": mx.__version__,
+        "cpu_kernels": cpu_kernels.enabled(plat),  # a different exp: round-off-level differences
+        "platform": plat.kind,  # Metal and CUDA are both "gpu" devices; their kernels differ
+    }
+    if cfg.ld_alpha is not None:  # LD-DPO's reference sums are other numbers
+        ident["ld_alpha"] = cfg.ld_alpha
+    if cfg.init_adapter:
+        ident["init_adapter"] = fingerprint_dir(Path(cfg.init_adapter))
+    if cfg.ref_model:
+        ident["ref_model"] = fingerprint_dir(model_lib.resolve_path(cfg.ref_model))
+    return ident
+
+
+def for_run(cfg, loaded, splits: dict[str, list], *, group=None, log=print) -> dict:
+    """The run's reference log-probs, {split: (chosen, rejected)}, for training and evaluation
+    alike: the base model with adapters off as loaded (an --init-adapter included), or the
+    separate --ref-model, which is loaded, checked, used and freed here."""
+    import gc
+
+    from mlx_dpo import _testhooks
+    from mlx_dpo import model as model_lib
+    from mlx_dpo.errors import ModelError
+
+    identity = model_identity(cfg, loaded)
+    model = loaded.model
+    if cfg.ref_model:
+        model = model_lib.load(cfg.ref_model, compute_dtype=cfg.compute_dtype).model
+        theirs, ours = (getattr(m, "args", None) for m in (model, loaded.model))
+        if theirs and ours and theirs.vocab_size != ours.vocab_size:
+            raise ModelError(
+                f"--ref-model {cfg.ref_model}: its vocabulary ({theirs.vocab_size}) differs from "
+                f"--model's ({ours.vocab_size}); the reference must share the tokenizer"
+            )
+    _testhooks.point("reference-pass")
+    refs = {}
+    for name, pairs in splits.items():
+        chosen, rejected, hit = cached_compute(
+            model,
+            pairs,
+            identity,
+            batch_size=2 * cfg.batch_size,
+            use_cache=cfg.reference_cache,
+            group=group,
+            log=log,
+        )
+        if pairs:
+            log(f"reference log-probs ({name}): {'reused from cache' if hit else 'computed'}")
+        refs[name] = (chosen, rejected)
+    del model
+    gc.collect()
+    return refs

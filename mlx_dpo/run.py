@@ -6,18 +6,16 @@ call into the module that owns it (model, data, reference, trainer).
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_dpo import _testhooks, checkpoint, cpu_kernels, data, lifecycle, memory, reference, trainer
+from mlx_dpo import checkpoint, data, demo, lifecycle, memory, reference, trainer
 from mlx_dpo import model as model_lib
-from mlx_dpo.config import ConfigError, TrainConfig
+from mlx_dpo.config import TrainConfig
 from mlx_dpo.data_report import report_read, write_skipped_rows
 from mlx_dpo.model import adapter_config
-from mlx_dpo.platform import Platform, detect
 from mlx_dpo.report import JsonlSink, Reporter, check_sinks, make_sinks
 from mlx_dpo.rundir import RunDir
 from mlx_dpo.saved_config import read_adapter_config
@@ -42,13 +40,6 @@ def distributed_group():
     return group if group.size() > 1 else None
 
 
-def with_demo_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Fill in the bundled demo model/data where --model/--data were not given."""
-    from mlx_dpo import demo
-
-    return replace(cfg, model=cfg.model or str(demo.MODEL_DIR), data=cfg.data or str(demo.DATA_DIR))
-
-
 def read_rows(cfg: TrainConfig) -> dict[str, list[dict]]:
     """Read and check every row (cheap: done before the model loads, so bad data fails fast)."""
     return data.load_splits(cfg.data, **cfg.data_kwargs())
@@ -71,65 +62,12 @@ def load_pairs(cfg: TrainConfig, tokenizer, log, splits: dict | None = None) -> 
     return out[0], out[1]
 
 
-def model_identity(cfg: TrainConfig, loaded, plat: Platform | None = None) -> dict:
-    plat = plat or detect()
-    ident = {
-        "model": reference.fingerprint_dir(loaded.path),
-        "quantize": cfg.quantize,
-        "q_group_size": cfg.q_group_size if cfg.quantize else None,
-        "compute_dtype": cfg.compute_dtype,
-        "device": str(mx.default_device()),
-        "mlx": mx.__version__,
-        "cpu_kernels": cpu_kernels.enabled(plat),  # a different exp: round-off-level differences
-        "platform": plat.kind,  # Metal and CUDA are both "gpu" devices; their kernels differ
-    }
-    if cfg.ld_alpha is not None:  # LD-DPO's reference sums are other numbers
-        ident["ld_alpha"] = cfg.ld_alpha
-    if cfg.init_adapter:
-        ident["init_adapter"] = reference.fingerprint_dir(Path(cfg.init_adapter))
-    if cfg.ref_model:
-        ident["ref_model"] = reference.fingerprint_dir(model_lib.resolve_path(cfg.ref_model))
-    return ident
-
-
-def reference_logps(cfg, loaded, identity, train_pairs, valid_pairs, group, log):
-    """(train_refs, valid_refs); the separate --ref-model is loaded, used and freed here."""
-    model = loaded.model
-    if cfg.ref_model:
-        ref = model_lib.load(cfg.ref_model, compute_dtype=cfg.compute_dtype)
-        if (
-            ref.model.args.vocab_size != loaded.model.args.vocab_size
-            if hasattr(ref.model, "args")
-            else False
-        ):
-            raise ConfigError(f"--ref-model {cfg.ref_model}: its vocabulary differs from --model's")
-        model = ref.model
-    _testhooks.point("reference-pass")
-    refs = []
-    for name, pairs in (("train", train_pairs), ("valid", valid_pairs)):
-        chosen, rejected, hit = reference.cached_compute(
-            model,
-            pairs,
-            identity,
-            batch_size=2 * cfg.batch_size,
-            use_cache=cfg.reference_cache,
-            group=group,
-            log=log,
-        )
-        if pairs:
-            log(f"reference log-probs ({name}): {'reused from cache' if hit else 'computed'}")
-        refs.append((chosen, rejected))
-    del model
-    gc.collect()
-    return refs[0], refs[1]
-
-
 def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
     """Train LoRA/DoRA adapters with the DPO loss family as configured; returns the final metrics.
 
     The run directory is locked for the whole call; SIGINT/SIGTERM stop it cleanly (see stop.py).
     """
-    cfg = with_demo_defaults(cfg)
+    cfg = demo.with_defaults(cfg)
     group = distributed_group()
     is_main = group is None or group.rank() == 0
     say = log if is_main else (lambda *_: None)
@@ -178,9 +116,10 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     if tradeoff := memory.checkpoint_tradeoff(step_plan):
         say(tradeoff)
     memory.check_fits(step_plan)
-    train_refs, valid_refs = reference_logps(
-        cfg, loaded, model_identity(cfg, loaded), train_pairs, valid_pairs, group, say
+    refs = reference.for_run(
+        cfg, loaded, {"train": train_pairs, "valid": valid_pairs}, group=group, log=say
     )
+    train_refs, valid_refs = refs["train"], refs["valid"]
     if not cfg.init_adapter:
         n_train = model_lib.apply_adapters(loaded.model, cfg, seed=cfg.seed)
         if cfg.start_adapter:
@@ -229,18 +168,11 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
         if (png := plot_run(run.path)) is not None:
             say(f"plot: {png}")
     summary = None
-    if _is_demo(cfg) and cfg.demo_summary and is_main and valid_pairs:
-        from mlx_dpo.summary import demo_summary
+    if demo.is_demo(cfg) and cfg.demo_summary and is_main and valid_pairs:
+        from mlx_dpo.demo.summary import demo_summary
 
         summary = demo_summary(loaded, valid_pairs, valid_refs, cfg, log=say)
     return RunResult(run.path, result.step, result.train_metrics, result.valid_metrics, summary)
-
-
-def _is_demo(cfg: TrainConfig) -> bool:
-    from mlx_dpo import demo
-
-    same = lambda a, b: a is not None and Path(a).resolve() == Path(b).resolve()  # noqa: E731
-    return same(cfg.model, demo.MODEL_DIR) and same(cfg.data, demo.DATA_DIR)
 
 
 def _load_start_adapter(model, path: Path) -> None:

@@ -163,6 +163,36 @@ class RunDir:
                 (self.path / name).unlink()
         self.remove_temporaries()
 
+    # --- as an adapter directory (what eval, compare, fuse and mlx-lm read)
+    def adapter_config(self) -> dict:
+        """adapter_config.json as a dict; ModelError when the directory is not an adapter
+        directory or the file is unreadable."""
+        from mlx_dpo.errors import ModelError
+
+        if not self.path.is_dir():
+            raise ModelError(f"--adapter-path {self.path}: no such directory")
+        file = self.path / CONFIG
+        if not file.is_file():
+            raise ModelError(
+                f"{self.path}: not an adapter directory (needs {CONFIG} and {ADAPTERS})"
+            )
+        try:
+            config = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{file}: unreadable ({e})") from None
+        if not isinstance(config, dict):
+            raise ModelError(f"{file}: expected a JSON object")
+        return config
+
+    def adapters_file(self) -> Path:
+        """The adapters' safetensors file; ModelError when it is missing."""
+        from mlx_dpo.errors import ModelError
+
+        file = self.path / ADAPTERS
+        if not file.is_file():
+            raise ModelError(f"{self.path}: not an adapter directory (no {ADAPTERS})")
+        return file
+
     # --- identity and resume
     def read_identity(self) -> dict:
         """The run's recorded identity; runs from before run.json: their adapter_config.json."""

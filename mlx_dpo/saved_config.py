@@ -3,29 +3,14 @@ wrong --adapter-path is reported before anything heavy is imported)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mlx_dpo.config import TrainConfig
-from mlx_dpo.errors import ModelError
+from mlx_dpo.rundir import RunDir
 
 
 def read_adapter_config(adapter_path: str | Path) -> dict:
-    path = Path(adapter_path)
-    if not path.is_dir():
-        raise ModelError(f"--adapter-path {path}: no such directory")
-    file = path / "adapter_config.json"
-    if not file.is_file():
-        raise ModelError(
-            f"{path}: not an adapter directory (needs adapter_config.json and adapters.safetensors)"
-        )
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{file}: unreadable ({e})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{file}: expected a JSON object")
-    return config
+    return RunDir(Path(adapter_path)).adapter_config()
 
 
 def config_for(adapter_path: str | Path | None, overrides: dict) -> TrainConfig:

@@ -30,7 +30,6 @@ from mlx_dpo.progress import Progress
 
 __all__ = ["CHATML", "resolve_chat_template", "tokenize_rows", "truncate_pair"]
 
-TRUNCATION_MODES = ("keep_start", "keep_end")
 DROPPED = "prompt fills max_length"  # skip reasons counted by tokenize_rows
 IDENTICAL = "chosen == rejected"
 
@@ -126,10 +125,6 @@ def tokenize_rows(
     `skip_invalid_rows`. Raises `DataError` when no pair is left. Shows a progress bar on a
     terminal (`progress`) while it works through `chunk` rows at a time.
     """
-    if truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(
-            f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}"
-        )
     enc = Encoder(tokenizer, chat_template)
     _check_template(rows, enc)
     stats = TokenizeStats(

@@ -306,9 +306,9 @@ def test_reference_modes_and_the_start_adapter(work):
 
     loaded = model_lib.load(str(demo.MODEL_DIR))
     pairs, _ = tokenize_rows(rows, loaded.tokenizer, max_length=64, progress=False)
-    ref_c, ref_r = reference.compute(loaded.model, pairs, batch_size=8)
+    ref_c, ref_r = reference.pair_logps(loaded.model, pairs, batch_size=8)
     model_lib.load_adapter_dir(loaded.model, r1 / "train")
-    pol_c, pol_r = reference.compute(loaded.model, pairs, batch_size=8)
+    pol_c, pol_r = reference.pair_logps(loaded.model, pairs, batch_size=8)
     logits = 0.1 * ((pol_c - ref_c) - (pol_r - ref_r)).astype(np.float64)
     expected = float(np.mean(np.logaddexp(0.0, -logits)))  # -log sigmoid
     assert abs(expected - math.log(2)) > 1e-3  # the start adapter moved the policy off the base

@@ -27,7 +27,7 @@ CASES = [
     (["eval", "--help"], 0, "[default: the run's]"),
     (["train", "--bogus"], 2, "No such option"),
     (["train", "--beta", "-1"], 2, "beta must be > 0"),
-    (["train", "--loss-type", "nope"], 2, "unknown loss_type"),
+    (["train", "--loss-type", "nope"], 2, "loss_type must be one of"),
     (["train", "--label-smoothing", "0.1", "--loss-type", "ipo"], 2, "label_smoothing only"),
     (["train", "--config", "{tmp}/missing.yaml"], 2, "config file not found"),
     (["eval", "--adapter-path", "{tmp}/missing"], 2, "no such directory"),
@@ -56,7 +56,7 @@ def test_fast_answers_import_nothing_heavy(args, status, says, tmp_path):
 def test_loss_rules_name_every_loss():
     """The MLX-free option rules and the loss functions list the same loss types."""
     from mlx_dpo.loss_options import F_DIVERGENCE_TYPES, LOSS_TYPES
-    from mlx_dpo.losses import F_DIVERGENCES, LOSSES
+    from mlx_dpo.loss_types import F_DIVERGENCES, LOSSES
 
     assert sorted(LOSS_TYPES) == sorted(LOSSES)
     assert sorted(F_DIVERGENCE_TYPES) == sorted(F_DIVERGENCES)

@@ -30,10 +30,16 @@ Prompt = str | list[dict]  # a question, or chat messages ending with the user's
 DEMO_DIR = Path(__file__).resolve().parent
 MODEL_DIR = DEMO_DIR / "model"
 DATA_DIR = DEMO_DIR / "data"
+SETTINGS_FILE = DEMO_DIR / "demo.yaml"
 
 __all__ = [
     "DATA_DIR",
     "MODEL_DIR",
+    "SETTINGS_FILE",
+    "fresh_run_dir",
+    "is_demo",
+    "settings",
+    "with_defaults",
     "is_preferred",
     "preferred_share",
     "sample_answers",
@@ -104,13 +110,10 @@ def sample_answers(
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
-    tokens = []
-    for prompt in prompts:
-        # Render to text, then encode: `tokenize=True` returns a dict in newer transformers.
-        text = tokenizer.apply_chat_template(
-            _messages(prompt), add_generation_prompt=True, tokenize=False
-        )
-        tokens += [tokenizer.encode(text, add_special_tokens=False)] * n
+    from mlx_dpo.encoder import Encoder
+
+    rendered = Encoder(tokenizer, None).generation_prompts([_messages(p) for p in prompts])
+    tokens = [ids for ids in rendered for _ in range(n)]
     if not tokens:
         return []
     mx.random.seed(seed)
@@ -138,3 +141,40 @@ def preferred_share(model, tokenizer, prompts: Sequence[Prompt], **kw) -> float:
         return 0.0
     asked = [p for p in prompts for _ in range(n)]
     return sum(is_preferred(a, p) for a, p in zip(answers, asked, strict=True)) / len(answers)
+
+
+# --- the demo as `mlx_dpo train` runs it without --model and --data (MLX-free)
+def settings() -> dict:
+    """demo.yaml: the demo's training settings; flags and --config override them."""
+    from mlx_dpo.config import read_yaml
+
+    return read_yaml(SETTINGS_FILE)
+
+
+def fresh_run_dir(path: str | Path) -> str:
+    """`path`, or `path-2`, `path-3`, ... the first that holds no run and is not in use, so a
+    rerun of the demo never meets the last one's directory."""
+    from mlx_dpo.rundir import RunDir
+
+    path = candidate = Path(path)
+    n = 1
+    while RunDir(candidate).has_saved_work() or RunDir(candidate).is_locked():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return str(candidate)
+
+
+def with_defaults(cfg):
+    """`cfg` with the demo's model and data where it names none."""
+    from dataclasses import replace
+
+    return replace(cfg, model=cfg.model or str(MODEL_DIR), data=cfg.data or str(DATA_DIR))
+
+
+def is_demo(cfg) -> bool:
+    """The run trains the demo's model on the demo's data (its summary then applies)."""
+
+    def same(a, b) -> bool:
+        return a is not None and Path(a).resolve() == Path(b).resolve()
+
+    return same(cfg.model, MODEL_DIR) and same(cfg.data, DATA_DIR)
