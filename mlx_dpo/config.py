@@ -322,6 +322,23 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+PATH_FIELDS = ("model", "data", "ref_model", "init_adapter", "start_adapter", "chat_template")
+
+
+def absolute_path(value: str | None) -> str | None:
+    """A local path made absolute; a Hub id (or template text, or None) unchanged."""
+    if not value or "\n" in value or "{" in value:
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def with_absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as saved with a run: local paths absolute, so the run's files are found (and
+    compared on --resume) from any working directory."""
+    return {**settings, **{k: absolute_path(settings.get(k)) for k in PATH_FIELDS if k in settings}}
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:

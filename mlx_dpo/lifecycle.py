@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_dpo import checkpoint, reference
+from mlx_dpo.config import with_absolute_paths
 from mlx_dpo.errors import RunError
 from mlx_dpo.rundir import (
     ADAPTERS,
@@ -27,8 +28,6 @@ from mlx_dpo.rundir import (
     compare_settings,
     describe,
 )
-
-PATH_SETTINGS = ("model", "data", "ref_model", "init_adapter")
 
 
 @dataclass
@@ -43,7 +42,7 @@ class Resume:
 def settings(cfg) -> dict:
     """The config as saved in run.json: local paths made absolute, so a resume from another
     directory compares the same files."""
-    return _normalized(cfg.to_dict())
+    return with_absolute_paths(cfg.to_dict())
 
 
 def identity(cfg, train_pairs, valid_pairs) -> dict:
@@ -65,7 +64,7 @@ def open_run(cfg, run: RunDir, say, *, writer: bool = True) -> Resume | None:
         what = "holds files that are not an mlx_dpo run" if run.entries() else "has no run"
         raise RunError(f"--resume: {run.path} {what}; start a new run without --resume")
     saved = run.read_identity()
-    hard, _ = compare_settings(_normalized(saved.get("settings", {})), settings(cfg))
+    hard, _ = compare_settings(with_absolute_paths(saved.get("settings", {})), settings(cfg))
     if hard:
         raise RunError(
             f"--resume: {run.path} was trained with other settings, which its saved weights "
@@ -93,7 +92,9 @@ def check_changes(cfg, run: RunDir, resume: Resume | None, ident: dict, total: i
     if resume.ckpt.step >= total:
         _finish(run, resume, say)
         return True
-    _, soft = compare_settings(_normalized(resume.saved.get("settings", {})), ident["settings"])
+    _, soft = compare_settings(
+        with_absolute_paths(resume.saved.get("settings", {})), ident["settings"]
+    )
     old_hash = resume.saved.get("data_hash")
     if old_hash is not None and old_hash != ident["data_hash"]:
         soft.append(("data_hash", old_hash, ident["data_hash"]))
@@ -185,12 +186,3 @@ def _record_changes(run: RunDir, resume: Resume, ident: dict, say) -> None:
     run.write_identity({**ident, "changes": history})
     run.append_metrics({"split": "change", "step": step, "changes": changes})
     say(f"resuming at step {step} with changes: {describe(resume.changes)} (recorded in run.json)")
-
-
-def _normalized(saved_settings: dict) -> dict:
-    """Saved settings with local paths absolute (runs from before run.json saved them as given)."""
-    values = dict(saved_settings)
-    for name in PATH_SETTINGS:
-        if values.get(name) and Path(values[name]).exists():
-            values[name] = str(Path(values[name]).resolve())
-    return values

@@ -25,6 +25,7 @@ from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from mlx_dpo.config import with_absolute_paths
 from mlx_dpo.errors import ModelError  # noqa: F401 (defined MLX-free; model.ModelError stays)
 from mlx_dpo.platform import Platform, detect, set_wired_limit
 
@@ -348,23 +349,11 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-PATH_FIELDS = ("model", "data", "ref_model", "init_adapter", "chat_template")
-
-
-def absolute_path(value: str | None) -> str | None:
-    """A local path made absolute; a Hub id (or template text, or None) unchanged."""
-    if not value or "\n" in value or "{" in value:
-        return value
-    path = Path(value).expanduser()
-    return str(path.resolve()) if path.exists() else value
-
-
 def adapter_config(cfg, model: nn.Module) -> dict:
     """adapter_config.json in mlx-lm's format (so mlx_lm.load/fuse read it), plus our config.
     Local paths are stored absolute, so `eval`/`compare`/`fuse` work from any directory."""
     n = num_blocks(model) if cfg.num_layers < 0 else min(cfg.num_layers, num_blocks(model))
-    config = cfg.to_dict()
-    config.update({name: absolute_path(config.get(name)) for name in PATH_FIELDS})
+    config = with_absolute_paths(cfg.to_dict())
     return {
         **config,
         "fine_tune_type": cfg.fine_tune_type,
