@@ -1,186 +1,34 @@
-"""Command line: `mlx_dpo train | data check | eval | compare | fuse | plot | doctor | bench`.
+"""Command line: `mlx_dpo train | data check | eval | compare | fuse | plot | iterate | doctor`.
 
-This module only maps flags onto `TrainConfig` and calls the module that does the work. Every
-`train` flag is generated from a `TrainConfig` field (same name, dashes for underscores), with
-its help and default taken from there; flags default to None so that a YAML value is never
-shadowed by a flag the user did not type. User mistakes exit with status 2 and one line.
+Every command is here, and each only maps flags onto settings and calls the module that does
+the work (run, data, evaluate, compare, export, plot, iterate). The flags themselves (generated
+from TrainConfig, coerced and checked like YAML values) are in flags.py. Commands that read a
+run (eval, compare, fuse) take their defaults from its adapter_config.json. User mistakes exit
+with status 2 and one line; heavy modules are imported only once the flags are checked.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import errno
-import functools
-import re
+import json
 import sys
-from pathlib import Path
 
 import click
 
 from mlx_dpo import __version__, _blas
-from mlx_dpo.config import ConfigError, TrainConfig, coerce, field_kind, read_yaml
-
-
-class FieldValue(click.ParamType):
-    """A flag's text through the same coercion and checks as a YAML value of that field."""
-
-    def __init__(self, f: dataclasses.Field):
-        self.field = f
-        self.name = field_kind(f)[0].__name__
-
-    def convert(self, value, param, ctx):
-        try:
-            return coerce(self.field, value)
-        except ConfigError as e:
-            self.fail(str(e).split(": ", 1)[-1], param, ctx)
-
-
-def config_options(fields: list[str] | None = None, *, defaults: str = "train", demo=None):
-    """Decorator adding one click option per TrainConfig field (or the named subset).
-
-    defaults="train": the help shows TrainConfig's default and, where the bundled demo's
-    settings differ, "(demo: ...)". defaults="run" (eval, compare, fuse): every flag left out
-    takes the run's setting from its adapter_config.json, and the help says so. `demo`: the
-    demo's settings to show instead of demo.yaml's (`iterate` has a demo of its own).
-    """
-    if demo is None:
-        demo = _demo_values() if defaults == "train" else {}
-
-    def decorate(fn):
-        for f in reversed(dataclasses.fields(TrainConfig)):
-            if fields is not None and f.name not in fields:
-                continue
-            fn = _option(f, run_default=defaults == "run", demo=demo.get(f.name))(fn)
-        return fn
-
-    return decorate
-
-
-@functools.cache
-def _demo_values() -> dict:
-    """demo.yaml's settings (the demo's run directory named as `train` picks it)."""
-    from mlx_dpo import demo
-
-    values = demo.settings()
-    if "adapter_path" in values:
-        values["adapter_path"] = f"{values['adapter_path']}, or -2, -3, ... when taken"
-    return values
-
-
-def _help(f: dataclasses.Field, default, run_default: bool, demo) -> str:
-    text = f.metadata["help"]
-    if run_default:
-        # "(default: ...)" in a field's help describes train; here the run's value replaces it.
-        return re.sub(r" ?\(default: [^)]*\)", "", text) + " [default: the run's]"
-    if default not in (None, []):
-        text += f" [default: {default}]"
-    if demo is not None and demo != default:
-        text += f" (demo: {demo})"
-    return text
-
-
-def _option(f: dataclasses.Field, *, run_default: bool = False, demo=None):
-    flag = "--" + f.name.replace("_", "-")
-    kind, is_list, _ = field_kind(f)
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    help_text = _help(f, default, run_default, demo)
-    if kind is bool:
-        return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
-    if is_list:  # choices of list items are checked by TrainConfig, after the split
-        help_text += " Repeat the flag or separate values with commas."
-        if "choices" in f.metadata:
-            help_text += f" Choices: {', '.join(map(str, f.metadata['choices']))}."
-        return click.option(
-            flag, f.name, multiple=True, default=None, help=help_text, callback=_split(f)
-        )
-    if "choices" in f.metadata:
-        choice = click.Choice([str(c) for c in f.metadata["choices"]])
-        return click.option(
-            flag, f.name, type=choice, default=None, help=help_text, callback=_cast(f)
-        )
-    return click.option(flag, f.name, type=FieldValue(f), default=None, help=help_text)
-
-
-def _cast(f: dataclasses.Field):
-    return lambda ctx, param, value: None if value is None else coerce(f, value)
-
-
-def _split(f: dataclasses.Field):
-    def callback(ctx, param, values):
-        if not values:
-            return None
-        try:
-            return coerce(f, ",".join(str(v) for v in values))
-        except ConfigError as e:
-            raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
-
-    return callback
-
-
-def build_config(config_path: str | None, flags: dict) -> TrainConfig:
-    """Flags > --config YAML > (with --resume: the run's saved settings; else the demo's
-    defaults when neither names a model) > dataclass defaults."""
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    values = read_yaml(config_path) if config_path else {}
-    demo_values = {}
-    named = ("model", "data")  # the demo's settings apply only to the demo's model and data
-    if all(overrides.get(k) is None and values.get(k) is None for k in named):
-        from mlx_dpo import demo
-
-        demo_values = demo.settings()
-    resume = overrides.get("resume", values.get("resume", False))
-    path = overrides.get("adapter_path", values.get("adapter_path"))
-    if resume:
-        path = path or demo_values.get("adapter_path") or TrainConfig.adapter_path
-        saved = _saved_settings(Path(path))
-        base = saved or demo_values
-    else:
-        base = demo_values
-        if demo_values and path is None:  # rerunning the demo starts a new run directory
-            base = {**demo_values, "adapter_path": demo.fresh_run_dir(demo_values["adapter_path"])}
-    return TrainConfig.from_dict({**base, **values, **overrides}, source=config_path or "flags")
-
-
-def _saved_settings(path: Path) -> dict:
-    """The settings a run in `path` was started with (empty when there is no run to read)."""
-    from mlx_dpo.rundir import RunDir
-
-    run = RunDir(path)
-    if not run.is_ours():
-        return {}
-    settings = run.read_identity().get("settings", {})
-    keep = {f.name for f in dataclasses.fields(TrainConfig)} - {"adapter_path", "resume"}
-    return {k: v for k, v in settings.items() if k in keep and k != "allow_changes"}
-
-
-WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
-
-
-def user_errors(fn):
-    """Turn the errors a user can fix into one line and exit status 2 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from mlx_dpo.errors import USER_ERRORS
-
-        try:
-            return fn(*args, **kwargs)
-        except OSError as e:
-            if e.errno not in WRITE_ERRNOS:
-                raise
-            # a full or read-only disk is the machine's state, not a bug: one line
-            click.echo(f"Error: could not write {e.filename or 'a file'}: {e.strerror}", err=True)
-            sys.exit(2)
-        except USER_ERRORS as e:
-            lines = str(e).strip().splitlines() or [type(e).__name__]
-            click.echo(f"Error: {lines[0]}", err=True)
-            for line in lines[1:11]:
-                click.echo(f"  {line}", err=True)
-            if len(lines) > 11:
-                click.echo(f"  ... and {len(lines) - 11} more", err=True)
-            sys.exit(2)
-
-    return wrapper
+from mlx_dpo.flags import (
+    COMPARE_FIELDS,
+    DATA_FIELDS,
+    EVAL_FIELDS,
+    SPLIT,
+    adapter_option,
+    build_config,
+    config_options,
+    data_option,
+    iterate_options,
+    iterate_train_options,
+    model_option,
+    user_errors,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -214,29 +62,6 @@ def train(config_path, **flags):
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(e.exit_code)
-
-
-DATA_FIELDS = [
-    "model",
-    "revision",
-    "data",
-    "data_split",
-    "data_config",
-    "data_dir",
-    "data_revision",
-    "prompt_field",
-    "chosen_field",
-    "rejected_field",
-    "skip_invalid_rows",
-    "hh_as_messages",
-    "min_score_margin",
-    "valid_fraction",
-    "chat_template",
-    "max_length",
-    "max_prompt_length",
-    "truncation_mode",
-    "seed",
-]
 
 
 @main.group("data")
@@ -299,14 +124,265 @@ def doctor():
     click.echo(report())
 
 
-def _add_commands() -> None:
-    from mlx_dpo.commands import COMMANDS
+@main.command("eval")
+@adapter_option(False, "Adapter directory of a run (default: evaluate the base model alone).")
+@click.option(
+    "--split", type=SPLIT, help="Split to evaluate [default: valid, else test, else train]."
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write per-pair scores here (JSON lines): policy and reference log-probs, rewards, loss.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+@model_option
+@data_option
+@config_options(EVAL_FIELDS, defaults="run")
+@user_errors
+def eval_command(adapter_path, split, output, as_json, **flags):
+    """DPO metrics of adapters on a data split (loss, reward accuracy and margin, log-probs).
 
-    for command in COMMANDS:
-        main.add_command(command)
+    Flags left out take the run's settings from ADAPTER_PATH/adapter_config.json.
+    """
+    from mlx_dpo.saved_config import config_for
+
+    cfg = config_for(adapter_path, flags)  # settings checked before MLX is imported
+    from mlx_dpo.evaluate import evaluate_adapters, format_metrics, write_scores
+
+    log = (lambda *_: None) if as_json else click.echo
+    result = evaluate_adapters(cfg, adapter_path, split=split, log=log)
+    if output:
+        write_scores(result.scores, output)
+        log(f"wrote {len(result.scores)} pair scores to {output}")
+    if as_json:
+        click.echo(
+            json.dumps({"split": result.split, "pairs": len(result.scores), **result.metrics})
+        )
+    else:
+        click.echo(format_metrics(result))
 
 
-_add_commands()
+@main.command()
+@adapter_option(True, "Adapter directory of a run.")
+@click.option(
+    "--prompts",
+    type=click.Path(dir_okay=False),
+    help="Prompts: a text file (one a line) or JSON lines (strings, message lists or {prompt}).",
+)
+@click.option(
+    "--split", type=SPLIT, help="With --data: the split whose prompts to use [default: valid]."
+)
+@click.option(
+    "--num-prompts",
+    type=click.IntRange(min=1),
+    help="Use the first N prompts [default: all of --prompts, 8 of --data].",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Tokens to generate per answer.",
+)
+@click.option(
+    "--temp",
+    type=click.FloatRange(min=0),
+    default=0.7,
+    show_default=True,
+    help="Sampling temperature (0: greedy).",
+)
+@click.option(
+    "--top-p",
+    type=click.FloatRange(0, 1),
+    default=1.0,
+    show_default=True,
+    help="Nucleus sampling threshold (1: off).",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="mx.random.seed before every generation."
+)
+@click.option(
+    "--no-chat-template",
+    is_flag=True,
+    help="Send --prompts text as it is, without the chat template.",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Also write the answers to a .jsonl or .md file.",
+)
+@model_option
+@data_option
+@config_options(COMPARE_FIELDS, defaults="run")
+@user_errors
+def compare(
+    adapter_path,
+    prompts,
+    split,
+    num_prompts,
+    max_tokens,
+    temp,
+    top_p,
+    seed,
+    no_chat_template,
+    output,
+    **flags,
+):
+    """Generate from the base (adapters off) and the tuned model, same prompts and seeds.
+
+    Flags left out take the run's settings from ADAPTER_PATH/adapter_config.json.
+    """
+    from mlx_dpo.config import ConfigError
+    from mlx_dpo.saved_config import config_for
+
+    if prompts and flags.get("data"):
+        raise ConfigError("give --prompts or --data, not both")
+    cfg = config_for(adapter_path, flags)  # settings checked before MLX is imported
+    if not prompts and not cfg.data:
+        raise ConfigError("--prompts or --data is required (the adapter's config names no data)")
+    from mlx_dpo import compare as lib
+    from mlx_dpo import model as model_lib
+
+    loaded = model_lib.load(cfg.model, **cfg.model_kwargs())
+    tokenizer = loaded.tokenizer
+    if prompts:
+        todo = lib.prompts_from_file(
+            tokenizer,
+            prompts,
+            prompt_field=cfg.prompt_field,
+            use_template=not no_chat_template,
+            chat_template=cfg.chat_template,
+        )
+    else:
+        todo = lib.prompts_from_data(cfg, tokenizer, split, log=click.echo)
+    todo = todo[: num_prompts or (len(todo) if prompts else 8)]
+    model_lib.load_adapter_dir(loaded.model, adapter_path)
+    results = lib.generate_both(
+        loaded.model,
+        tokenizer,
+        todo,
+        max_tokens=max_tokens,
+        temp=temp,
+        top_p=top_p,
+        seed=seed,
+        on_result=lambda i, r: click.echo("\n" + lib.format_one(i, r)),
+    )
+    if output:
+        settings = {
+            "model": cfg.model,
+            "adapter_path": str(adapter_path),
+            "temp": temp,
+            "top_p": top_p,
+            "seed": seed,
+            "max_tokens": max_tokens,
+        }
+        lib.write_output(results, output, settings)
+        click.echo(f"\nwrote {len(results)} comparisons to {output}")
+
+
+@main.command()
+@adapter_option(True, "Adapter directory of a run.")
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Directory for the fused model (new or empty).",
+)
+@click.option(
+    "--dequantize",
+    is_flag=True,
+    help="Write float weights (a quantized base is dequantized); also a Hugging Face checkpoint for standard architectures.",
+)
+@click.option("--upload-repo", help="Upload the fused model to this Hugging Face repo (org/name).")
+@model_option
+@config_options(["revision", "quantize", "q_group_size"], defaults="run")
+@user_errors
+def fuse(adapter_path, output, dequantize, upload_repo, **flags):
+    """Fuse adapters into the base weights: a standalone model that mlx_lm.load reads.
+
+    Flags left out take the run's settings from ADAPTER_PATH/adapter_config.json.
+    """
+    from mlx_dpo.config import ConfigError
+    from mlx_dpo.saved_config import config_for
+
+    cfg = config_for(adapter_path, flags)  # settings checked before MLX is imported
+    if cfg.model is None:
+        raise ConfigError("--model is required (the adapter's config names none)")
+    from mlx_dpo.export import fuse as fuse_model
+
+    fuse_model(
+        cfg.model,
+        adapter_path,
+        output,
+        revision=cfg.revision,
+        quantize=cfg.quantize,
+        q_group_size=cfg.q_group_size,
+        dequantize=dequantize,
+        upload_repo=upload_repo,
+        log=click.echo,
+    )
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--output", type=click.Path(dir_okay=False), help="PNG file [default: RUN_DIR/metrics.png]."
+)
+@user_errors
+def plot(run_dir, output):
+    """Plot loss, reward accuracy, margins and rewards of a run (train and validation)."""
+    from mlx_dpo.config import ConfigError
+    from mlx_dpo.iterate_report import is_iterate_run, plot_rounds
+    from mlx_dpo.plot import plot_run
+
+    path = (plot_rounds if is_iterate_run(run_dir) else plot_run)(run_dir, output)
+    if path is None:
+        raise ConfigError(
+            "plotting needs matplotlib: `pip install matplotlib` "
+            '(or `pip install ".[plot]"` in a checkout of mlx_dpo)'
+        )
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="YAML file of settings (iterate's and train's names as keys); flags override it.",
+)
+@iterate_options
+@iterate_train_options
+@user_errors
+def iterate(config_path, **flags):
+    """On-policy DPO from prompts and a reward: each round samples answers from the current
+    model, scores them, pairs best with worst and trains on the pairs (every `train` option
+    applies to each round). With no arguments: the bundled demo (under a minute on 2 cores).
+    """
+    import sys
+
+    from mlx_dpo.iterate_config import resolve
+
+    icfg, cfg, state = resolve(
+        flags, config_path
+    )  # every setting is checked before MLX is imported
+    from mlx_dpo.iterate import run_iterate
+    from mlx_dpo.stop import Interrupted
+    from mlx_dpo.trainer import NonFiniteLoss
+
+    _say_blas()
+    again = f"mlx_dpo iterate --adapter-path {cfg.adapter_path} --resume"
+    try:
+        run_iterate(icfg, cfg, state, log=click.echo)
+    except NonFiniteLoss as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except Interrupted as e:
+        click.echo(f"{e}\ncontinue the iterate run with: {again}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo(f"stopped; the samples saved so far are kept. Continue with: {again}", err=True)
+        sys.exit(130)
 
 
 def _say_blas() -> None:
