@@ -14,7 +14,7 @@ _EXPORTS = {
     "DPOOutput": ("mlx_dpo.losses", "DPOOutput"),
     "dpo_loss": ("mlx_dpo.losses", "dpo_loss"),
     "dpo_metrics": ("mlx_dpo.losses", "dpo_metrics"),
-    "train": ("mlx_dpo.run", "run_training"),  # `mlx_dpo train` as a function
+    "train": ("mlx_dpo.training", "run_training"),  # `mlx_dpo train` as a function
 }
 
 

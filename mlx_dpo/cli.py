@@ -49,9 +49,9 @@ def main():
 def train(config_path, **flags):
     """Train adapters. With no --model and --data: the bundled demo (a tiny 4-bit model, under a minute on 2 CPU cores)."""
     cfg = build_config(config_path, flags)  # every setting is checked before MLX is imported
-    from mlx_dpo.run import run_training
     from mlx_dpo.stop import Interrupted
     from mlx_dpo.trainer import NonFiniteLoss
+    from mlx_dpo.training import run_training
 
     _say_blas()
     try:

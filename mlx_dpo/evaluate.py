@@ -27,7 +27,6 @@ from mlx_dpo import data, reference
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
 from mlx_dpo.losses import METRIC_KEYS
-from mlx_dpo.rundir import RunDir
 from mlx_dpo.saved_config import config_for, read_adapter_config  # noqa: F401 (re-exported)
 
 SPLITS = ("valid", "test", "train")  # the default order: the first that has pairs
@@ -167,10 +166,7 @@ def _load_adapters(net, path: Path, cfg: TrainConfig) -> None:
         model_lib.load_adapter_dir(net, path)
         return
     # The init adapter's layers are in place; the run's weights are those layers, trained on.
-    file = RunDir(path).adapters_file()
-    weights = model_lib.read_adapter_weights(file)
-    model_lib.check_adapter_weights(net, weights, file)
-    net.load_weights(list(weights.items()), strict=False)
+    model_lib.load_adapter_weights(net, path)
 
 
 def write_scores(scores: list[dict], path: str | Path) -> Path:

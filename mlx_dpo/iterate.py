@@ -234,7 +234,7 @@ def sample_round(icfg, cfg, rows, rdir: Path, r: int, policy, reward_fn, log):
 
 
 def train_round(icfg, cfg, rdir: Path, policy, log):
-    from mlx_dpo.run import run_training
+    from mlx_dpo.training import run_training
 
     train_dir = rdir / "train"
     previous = icfg.reference == "previous"

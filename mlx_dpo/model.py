@@ -281,6 +281,18 @@ def load_adapter_dir(model: nn.Module, path: str | Path) -> dict:
     return config
 
 
+def load_adapter_weights(model: nn.Module, path: Path) -> None:
+    """Load `path`'s adapters.safetensors into adapter layers already in place, checked key by
+    key and shape by shape first."""
+    from mlx_dpo.rundir import RunDir
+
+    file = RunDir(Path(path)).adapters_file()
+    weights = read_adapter_weights(file)
+    check_adapter_weights(model, weights, file)
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+
+
 def read_adapter_weights(file: Path) -> dict[str, mx.array]:
     try:
         return mx.load(str(file))

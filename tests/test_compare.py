@@ -88,7 +88,7 @@ def test_terminal_table_and_markdown(adapter, prompts_file, tmp_path):
 
 def test_prompts_from_data_use_the_training_tokens(tiny_model_path, adapter, tmp_path):
     from mlx_dpo.config import TrainConfig
-    from mlx_dpo.run import load_pairs
+    from mlx_dpo.training import load_pairs
 
     rows = [
         {"prompt": f"What is {a} plus 1? ", "chosen": f"{a} plus 1 is {a + 1}.", "rejected": "No."}

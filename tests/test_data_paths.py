@@ -31,7 +31,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def run(tiny_model_path, tmp_path_factory):
     """A 2-step run started inside its folder with relative --model, --data, --adapter-path,
     on data with one invalid row (skipped with --skip-invalid-rows)."""
-    from mlx_dpo.run import run_training
+    from mlx_dpo.training import run_training
 
     root = tmp_path_factory.mktemp("relative-run")
     shutil.copytree(tiny_model_path, root / "models" / "tiny")

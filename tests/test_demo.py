@@ -5,7 +5,7 @@ import pytest
 
 from mlx_dpo import demo
 from mlx_dpo.cli import build_config
-from mlx_dpo.run import run_training
+from mlx_dpo.training import run_training
 
 pytestmark = pytest.mark.slow
 

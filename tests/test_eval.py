@@ -46,7 +46,7 @@ def write_jsonl(path, items):
 @pytest.fixture(scope="module")
 def run(tiny_model_path, tmp_path_factory):
     """A 3-step run with an explicit validation file; its reference cache in a temp dir."""
-    from mlx_dpo.run import run_training
+    from mlx_dpo.training import run_training
 
     root = tmp_path_factory.mktemp("eval-run")
     write_jsonl(root / "data" / "train.jsonl", rows(12))
@@ -86,7 +86,7 @@ def read_scores(path) -> list[dict]:
 
 def test_scores_and_metrics_match_the_training_code(run, tmp_path):
     from mlx_dpo.losses import dpo_loss
-    from mlx_dpo.run import load_pairs
+    from mlx_dpo.training import load_pairs
 
     metrics, _ = invoke("--adapter-path", run.adapter_path, "--output", str(tmp_path / "s.jsonl"))
     scores = read_scores(tmp_path / "s.jsonl")
@@ -239,7 +239,7 @@ def test_run_from_an_init_adapter_keeps_it_in_the_reference(run, tmp_path):
     """A run started from --init-adapter has base + that adapter as its reference."""
     from dataclasses import replace
 
-    from mlx_dpo.run import load_pairs, run_training
+    from mlx_dpo.training import load_pairs, run_training
 
     second = replace(run, adapter_path=str(tmp_path / "second"), init_adapter=run.adapter_path)
     run_training(second, log=lambda *_: None)

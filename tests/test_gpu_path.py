@@ -19,7 +19,7 @@ from mlx_dpo import data, trainer
 from mlx_dpo import model as model_lib
 from mlx_dpo.logps import forward_logps
 from mlx_dpo.platform import KINDS, Platform, forced
-from mlx_dpo.run import run_training
+from mlx_dpo.training import run_training
 
 
 @pytest.fixture(scope="module")

@@ -271,7 +271,7 @@ def test_reference_modes_and_the_start_adapter(work):
     from mlx_dpo import reference
     from mlx_dpo.config import TrainConfig
     from mlx_dpo.data import load_splits, tokenize_rows
-    from mlx_dpo.run import run_training
+    from mlx_dpo.training import run_training
 
     run(work, run="start")
     run(work, run="prev", reference="previous")

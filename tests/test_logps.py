@@ -424,7 +424,7 @@ def test_training_with_ld_alpha_and_wpo_end_to_end(tiny_model_path, tmp_path):
 
     from tiny import make_cfg, read_metrics
 
-    from mlx_dpo.run import run_training
+    from mlx_dpo.training import run_training
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()

@@ -13,7 +13,7 @@ import pytest
 from tiny import build_tiny_model, make_cfg, quiet, read_metrics
 
 from mlx_dpo import model as model_lib
-from mlx_dpo.run import run_training
+from mlx_dpo.training import run_training
 
 
 def test_quantize_picks_a_group_size_that_divides(tmp_path):

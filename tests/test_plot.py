@@ -104,7 +104,7 @@ def test_cli_plot_user_errors(tmp_path):
 
 def test_plot_of_a_real_run(tiny_model_path, tmp_path, monkeypatch):
     from mlx_dpo.config import TrainConfig
-    from mlx_dpo.run import run_training
+    from mlx_dpo.training import run_training
 
     monkeypatch.setenv("MLX_DPO_CACHE", str(tmp_path / "cache"))
     rows = [

@@ -12,7 +12,7 @@ from torch_reference import batch_logps, dpo_loss  # noqa: E402
 from mlx_dpo import model as model_lib  # noqa: E402
 from mlx_dpo import reference  # noqa: E402
 from mlx_dpo.losses import dpo_loss as mlx_dpo_loss  # noqa: E402
-from mlx_dpo.run import load_pairs  # noqa: E402
+from mlx_dpo.training import load_pairs  # noqa: E402
 
 
 def torch_logps(hf, pairs, completion):

@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 from tiny import make_cfg, quiet, read_metrics, write_pairs
 
 from mlx_dpo import checkpoint
-from mlx_dpo.run import run_training
+from mlx_dpo.training import run_training
 
 
 @pytest.fixture
@@ -154,7 +154,7 @@ def test_saved_adapters_load_in_mlx_lm_with_same_logps(tiny_model_path, toy_data
 
     from mlx_dpo import reference
     from mlx_dpo.model import load, load_adapter_dir
-    from mlx_dpo.run import load_pairs
+    from mlx_dpo.training import load_pairs
 
     cfg = make_cfg(tiny_model_path, toy_data, tmp_path / "run", iters=3)
     run_training(cfg, log=quiet)

@@ -104,32 +104,13 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     identity = lifecycle.identity(cfg, train_pairs, valid_pairs)
     if lifecycle.check_changes(cfg, run, resume, identity, total, say):
         return RunResult(run.path, resume.ckpt.step, {}, {}, finished=True)
-    if cfg.init_adapter:
-        init_config = model_lib.load_adapter_dir(loaded.model, cfg.init_adapter)
-        cfg = _adopt_adapter_config(cfg, init_config, say)
-    elif cfg.start_adapter:  # its shape, now; its weights once the reference pass is done
-        start_config = read_adapter_config(cfg.start_adapter)
-        cfg = _adopt_adapter_config(cfg, start_config, say, in_reference=False)
-    # Before any heavy work: refuse a configuration whose step will not fit in memory.
-    step_plan = memory.plan_for_pairs(loaded.model, cfg, train_pairs)
-    say(str(step_plan).splitlines()[0])
-    if tradeoff := memory.checkpoint_tradeoff(step_plan):
-        say(tradeoff)
-    memory.check_fits(step_plan)
+    cfg = _adopt_adapter_shape(cfg, loaded, say)
+    _check_memory(loaded, cfg, train_pairs, say)  # before any heavy work
     refs = reference.for_run(
         cfg, loaded, {"train": train_pairs, "valid": valid_pairs}, group=group, log=say
     )
     train_refs, valid_refs = refs["train"], refs["valid"]
-    if not cfg.init_adapter:
-        n_train = model_lib.apply_adapters(loaded.model, cfg, seed=cfg.seed)
-        if cfg.start_adapter:
-            _load_start_adapter(loaded.model, Path(cfg.start_adapter))
-    else:
-        n_train = model_lib.trainable_count(loaded.model)
-    if cfg.grad_checkpoint:
-        model_lib.enable_grad_checkpoint(loaded.model)
-    say(f"adapters: {cfg.fine_tune_type}, {n_train / 1e6:.3f}M trainable parameters")
-    loaded.model.train() if cfg.lora_dropout > 0 else loaded.model.eval()
+    _add_adapters(cfg, loaded, say)
     optimizer = trainer.build_optimizer(cfg, total)
     start_step = _restore(cfg, run.path, loaded.model, optimizer, say)
     if is_main:  # the first writes into the run directory, after every check has passed
@@ -162,25 +143,57 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     say(
         f"adapters saved to {run.path}/adapters.safetensors (load with mlx_lm.load(model, adapter_path='{run.path}'))"
     )
-    if is_main:
-        from mlx_dpo.plot import plot_run
-
-        if (png := plot_run(run.path)) is not None:
-            say(f"plot: {png}")
-    summary = None
-    if demo.is_demo(cfg) and cfg.demo_summary and is_main and valid_pairs:
-        from mlx_dpo.demo.summary import demo_summary
-
-        summary = demo_summary(loaded, valid_pairs, valid_refs, cfg, log=say)
+    summary = _report_end(cfg, run, loaded, valid_pairs, valid_refs, say) if is_main else None
     return RunResult(run.path, result.step, result.train_metrics, result.valid_metrics, summary)
 
 
-def _load_start_adapter(model, path: Path) -> None:
-    file = path / "adapters.safetensors"
-    weights = model_lib.read_adapter_weights(file)
-    model_lib.check_adapter_weights(model, weights, file)
-    model.load_weights(list(weights.items()), strict=False)
-    mx.eval(model.parameters())
+def _adopt_adapter_shape(cfg: TrainConfig, loaded, say) -> TrainConfig:
+    """An --init-adapter is loaded now (it is part of the reference); a --start-adapter gives
+    its shape now and its weights after the reference pass (`_add_adapters`)."""
+    if cfg.init_adapter:
+        init_config = model_lib.load_adapter_dir(loaded.model, cfg.init_adapter)
+        return _adopt_adapter_config(cfg, init_config, say)
+    if cfg.start_adapter:
+        start_config = read_adapter_config(cfg.start_adapter)
+        return _adopt_adapter_config(cfg, start_config, say, in_reference=False)
+    return cfg
+
+
+def _check_memory(loaded, cfg: TrainConfig, train_pairs, say) -> None:
+    """Refuse, with numbers and suggestions, a configuration whose step will not fit."""
+    step_plan = memory.plan_for_pairs(loaded.model, cfg, train_pairs)
+    say(str(step_plan).splitlines()[0])
+    if tradeoff := memory.checkpoint_tradeoff(step_plan):
+        say(tradeoff)
+    memory.check_fits(step_plan)
+
+
+def _add_adapters(cfg: TrainConfig, loaded, say) -> None:
+    """LoRA/DoRA layers with lora_b = 0 (policy == reference at step 0), or the init adapter's
+    layers already in place; a start adapter's weights."""
+    if not cfg.init_adapter:
+        n_train = model_lib.apply_adapters(loaded.model, cfg, seed=cfg.seed)
+        if cfg.start_adapter:
+            model_lib.load_adapter_weights(loaded.model, Path(cfg.start_adapter))
+    else:
+        n_train = model_lib.trainable_count(loaded.model)
+    if cfg.grad_checkpoint:
+        model_lib.enable_grad_checkpoint(loaded.model)
+    say(f"adapters: {cfg.fine_tune_type}, {n_train / 1e6:.3f}M trainable parameters")
+    loaded.model.train() if cfg.lora_dropout > 0 else loaded.model.eval()
+
+
+def _report_end(cfg: TrainConfig, run: RunDir, loaded, valid_pairs, valid_refs, say):
+    """The plot (with the plot extra) and, on the demo, the before/after summary."""
+    from mlx_dpo.plot import plot_run
+
+    if (png := plot_run(run.path)) is not None:
+        say(f"plot: {png}")
+    if demo.is_demo(cfg) and cfg.demo_summary and valid_pairs:
+        from mlx_dpo.demo.summary import demo_summary
+
+        return demo_summary(loaded, valid_pairs, valid_refs, cfg, log=say)
+    return None
 
 
 def _adopt_adapter_config(cfg: TrainConfig, init: dict, log, in_reference=True) -> TrainConfig:
