@@ -64,11 +64,14 @@ class Spec:
         return {"layers": layers, "embedding": embed, "total": layers + embed + head}
 
 
-# "mid" is the study's mid-qwen2 (shared/reference/perf-mlx-cpu.md); "mid-152k" the same with
-# Qwen's 151936-token vocabulary; "small" is bench-qwen2-sized; "tiny" is for tests.
+# "mid" is the 40M model of the first speed study; "mid-152k" the same with Qwen's
+# 151936-token vocabulary; "small" is a 5M model with head dim 64, "5m" the same with 8 heads of
+# 32 (the issue's shape); "smollm2-135m" and "qwen2.5-0.5b" are those models' configurations
+# (random weights); "tiny" is for tests.
 SPECS = {
     "tiny": Spec(64, 2, 4, 2, 128, 512),
     "small": Spec(256, 4, 4, 2, 704, 8192),
+    "5m": Spec(256, 4, 8, 2, 704, 8192),
     "mid": Spec(512, 8, 8, 2, 1408, 32000),
     "mid-152k": Spec(512, 8, 8, 2, 1408, 151936),
 }

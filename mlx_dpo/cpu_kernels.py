@@ -238,18 +238,23 @@ def _mlx_swiglu(gate, x):
     return original(gate, x)
 
 
+def _normal(shape, seed: int) -> mx.array:
+    # an explicit key: the global random state is an input of the compiled training step, and
+    # an array drawn from it while that step is traced could not be evaluated here
+    return mx.random.normal(shape, key=mx.random.key(seed))
+
+
 def _grad_timer(fn, *arrays):
     """A blocking callable: compiled forward + backward of sum(fn(...) * a random cotangent)."""
-    mx.random.seed(0)
     out = fn(*arrays)
-    ct = mx.random.normal(out.shape).astype(out.dtype)
+    ct = _normal(out.shape, 9).astype(out.dtype)
     step = mx.compile(mx.grad(lambda *a: (fn(*a) * ct).sum(), argnums=tuple(range(len(arrays)))))
     mx.eval(ct, *arrays)
     return lambda: mx.eval(step(*arrays))
 
 
 def _swiglu_bench(shape, dtype) -> dict:
-    gate, x = (mx.random.normal(shape).astype(dtype) for _ in range(2))
+    gate, x = (_normal(shape, i).astype(dtype) for i in range(2))
     return {"mlx": _grad_timer(_mlx_swiglu, gate, x), "fused": _grad_timer(swiglu, gate, x)}
 
 
@@ -257,8 +262,8 @@ def _attention_bench(dims, scale, dtype) -> dict:
     from mlx_lm.models.base import scaled_dot_product_attention as original
 
     B, H, Hkv, T, D = dims
-    q = mx.random.normal((B, H, T, D)).astype(dtype)
-    k, v = (mx.random.normal((B, Hkv, T, D)).astype(dtype) for _ in range(2))
+    q = _normal((B, H, T, D), 0).astype(dtype)
+    k, v = (_normal((B, Hkv, T, D), i).astype(dtype) for i in (1, 2))
     return {
         name: _grad_timer(lambda q, k, v, f=f: f(q, k, v, None, scale, "causal"), q, k, v)
         for name, f in (("mlx", original), ("flash", scaled_dot_product_attention))
@@ -268,9 +273,9 @@ def _attention_bench(dims, scale, dtype) -> dict:
 def _head_bench(n_tokens: int, dim: int, vocab: int) -> dict:
     from mlx_dpo import logps
 
-    h = mx.random.normal((n_tokens, dim)) * 0.5
-    head = logps.LMHead({"weight": mx.random.normal((vocab, dim)) * 0.02})
-    targets = mx.random.randint(0, vocab, (n_tokens,))
+    h = _normal((n_tokens, dim), 0) * 0.5
+    head = logps.LMHead({"weight": _normal((vocab, dim), 1) * 0.02})
+    targets = mx.random.randint(0, vocab, (n_tokens,), key=mx.random.key(2))
     return {
         name: _grad_timer(lambda h, o=opts: logps.lean_token_logps(h, head, targets, **o), h)
         for name, opts in logps.HEAD_OPTIONS.items()
