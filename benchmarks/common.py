@@ -74,6 +74,10 @@ SPECS = {
     "5m": Spec(256, 4, 8, 2, 704, 8192),
     "mid": Spec(512, 8, 8, 2, 1408, 32000),
     "mid-152k": Spec(512, 8, 8, 2, 1408, 151936),
+    # the real configurations' dimensions, written as Qwen2-style checkpoints (SmolLM2 is a
+    # Llama: no q/k/v biases, rope_theta 1e5; the biases are 0.1% of its FLOPs)
+    "smollm2-135m": Spec(576, 30, 9, 3, 1536, 49152, rope_theta=100000.0, rms_norm_eps=1e-5),
+    "qwen2.5-0.5b": Spec(896, 24, 14, 2, 4864, 151936, rope_theta=1000000.0),
 }
 
 
