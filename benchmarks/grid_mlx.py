@@ -73,7 +73,13 @@ def main(argv=None) -> dict:
     geo = Geometry(args.pairs, half, args.length - half)
     vocab = net.args.vocab_size
     plan = memory.plan(net, cfg, args.length, 2 * args.pairs, completion_tokens_per_row=half)
-    out["plan"] = {"total": plan.total_bytes, "parts": plan.parts, "notes": plan.notes}
+    plan = memory.resident(plan)  # as run.py's plan_for_pairs: what the OS will see
+    out["plan"] = {
+        "total": plan.resident_bytes,
+        "arrays": plan.total_bytes,
+        "parts": {**plan.parts, **plan.os_parts},
+        "notes": plan.notes,
+    }
     _, batch = make_batch(geo, vocab, 0)
     from mlx_worker import reference_logps
 
