@@ -109,6 +109,9 @@ def run_point(point, args, root: Path, tmp: Path) -> dict:
                 cells.setdefault(v, {"status": "n/a"})
                 continue
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            if args.threads:  # every side alike: MKL/OpenBLAS/OpenMP (torch's intra-op too)
+                for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+                    env[k] = str(args.threads)
             t0 = time.time()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                                   timeout=args.timeout)  # fmt: skip
@@ -196,6 +199,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="BLAS/OpenMP threads for every process (0: the libraries' defaults). On a machine "
+        "shared with other jobs, 1: OpenMP's spinning threads collapse when a core is taken",
+    )
     p.add_argument("--timeout", type=int, default=3600, help="seconds per process")
     p.add_argument("--bench-python", default=str(HERE.parent / ".bench-venv" / "bin" / "python"))
     p.add_argument("--out", help="output path without suffix (default benchmarks/out/grid-<time>)")
@@ -213,7 +223,12 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     root, tmp = HERE / "out" / "checkpoints", out.with_suffix(".runs")
     tmp.mkdir(parents=True, exist_ok=True)
-    report = {"command": " ".join(sys.argv), "load_average_before": load_average(), "points": []}
+    report = {
+        "command": " ".join(sys.argv),
+        "threads": args.threads or "library defaults",
+        "load_average_before": load_average(),
+        "points": [],
+    }
     for point in points:
         print(f"{point}:", flush=True)
         report["points"].append(run_point(point, args, root, tmp))

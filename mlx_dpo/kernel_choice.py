@@ -141,7 +141,8 @@ def shape_class(kernel: str, **dims: int) -> str:
 
 
 def machine_key() -> str:
-    """CPU model, core count, OS/arch and the MLX version: what a timing holds for."""
+    """CPU model, core count, OS/arch, the MLX version and the BLAS thread settings: what a
+    timing holds for (with one BLAS thread the matmuls around a kernel take longer)."""
     import mlx.core as mx
 
     cpu = platform.processor() or ""
@@ -153,6 +154,8 @@ def machine_key() -> str:
     except OSError:
         pass
     parts = [cpu, str(os.cpu_count()), platform.system(), platform.machine(), mx.__version__]
+    threads = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    parts += [f"{k}={os.environ[k]}" for k in threads if os.environ.get(k)]
     return "|".join(parts)
 
 
