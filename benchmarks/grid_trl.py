@@ -9,8 +9,9 @@ in the project's dependencies):
 The checkpoint has no tokenizer, so a word-level one maps "t<id>" to <id> (and "<eos>" to 0):
 the text dataset TRL tokenizes is the synthetic token ids of common.synthetic_token_ids, the
 completion's last token replaced by EOS (TRL appends one). LoRA r=8, alpha=160 (scale 20) on
-q/k/v/o/gate/up/down, sigmoid loss, beta 0.1, fp32 on the CPU, TRL's defaults otherwise (its
-reference forward every step, or precompute_ref_log_probs=True). Marginal seconds per update
+q/k/v/o/gate/up/down, sigmoid loss, beta 0.1, fp32 on the CPU (bf16=False: TRL 1.16 defaults to
+bf16 autocast), TRL's defaults otherwise (gradient checkpointing on, its reference forward
+every step, or precompute_ref_log_probs=True). Marginal seconds per update
 are the gaps between on_step_end callbacks after warm-up.
 """
 
@@ -92,6 +93,7 @@ def main(argv=None) -> dict:
             max_steps=total,
             learning_rate=1e-5,
             beta=0.1,
+            bf16=False,  # fp32 like the other side (TRL's default autocasts to bf16)
             max_length=None,
             precompute_ref_log_probs=args.precompute,
             use_cpu=True,

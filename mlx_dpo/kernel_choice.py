@@ -197,6 +197,7 @@ class Chooser:
             d = Decision(kernel, shape, cached["choice"], "cache", cached.get("best_ms", {}))
         else:
             times = self.measure_fn(bench())
+            _release()
             best_ms = {k: min(v) * 1e3 for k, v in times.items() if v}
             d = Decision(kernel, shape, decide(times), "measured", best_ms)
             self._write(shape, d)
@@ -238,6 +239,14 @@ class Chooser:
 
     def as_dict(self) -> list[dict]:
         return [asdict(d) for d in self.decisions.values()]
+
+
+def _release() -> None:
+    """Hand the timing's freed buffers back to the OS: left in MLX's cache they would not fit
+    the step's sizes and would only add to the process's resident memory."""
+    import mlx.core as mx
+
+    mx.clear_cache()
 
 
 def _stderr(line: str) -> None:

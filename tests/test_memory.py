@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx_lm.models import qwen2
 
-from mlx_dpo import data, memory, trainer
+from mlx_dpo import cpu_kernels, data, memory, trainer
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
 
@@ -181,3 +181,25 @@ def test_resident_plan_says_what_the_os_sees(tiny_model_path):
     memory.check_fits(plan, available=plan.resident_bytes)
     with pytest.raises(ConfigError, match="runtime and allocator"):
         memory.check_fits(plan, available=plan.resident_bytes - 1)
+
+
+def test_plan_covers_either_kernel_when_they_are_chosen_by_timing():
+    """Without an override the kernels are picked on the first step: each part of the plan is
+    the larger of the kernels' and MLX's own (each checked against a forced plan)."""
+    from mlx_dpo import kernel_choice as kc
+
+    model = small_model(8192, layers=2)
+    cfg = TrainConfig(num_layers=-1)
+    plans = {}
+    for name, override in (("fast", "all=on"), ("default", "all=off"), ("either", "")):
+        kc.reset(kc.Chooser(None, kc.parse_override(override), report=lambda _: None))
+        try:
+            plans[name] = memory.plan(model, cfg, 512, 4)
+        finally:
+            kc.reset()
+    if not cpu_kernels.installed(model):
+        assert plans["either"].parts == plans["default"].parts
+        return
+    assert plans["fast"].parts != plans["default"].parts
+    for part, n in plans["either"].parts.items():
+        assert n == max(plans["fast"].parts.get(part, 0), plans["default"].parts.get(part, 0))
