@@ -63,9 +63,15 @@ def describe(plat: Platform | None = None) -> str:
         return f"off: not the x86 CPU build ({plat.kind}: MLX's own kernels)"
     if opted_out():
         return f"off ({OPT_OUT_ENV} is set): mx.exp and mlx-lm's attention"
+    from mlx_dpo.config import ConfigError
+
+    try:
+        choices = kernel_choice.summary()
+    except ConfigError as e:  # the doctor reports a bad MLX_DPO_KERNELS instead of failing
+        choices = f"ERROR {e}"
     return (
         f"fused-arithmetic exp, flash attention, fused SwiGLU, each used where it measured "
-        f"faster than MLX's own ({OPT_OUT_ENV}=1 to disable): {kernel_choice.summary()}"
+        f"faster than MLX's own ({OPT_OUT_ENV}=1 to disable): {choices}"
     )
 
 
@@ -295,6 +301,8 @@ def install(model, plat: Platform | None = None, *, allowed: bool = True) -> lis
     for every model of that family in the process). Returns a note for the user."""
     module = sys.modules.get(type(model).__module__)
     use = allowed and enabled(plat)
+    if use:
+        kernel_choice.chooser()  # a malformed MLX_DPO_KERNELS fails here, at load (ConfigError)
     swapped = []
     for name, fast in (("scaled_dot_product_attention", auto_attention), ("swiglu", auto_swiglu)):
         if module is None or not hasattr(module, name):

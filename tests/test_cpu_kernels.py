@@ -232,3 +232,26 @@ def test_kernel_benches_run_every_candidate_on_the_real_shapes():
         for fn in fns.values():
             fn()  # raises if a candidate cannot run on these shapes
     assert sorted(benches[2]) == ["exp", "exp-wide", "mlx"]
+
+
+def test_bad_kernel_override_fails_at_load_and_doctor_reports_it(tiny_model_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlx_dpo import kernel_choice
+    from mlx_dpo.cli import main
+    from mlx_dpo.config import ConfigError
+    from mlx_dpo.model import load
+
+    if not cpu_kernels.enabled():
+        pytest.skip("the kernels are for the x86 CPU build")
+    monkeypatch.setenv(kernel_choice.ENV, "attn=off")
+    kernel_choice.reset()
+    try:
+        with pytest.raises(ConfigError, match="attn=off"):
+            load(str(tiny_model_path))
+        result = CliRunner().invoke(main, ["doctor"])
+        assert result.exit_code == 0, result.output
+        assert "ERROR" in result.output and "attn=off" in result.output
+    finally:
+        monkeypatch.delenv(kernel_choice.ENV)
+        kernel_choice.reset()
