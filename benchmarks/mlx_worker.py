@@ -191,7 +191,7 @@ def make_batch(geo: Geometry, vocab: int, seed: int, refs=None):
 
 
 def reference_logps(model, batch):
-    """No-grad summed completion log-probs with the adapters off, as reference.compute does."""
+    """No-grad summed completion log-probs with the adapters off, as reference.pair_logps does."""
     with model_lib.adapters_off(model):
         logps, _ = trainer.forward_logps(model, batch)
     return mx.stop_gradient(logps)

@@ -3,8 +3,11 @@
 The Linux ``mlx[cpu]`` wheel links a reference (netlib) BLAS at ~8 GFLOP/s. Its ``cblas_sgemm``
 wrapper calls ``sgemm_`` through the PLT, so an optimised library that exports ``sgemm_`` and is
 loaded with ``RTLD_GLOBAL`` *before* ``mlx.core`` takes over every fp32 matmul (20-50x faster,
-same numbers to ~1e-6; see shared/reference/perf-mlx-cpu.md). Loaded after ``mlx.core`` it
-silently does nothing, so this module must run first; it never imports MLX itself.
+same numbers to ~1e-6; docs/linux-cpu.md). Loaded after ``mlx.core`` it silently does
+nothing, so this module must run first; it never imports MLX itself.
+
+On Linux x86_64 `pip install` brings the `mkl` wheel, so there is always one; a system OpenBLAS
+is still preferred when present (faster on AMD CPUs, where MKL takes its AVX2 path).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import sys
 from dataclasses import dataclass
 
 OPT_OUT_ENV = "MLX_DPO_NO_FAST_BLAS"
+# Skip the search for a system OpenBLAS (the packaging test uses it to prove what the wheel alone
+# gives on a machine without one).
+NO_SYSTEM_ENV = "MLX_DPO_NO_SYSTEM_BLAS"
 
 
 @dataclass
@@ -74,23 +80,36 @@ def preload() -> BlasState:
     return STATE
 
 
+def _mkl_threading() -> None:
+    """MKL's threads sleep between calls instead of spinning (set before MKL loads; the user's
+    own settings win). MLX calls BLAS from one worker thread, between element-wise ops on the
+    same cores: a spinning OpenMP thread made the demo's tiny matmuls up to 10x slower on a
+    busy 2-core machine. Without the GNU OpenMP runtime MKL runs sequentially."""
+    if ctypes.util.find_library("gomp") is None:
+        os.environ.setdefault("MKL_THREADING_LAYER", "SEQUENTIAL")
+        return
+    os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _try_load() -> None:
     # OpenBLAS first: on AVX-512 CPUs it measured ~2x MKL's rate (MKL takes its AVX2 path on AMD).
-    for kind, candidates in (("openblas", _openblas_candidates()), ("mkl", _mkl_candidates())):
+    system = [] if os.environ.get(NO_SYSTEM_ENV, "") not in ("", "0") else _openblas_candidates()
+    for kind, candidates in (("openblas", system), ("mkl", _mkl_candidates())):
         for path in candidates:
             if kind == "mkl":
-                os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
+                _mkl_threading()
             try:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             except OSError:
                 continue
             STATE.path, STATE.kind = path, kind
-            STATE.reason = f"loaded {kind} ({path}) for MLX's CPU matmuls"
+            where = "the system's OpenBLAS" if kind == "openblas" else "MKL from the mkl wheel"
+            STATE.reason = f"loaded {where} ({path}) for MLX's CPU matmuls"
             return
     STATE.reason = (
-        "no fast BLAS found; MLX's CPU matmuls use the slow reference BLAS. "
-        "Install one: `sudo apt-get install libopenblas0-pthread` (Debian/Ubuntu), "
-        "`sudo dnf install openblas` (Fedora) or `pip install 'mlx-dpo[mkl]'`"
+        "no fast BLAS found; MLX's CPU matmuls use the slow reference BLAS "
+        "(`pip install mkl` in this environment, or a system OpenBLAS: see docs/linux-cpu.md)"
     )
 
 

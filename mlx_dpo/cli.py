@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import re
 import sys
 from pathlib import Path
 
@@ -34,35 +35,68 @@ class FieldValue(click.ParamType):
             self.fail(str(e).split(": ", 1)[-1], param, ctx)
 
 
-def config_options(fields: list[str] | None = None):
-    """Decorator adding one click option per TrainConfig field (or the named subset)."""
+def config_options(fields: list[str] | None = None, *, defaults: str = "train", demo=None):
+    """Decorator adding one click option per TrainConfig field (or the named subset).
+
+    defaults="train": the help shows TrainConfig's default and, where the bundled demo's
+    settings differ, "(demo: ...)". defaults="run" (eval, compare, fuse): every flag left out
+    takes the run's setting from its adapter_config.json, and the help says so. `demo`: the
+    demo's settings to show instead of demo.yaml's (`iterate` has a demo of its own).
+    """
+    if demo is None:
+        demo = _demo_values() if defaults == "train" else {}
 
     def decorate(fn):
         for f in reversed(dataclasses.fields(TrainConfig)):
             if fields is not None and f.name not in fields:
                 continue
-            fn = _option(f)(fn)
+            fn = _option(f, run_default=defaults == "run", demo=demo.get(f.name))(fn)
         return fn
 
     return decorate
 
 
-def _option(f: dataclasses.Field):
+@functools.cache
+def _demo_values() -> dict:
+    """demo.yaml's settings (the demo's run directory named as `train` picks it)."""
+    from mlx_dpo import demo
+
+    values = demo.settings()
+    if "adapter_path" in values:
+        values["adapter_path"] = f"{values['adapter_path']}, or -2, -3, ... when taken"
+    return values
+
+
+def _help(f: dataclasses.Field, default, run_default: bool, demo) -> str:
+    text = f.metadata["help"]
+    if run_default:
+        # "(default: ...)" in a field's help describes train; here the run's value replaces it.
+        return re.sub(r" ?\(default: [^)]*\)", "", text) + " [default: the run's]"
+    if default not in (None, []):
+        text += f" [default: {default}]"
+    if demo is not None and demo != default:
+        text += f" (demo: {demo})"
+    return text
+
+
+def _option(f: dataclasses.Field, *, run_default: bool = False, demo=None):
     flag = "--" + f.name.replace("_", "-")
     kind, is_list, _ = field_kind(f)
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    help_text = f.metadata["help"] + (f" [default: {default}]" if default not in (None, []) else "")
+    help_text = _help(f, default, run_default, demo)
     if kind is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+    if is_list:  # choices of list items are checked by TrainConfig, after the split
+        help_text += " Repeat the flag or separate values with commas."
+        if "choices" in f.metadata:
+            help_text += f" Choices: {', '.join(map(str, f.metadata['choices']))}."
+        return click.option(
+            flag, f.name, multiple=True, default=None, help=help_text, callback=_split(f)
+        )
     if "choices" in f.metadata:
         choice = click.Choice([str(c) for c in f.metadata["choices"]])
         return click.option(
             flag, f.name, type=choice, default=None, help=help_text, callback=_cast(f)
-        )
-    if is_list:
-        help_text += " Repeat the flag or separate values with commas."
-        return click.option(
-            flag, f.name, multiple=True, default=None, help=help_text, callback=_split(f)
         )
     return click.option(flag, f.name, type=FieldValue(f), default=None, help=help_text)
 
@@ -89,10 +123,11 @@ def build_config(config_path: str | None, flags: dict) -> TrainConfig:
     overrides = {k: v for k, v in flags.items() if v is not None}
     values = read_yaml(config_path) if config_path else {}
     demo_values = {}
-    if overrides.get("model") is None and values.get("model") is None:
+    named = ("model", "data")  # the demo's settings apply only to the demo's model and data
+    if all(overrides.get(k) is None and values.get(k) is None for k in named):
         from mlx_dpo import demo
 
-        demo_values = read_yaml(Path(demo.__file__).parent / "demo.yaml")
+        demo_values = demo.settings()
     resume = overrides.get("resume", values.get("resume", False))
     path = overrides.get("adapter_path", values.get("adapter_path"))
     if resume:
@@ -102,7 +137,7 @@ def build_config(config_path: str | None, flags: dict) -> TrainConfig:
     else:
         base = demo_values
         if demo_values and path is None:  # rerunning the demo starts a new run directory
-            base = {**demo_values, "adapter_path": _fresh_dir(Path(demo_values["adapter_path"]))}
+            base = {**demo_values, "adapter_path": demo.fresh_run_dir(demo_values["adapter_path"])}
     return TrainConfig.from_dict({**base, **values, **overrides}, source=config_path or "flags")
 
 
@@ -116,17 +151,6 @@ def _saved_settings(path: Path) -> dict:
     settings = run.read_identity().get("settings", {})
     keep = {f.name for f in dataclasses.fields(TrainConfig)} - {"adapter_path", "resume"}
     return {k: v for k, v in settings.items() if k in keep and k != "allow_changes"}
-
-
-def _fresh_dir(path: Path) -> str:
-    """`path`, or `path-2`, `path-3`, ... the first that holds no run yet and is not in use."""
-    from mlx_dpo.rundir import RunDir
-
-    candidate, n = path, 1
-    while RunDir(candidate).has_saved_work() or RunDir(candidate).is_locked():
-        n += 1
-        candidate = path.with_name(f"{path.name}-{n}")
-    return str(candidate)
 
 
 WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
@@ -175,12 +199,12 @@ def main():
 @config_options()
 @user_errors
 def train(config_path, **flags):
-    """Train adapters. With no --model and --data: the bundled demo (a 4-bit model, ~2 min on a CPU)."""
+    """Train adapters. With no --model and --data: the bundled demo (a tiny 4-bit model, under a minute on 2 CPU cores)."""
+    cfg = build_config(config_path, flags)  # every setting is checked before MLX is imported
     from mlx_dpo.run import run_training
     from mlx_dpo.stop import Interrupted
     from mlx_dpo.trainer import NonFiniteLoss
 
-    cfg = build_config(config_path, flags)
     _say_blas()
     try:
         run_training(cfg, log=click.echo)
@@ -198,10 +222,14 @@ DATA_FIELDS = [
     "data",
     "data_split",
     "data_config",
+    "data_dir",
     "data_revision",
     "prompt_field",
     "chosen_field",
     "rejected_field",
+    "skip_invalid_rows",
+    "hh_as_messages",
+    "min_score_margin",
     "valid_fraction",
     "chat_template",
     "max_length",
@@ -223,18 +251,44 @@ def data_group():
 @config_options(DATA_FIELDS)
 @user_errors
 def data_check(config_path, **flags):
-    """Validate a dataset without training and print its statistics."""
-    from mlx_dpo import data
-    from mlx_dpo.model import load_tokenizer_only
-    from mlx_dpo.run import with_demo_defaults
+    """Validate a dataset without training: the format detected, rows skipped and why,
+    token-length statistics, and 3 sample pairs with the trained tokens marked.
 
-    cfg = with_demo_defaults(build_config(config_path, flags))
+    Without --model the rows are tokenized with the bundled demo model's tokenizer (a ChatML
+    template) and the documented defaults (--max-length 1024); pass --model to see your
+    model's template and token counts.
+    """
+    from mlx_dpo import demo
+    from mlx_dpo.data_sources import load_splits
+
+    cfg = build_config(config_path, flags)  # the demo's settings only when no model or data
+    given_model = cfg.model is not None
+    cfg = demo.with_defaults(cfg)
+    if not given_model:
+        click.echo(
+            "tokenizer: the bundled demo model's (ChatML template), as no --model was given; "
+            "pass --model to check with your model's tokenizer and chat template"
+        )
+    click.echo(
+        f"limits: max_length={cfg.max_length}, max_prompt_length={cfg.max_prompt_length}, "
+        f"truncation_mode={cfg.truncation_mode}"
+    )
+    splits = load_splits(cfg.data, **cfg.data_kwargs())  # bad data fails before MLX loads
+    click.echo(splits.format_line())
+    from mlx_dpo import data
+    from mlx_dpo.data_report import format_samples, skipped_line
+    from mlx_dpo.model import load_tokenizer_only
+
     tokenizer = load_tokenizer_only(cfg.model, cfg.revision)
-    splits = data.load_splits(cfg.data, **cfg.data_kwargs())
     pairs, stats = {}, {}
     for name, rows in splits.items():
         pairs[name], stats[name] = data.tokenize_rows(rows, tokenizer, **cfg.tokenize_kwargs())
+    skipped = splits.skipped + [p for st in stats.values() for p in st.skipped]
+    if line := skipped_line(skipped):
+        click.echo(line)
     click.echo(data.dataset_stats(pairs, stats))
+    click.echo("")
+    click.echo(format_samples(pairs.get("train") or next(iter(pairs.values()), []), tokenizer))
 
 
 @main.command()

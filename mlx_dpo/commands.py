@@ -1,4 +1,4 @@
-"""After-training commands: `eval`, `compare`, `fuse` and `plot`; cli.py adds COMMANDS to the
+"""After-training commands: `eval`, `compare`, `fuse` and `plot`, and `iterate`; cli.py adds COMMANDS to the
 `mlx_dpo` group. Like cli.py this only maps flags onto settings and calls the module that does
 the work (evaluate.py, compare.py, export.py, plot.py).
 
@@ -73,16 +73,18 @@ def _data_option(fn):
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 @_model_option
 @_data_option
-@config_options(EVAL_FIELDS)
+@config_options(EVAL_FIELDS, defaults="run")
 @user_errors
 def eval_command(adapter_path, split, output, as_json, **flags):
     """DPO metrics of adapters on a data split (loss, reward accuracy and margin, log-probs).
 
     Flags left out take the run's settings from ADAPTER_PATH/adapter_config.json.
     """
-    from mlx_dpo.evaluate import config_for, evaluate_adapters, format_metrics, write_scores
+    from mlx_dpo.saved_config import config_for
 
-    cfg = config_for(adapter_path, flags)
+    cfg = config_for(adapter_path, flags)  # settings checked before MLX is imported
+    from mlx_dpo.evaluate import evaluate_adapters, format_metrics, write_scores
+
     log = (lambda *_: None) if as_json else click.echo
     result = evaluate_adapters(cfg, adapter_path, split=split, log=log)
     if output:
@@ -147,7 +149,7 @@ def eval_command(adapter_path, split, output, as_json, **flags):
 )
 @_model_option
 @_data_option
-@config_options(COMPARE_FIELDS)
+@config_options(COMPARE_FIELDS, defaults="run")
 @user_errors
 def compare(
     adapter_path,
@@ -166,16 +168,17 @@ def compare(
 
     Flags left out take the run's settings from ADAPTER_PATH/adapter_config.json.
     """
-    from mlx_dpo import compare as lib
-    from mlx_dpo import model as model_lib
     from mlx_dpo.config import ConfigError
-    from mlx_dpo.evaluate import config_for
+    from mlx_dpo.saved_config import config_for
 
     if prompts and flags.get("data"):
         raise ConfigError("give --prompts or --data, not both")
-    cfg = config_for(adapter_path, flags)
+    cfg = config_for(adapter_path, flags)  # settings checked before MLX is imported
     if not prompts and not cfg.data:
         raise ConfigError("--prompts or --data is required (the adapter's config names no data)")
+    from mlx_dpo import compare as lib
+    from mlx_dpo import model as model_lib
+
     loaded = model_lib.load(cfg.model, **cfg.model_kwargs())
     tokenizer = loaded.tokenizer
     if prompts:
@@ -228,7 +231,7 @@ def compare(
 )
 @click.option("--upload-repo", help="Upload the fused model to this Hugging Face repo (org/name).")
 @_model_option
-@config_options(["revision", "quantize", "q_group_size"])
+@config_options(["revision", "quantize", "q_group_size"], defaults="run")
 @user_errors
 def fuse(adapter_path, output, dequantize, upload_repo, **flags):
     """Fuse adapters into the base weights: a standalone model that mlx_lm.load reads.
@@ -236,12 +239,13 @@ def fuse(adapter_path, output, dequantize, upload_repo, **flags):
     Flags left out take the run's settings from ADAPTER_PATH/adapter_config.json.
     """
     from mlx_dpo.config import ConfigError
-    from mlx_dpo.evaluate import config_for
-    from mlx_dpo.export import fuse as fuse_model
+    from mlx_dpo.saved_config import config_for
 
-    cfg = config_for(adapter_path, flags)
+    cfg = config_for(adapter_path, flags)  # settings checked before MLX is imported
     if cfg.model is None:
         raise ConfigError("--model is required (the adapter's config names none)")
+    from mlx_dpo.export import fuse as fuse_model
+
     fuse_model(
         cfg.model,
         adapter_path,
@@ -264,14 +268,74 @@ def fuse(adapter_path, output, dequantize, upload_repo, **flags):
 def plot(run_dir, output):
     """Plot loss, reward accuracy, margins and rewards of a run (train and validation)."""
     from mlx_dpo.config import ConfigError
+    from mlx_dpo.iterate_report import is_iterate_run, plot_rounds
     from mlx_dpo.plot import plot_run
 
-    path = plot_run(run_dir, output)
+    path = (plot_rounds if is_iterate_run(run_dir) else plot_run)(run_dir, output)
     if path is None:
-        raise ConfigError("plotting needs matplotlib: pip install 'mlx-dpo[plot]'")
+        raise ConfigError(
+            "plotting needs matplotlib: `pip install matplotlib` "
+            '(or `pip install ".[plot]"` in a checkout of mlx_dpo)'
+        )
     click.echo(f"wrote {path}")
 
 
-COMMANDS += [eval_command, compare, fuse, plot]
+def _iterate_options(fn):
+    from mlx_dpo.iterate_config import cli_options
+
+    for flag, kind, help_text in reversed(cli_options()):
+        fn = click.option(flag, type=kind, default=None, help=help_text)(fn)
+    return fn
+
+
+def _iterate_train_options(fn):
+    from mlx_dpo.iterate_config import DEMO_TRAIN, TRAIN_FIELDS
+
+    return config_options(TRAIN_FIELDS, demo=DEMO_TRAIN)(fn)
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="YAML file of settings (iterate's and train's names as keys); flags override it.",
+)
+@_iterate_options
+@_iterate_train_options
+@user_errors
+def iterate(config_path, **flags):
+    """On-policy DPO from prompts and a reward: each round samples answers from the current
+    model, scores them, pairs best with worst and trains on the pairs (every `train` option
+    applies to each round). With no arguments: the bundled demo (under a minute on 2 cores).
+    """
+    import sys
+
+    from mlx_dpo.iterate_config import resolve
+
+    icfg, cfg, state = resolve(
+        flags, config_path
+    )  # every setting is checked before MLX is imported
+    from mlx_dpo.cli import _say_blas
+    from mlx_dpo.iterate import run_iterate
+    from mlx_dpo.stop import Interrupted
+    from mlx_dpo.trainer import NonFiniteLoss
+
+    _say_blas()
+    again = f"mlx_dpo iterate --adapter-path {cfg.adapter_path} --resume"
+    try:
+        run_iterate(icfg, cfg, state, log=click.echo)
+    except NonFiniteLoss as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except Interrupted as e:
+        click.echo(f"{e}\ncontinue the iterate run with: {again}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo(f"stopped; the samples saved so far are kept. Continue with: {again}", err=True)
+        sys.exit(130)
+
+
+COMMANDS += [eval_command, compare, fuse, plot, iterate]
 for _command in COMMANDS:  # when this module was imported before cli.py finished
     main.add_command(_command)

@@ -90,28 +90,12 @@ def encode_prompt(
     """Token ids of a prompt to generate from: rendered with the chat template (`chat_template`,
     as in `--chat-template`, else the tokenizer's own) plus the generation prompt, a string as
     one user turn; without a template (or `use_template=False`) the text itself."""
-    from mlx_dpo.data import resolve_chat_template
+    from mlx_dpo.encoder import Encoder
 
-    template = resolve_chat_template(chat_template)
-    has_template = template is not None or getattr(tokenizer, "has_chat_template", False)
-    if isinstance(prompt, list) or (use_template and has_template):
-        if not has_template:
-            raise DataError(
-                "a message-list prompt needs a chat template and this tokenizer has none; "
-                "pass --chat-template"
-            )
+    enc = Encoder(tokenizer, chat_template)
+    if isinstance(prompt, list) or (use_template and enc.has_template):
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        # Render to text, then encode: `tokenize=True` returns a dict in newer transformers.
-        if template is not None:  # as data.py does: the HF tokenizer under mlx-lm's wrapper
-            hf = getattr(tokenizer, "_tokenizer", tokenizer)
-            text = hf.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False, chat_template=template
-            )
-        else:
-            text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return enc.generation_prompts([messages])[0]
     return list(tokenizer.encode(prompt))
 
 
@@ -165,24 +149,37 @@ def generate_both(
     seed: int = 0,
     on_result=None,
 ) -> list[Comparison]:
-    """Generate from the base (adapters off) and the tuned model for every prompt."""
-    from mlx_lm import generate
+    """Generate from the base (adapters off) and the tuned model for every prompt, with a
+    progress display (answers done, rate, ETA) that also ticks during a long answer."""
+    from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
+    from mlx_dpo.progress import Progress
+
     sampler = make_sampler(temp=temp, top_p=top_p)
+    progress = Progress("generation", 2 * len(prompts), unit="answers")
 
     def one(tokens: list[int]) -> str:
         mx.random.seed(seed)
-        return generate(model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler)
+        text = ""  # as mlx_lm.generate builds it, token by token
+        for response in stream_generate(
+            model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler
+        ):
+            text += response.text
+            progress.update(0)  # redraw (or a line every few seconds) during a long answer
+        progress.update(1)
+        return text
 
     results = []
-    for p in prompts:
-        with adapters_off(model):
-            base = one(p.tokens)
-        result = Comparison(p.text, base, one(p.tokens), p.source, p.chosen, p.rejected)
-        results.append(result)
-        if on_result is not None:
-            on_result(len(results), result)
+    with progress:
+        for p in prompts:
+            with adapters_off(model):
+                base = one(p.tokens)
+            result = Comparison(p.text, base, one(p.tokens), p.source, p.chosen, p.rejected)
+            results.append(result)
+            if on_result is not None:
+                progress.close()  # clear the bar before the caller prints the result
+                on_result(len(results), result)
     return results
 
 

@@ -17,6 +17,10 @@ from typing import Any
 
 import yaml
 
+from mlx_dpo.loss_options import F_DIVERGENCE_TYPES, LOSS_TYPES
+
+TRUNCATION_MODES = ("keep_start", "keep_end")
+REPORT_TO = ("wandb", "tensorboard")  # report.py's sinks
 LOSS_FIELDS = (
     "loss_type",
     "loss_weights",
@@ -53,14 +57,29 @@ class TrainConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of --model.")
     data: str | None = _f(
         None,
-        "Directory, file (.jsonl/.json/.parquet) or Hub dataset id (default: the bundled demo data).",
+        "Directory, file (.jsonl/.json/.parquet, also .jsonl.gz/.json.gz/.jsonl.zst) or Hub dataset id (default: the bundled demo data).",
     )
     data_split: str | None = _f(None, "Split of a Hub dataset to train on (default: train).")
     data_config: str | None = _f(None, "Configuration (subset) of a Hub dataset.")
+    data_dir: str | None = _f(
+        None, "Subfolder of the dataset to read (a Hub dataset's data_dir, e.g. harmless-base)."
+    )
     data_revision: str | None = _f(None, "Hub revision of --data.")
     prompt_field: str = _f("prompt", "Column holding the prompt.")
     chosen_field: str = _f("chosen", "Column holding the preferred completion.")
     rejected_field: str = _f("rejected", "Column holding the dispreferred completion.")
+    skip_invalid_rows: bool = _f(
+        False,
+        "Skip rows with structural errors (malformed JSON, wrong types, missing fields) instead of failing; they are listed in skipped_rows.jsonl of the run. More than half invalid still fails.",
+    )
+    hh_as_messages: bool | None = _f(
+        None,
+        "Parse Anthropic HH transcripts ('Human: ... Assistant: ...' turns) into chat messages so the chat template applies (default: when every row is one); --no-hh-as-messages keeps them as text.",
+    )
+    min_score_margin: float | None = _f(
+        None,
+        "Keep only scored pairs (score_chosen/score_rejected, chosen-rating/rejected-rating) whose chosen score beats the rejected one by at least this.",
+    )
     valid_fraction: float = _f(
         0.05, "Share of train rows held out for validation when the data has no validation split."
     )
@@ -75,7 +94,7 @@ class TrainConfig:
         None, "Longest prompt in tokens (default: no separate limit)."
     )
     truncation_mode: str = _f(
-        "keep_start", "Which end of an over-long row to keep.", choices=("keep_start", "keep_end")
+        "keep_start", "Which end of an over-long row to keep.", choices=TRUNCATION_MODES
     )
     # --- adapters
     adapter_path: str = _f(
@@ -98,6 +117,10 @@ class TrainConfig:
         None,
         "Start from this adapter directory (an SFT adapter, say); it becomes part of the reference.",
     )
+    start_adapter: str | None = _f(
+        None,
+        "Start the policy from this adapter directory's weights; unlike --init-adapter it is not part of the reference (mlx_dpo iterate continues each round from the last).",
+    )
     ref_model: str | None = _f(
         None, "A separate reference model (default: the base model with adapters off)."
     )
@@ -114,7 +137,9 @@ class TrainConfig:
         choices=("auto", "float32", "bfloat16", "float16", "native"),
     )
     # --- loss
-    loss_type: list[str] = _f(["sigmoid"], "Loss type(s); several are summed with --loss-weights.")
+    loss_type: list[str] = _f(
+        ["sigmoid"], "Loss type(s); several are summed with --loss-weights.", choices=LOSS_TYPES
+    )
     loss_weights: list[float] | None = _f(None, "One weight per loss type (default 1.0 each).")
     beta: float = _f(0.1, "Temperature of the implicit reward beta * log(pi/pi_ref).")
     label_smoothing: float = _f(
@@ -124,7 +149,7 @@ class TrainConfig:
     f_divergence_type: str = _f(
         "reverse_kl",
         "f-divergence of the regulariser.",
-        choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
+        choices=F_DIVERGENCE_TYPES,
     )
     f_alpha_divergence_coef: float = _f(0.5, "Alpha of the alpha divergence.")
     discopop_tau: float = _f(0.05, "Temperature of the discopop loss.")
@@ -179,7 +204,7 @@ class TrainConfig:
     reference_cache: bool = _f(
         True, "Cache reference log-probs on disk and reuse them across runs."
     )
-    report_to: list[str] = _f([], "Extra metric sinks: wandb, tensorboard.")
+    report_to: list[str] = _f([], "Extra metric sinks: wandb, tensorboard.", choices=REPORT_TO)
     demo_summary: bool = _f(True, "After a run on the demo model, print the before/after summary.")
 
     def __post_init__(self) -> None:
@@ -213,12 +238,13 @@ class TrainConfig:
                 f"loss_weights has {len(self.loss_weights)} values but loss_type has "
                 f"{len(self.loss_type)} ({', '.join(self.loss_type)}); give one weight per loss type"
             )
-        for name in fields_with_choices():
+        for name in fields_with_choices():  # the one place choices are checked
             value, choices = getattr(self, name), _choices(name)
-            if value is not None and value not in choices:
-                raise ConfigError(
-                    f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}"
-                )
+            for item in value if isinstance(value, list) else [value]:
+                if item is not None and item not in choices:
+                    raise ConfigError(
+                        f"{name} must be one of {', '.join(map(str, choices))}; got {item!r}"
+                    )
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         for name in ("max_grad_norm", "weight_decay", "warmup_steps", "steps_per_eval"):
@@ -229,9 +255,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.val_batches == 0 or self.val_batches < -1:
             raise ConfigError(f"val_batches must be -1 (all) or >= 1, got {self.val_batches}")
+        if self.init_adapter and self.start_adapter:
+            raise ConfigError(
+                "give init_adapter (part of the reference) or start_adapter (not), not both"
+            )
         if self.allow_changes and not self.resume:
             raise ConfigError("allow_changes only applies with resume (--resume --allow-changes)")
-        from mlx_dpo.losses import check_loss_options  # the loss module owns its option rules
+        from mlx_dpo.loss_options import check_loss_options  # MLX-free: checked before MLX loads
 
         try:
             check_loss_options(**self.loss_kwargs())
@@ -246,12 +276,14 @@ class TrainConfig:
     def data_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `data.load_splits` (how rows are found and read)."""
         names = ("prompt_field", "chosen_field", "rejected_field", "valid_fraction", "seed")
-        names += ("data_split", "data_config", "data_revision")
+        names += ("data_split", "data_config", "data_dir", "data_revision")
+        names += ("skip_invalid_rows", "hh_as_messages", "min_score_margin")
         return {name: getattr(self, name) for name in names}
 
     def tokenize_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `data.tokenize_rows`."""
         names = ("max_length", "max_prompt_length", "truncation_mode", "chat_template")
+        names += ("skip_invalid_rows",)
         return {name: getattr(self, name) for name in names}
 
     def model_kwargs(self) -> dict[str, Any]:

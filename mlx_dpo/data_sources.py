@@ -1,409 +1,193 @@
-"""Reading preference rows: local files and directories, and Hugging Face datasets.
+"""Reading preference rows: local files and directories, and Hugging Face Hub datasets.
 
-`load_splits` turns `--data` into normalized rows, one dict per pair:
-`{"prompt": str | list[msg], "chosen": ..., "rejected": ..., "source": "file:line"}`.
-Every row is checked and every problem is collected before one `DataError` is raised, so a
-user fixes a whole file in one go. Tokenization lives in `mlx_dpo.data`.
+`load_splits` turns `--data` into `Splits`: normalized rows per split (see `mlx_dpo.formats`
+for the row formats and how each is detected), plus which formats were seen and which rows
+were skipped and why. Tokenization lives in `mlx_dpo.data`.
 
 Where rows come from (`data`):
-- a file: `.jsonl` (one JSON object a line), `.json` (an array of objects, or JSON Lines),
-  `.parquet`. It is the train split.
+- a file: `.jsonl`, `.json` (an array of objects, or JSON Lines), `.parquet`, and `.jsonl`/
+  `.json` compressed (`.gz`, `.bz2`, `.xz`, `.zst`). It is the train split.
 - a directory: split files found by Hugging Face conventions (`find_split_files`).
-- a Hugging Face dataset id `org/name`: a snapshot in the local HF cache, downloaded first
-  unless `HF_HUB_OFFLINE=1`, then read like a directory.
+- a Hugging Face dataset id `org/name`: loaded with `datasets.load_dataset` (its cache,
+  `HF_HUB_OFFLINE`, revisions, configs, `data_dir`, README `configs:` metadata), then checked
+  row by row with the Hub row index as the location (`org/name[train_prefs]:row 17`).
 
-Row formats (TRL naming): standard (three strings), conversational (lists of
-`{"role", "content"}` messages), implicit prompt (no prompt: it is the longest common
-prefix of chosen and rejected). Extra fields are ignored.
+Rows that cannot be used are handled in two ways. Structural problems (malformed JSON, not
+UTF-8, wrong types, missing fields) fail the load with every problem listed (the first
+MAX_SHOWN, then the true count of the rest), unless `skip_invalid_rows`: then they are
+skipped, but more than half of the rows invalid still fails (a wrong mapping, not dirty
+data). Rows without a preference signal (both answers empty, chosen == rejected, a score
+margin under `min_score_margin`) are always skipped and counted.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-MAX_SHOWN = 10  # problems listed per file before "... and N more"
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-SPLIT_KEYWORDS = {
-    "train": ("train", "training"),
-    "valid": ("valid", "validation", "val", "dev"),
-    "test": ("test", "testing"),
-}
-FORMATS = (
-    "rows need prompt/chosen/rejected as strings or as lists of {role, content} messages "
-    "(see 'Data formats' in the README)"
+from mlx_dpo.data_files import (
+    DATA_SUFFIXES,
+    SPLIT_KEYWORDS,
+    DataError,
+    find_split_files,
+    match_splits,
+    read_records,
+    split_keywords,
 )
-FIELD_FLAGS = ("prompt-field", "chosen-field", "rejected-field")
+from mlx_dpo.formats import FORMAT_NAMES, Problem, common_prefix_length, detect, normalize_row
+
+__all__ = ["DataError", "Splits", "capped", "common_prefix_length", "load_splits"]
+
+MAX_SHOWN = 10  # problems listed before "... and N more"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_SHARD_SUFFIX = re.compile(r"[-_.]?\d+(-of-\d+)?$")  # train-00000-of-00002, train_3
 
 
-class DataError(ValueError):
-    """Unusable data. `str()` is one line per problem, each naming the file and line or row,
-    what is wrong and what to do. The CLI prints it and exits with status 2."""
-
-    def __init__(self, problems: str | list[str]):
-        lines = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(lines))
-
-
-def capped(problems: list[str], where: str) -> list[str]:
-    """The first MAX_SHOWN problems, then one line counting the rest."""
-    if len(problems) <= MAX_SHOWN:
-        return problems
-    return problems[:MAX_SHOWN] + [f"... and {len(problems) - MAX_SHOWN} more problems in {where}"]
+def capped(problems: list, where: str, hint: str = "", shown: int = MAX_SHOWN) -> list[str]:
+    """The first `shown` problems, then one line with the true count of the rest; `hint` goes
+    on that last line (or its own), so the whole is at most `shown` + 1 lines."""
+    lines = [str(p) for p in problems]
+    if len(lines) > shown:
+        lines = lines[:shown] + [f"... and {len(lines) - shown} more problems in {where}"]
+    if hint and len(lines) > shown:
+        lines[-1] += f" {hint}"
+    elif hint:
+        lines.append(hint)
+    return lines
 
 
-# ---------------------------------------------------------------------------------------------
-# Files -> raw records
+class Splits(dict):
+    """`{split: rows}`, with what was learned reading them: `formats` (rows per detected
+    format), `hh_messages` (HH transcripts parsed into messages), `skipped` (a `Problem` per
+    row left out)."""
+
+    def __init__(self, rows=(), *, formats=None, hh_messages=False, skipped=None):
+        super().__init__(rows)
+        self.formats: Counter = formats or Counter()
+        self.hh_messages = hh_messages
+        self.skipped: list[Problem] = skipped or []
+
+    def format_line(self) -> str:
+        """The detected format(s), most rows first."""
+        parts = []
+        for fmt, n in self.formats.most_common():
+            name = FORMAT_NAMES.get(fmt, fmt)
+            if fmt == "hh":
+                name += " as chat messages" if self.hh_messages else " as plain text"
+            parts.append(f"{name} ({n} rows)")
+        return "format: " + ("; ".join(parts) or "no rows")
 
 
-def read_records(path: Path, name: str) -> tuple[list[tuple[str, Any]], list[str]]:
-    """Raw records of one file as `(source, record)`, and the file's problems (capped).
-
-    `name` is how the file is shown in sources and messages (the path the user gave).
-    """
-    suffix = path.suffix.lower()
-    if suffix not in (*DATA_SUFFIXES, ""):
-        return [], [f"{name}: unsupported file type '{suffix}'; use .jsonl, .json or .parquet"]
-    if suffix == ".parquet":
-        records, problems = _read_parquet(path, name)
-    else:
-        text, problem = _read_text(path, name)
-        if problem:
-            return [], [problem]
-        records, problems = _parse_json_text(text, name, suffix)
-    if not records and not problems:
-        problems = [f"{name}: the file has no rows; {FORMATS}"]
-    return records, capped(problems, name)
-
-
-def _read_text(path: Path, name: str) -> tuple[str, str | None]:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig"), None  # -sig: tolerate a byte-order mark
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        return "", (
-            f"{name}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); "
-            "re-save the file as UTF-8"
-        )
-
-
-def _parse_json_text(text: str, name: str, suffix: str) -> tuple[list, list[str]]:
-    if not text.strip():
-        return [], [f"{name}: the file is empty; {FORMATS}"]
-    if suffix == ".json":
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            if text.lstrip().startswith("["):
-                return [], [f"{name}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})"]
-        else:
-            rows = doc if isinstance(doc, list) else [doc]
-            return [(f"{name}:row {i}", rec) for i, rec in enumerate(rows)], []
-    # JSON Lines, also in a `.json` file that is not one document (as `datasets` accepts).
-    # Split on "\n" only: str.splitlines() would also split inside strings at U+2028 etc.
-    records, problems = [], []
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{name}:{lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            problems.append(
-                f"{name}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
-                "each line must be one complete JSON object"
-            )
-    return records, problems
-
-
-def _read_parquet(path: Path, name: str) -> tuple[list, list[str]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except (pa.ArrowException, OSError) as e:
-        return [], [f"{name}: not a readable Parquet file ({e})"]
-    return [(f"{name}:row {i}", rec) for i, rec in enumerate(rows)], []
-
-
-# ---------------------------------------------------------------------------------------------
-# Records -> normalized rows
-
-
-def normalize_row(
-    record: Any, source: str, fields: tuple[str, str, str]
-) -> tuple[dict | None, str | None]:
-    """One checked row `{"prompt", "chosen", "rejected", "source"}`, or one problem line."""
-    prompt_field, chosen_field, rejected_field = fields
-    if not isinstance(record, dict):
-        kind = type(record).__name__
-        return None, f"{source}: expected an object with {'/'.join(fields)}, got a JSON {kind}"
-    wanted = [chosen_field, rejected_field]
-    if record.get(prompt_field) is not None:  # absent or null: an implicit prompt
-        wanted.insert(0, prompt_field)
-    missing = [f for f in wanted if record.get(f) is None]
-    problems = [p for p in (_check_value(record[f], f) for f in wanted if f not in missing) if p]
-    if missing:
-        flags = "/".join(f"--{FIELD_FLAGS[fields.index(f)]}" for f in missing)
-        keys = ", ".join(map(str, record)) or "none"
-        names = ", ".join(f"'{f}'" for f in missing)
-        problems.insert(
-            0,
-            f"missing field{'s' * (len(missing) > 1)} {names} (fields present: {keys}; map yours with {flags})",
-        )
-    if problems:
-        return None, f"{source}: " + "; ".join(problems)
-    prompt = _messages(record.get(prompt_field))
-    chosen, rejected = _messages(record[chosen_field]), _messages(record[rejected_field])
-    if isinstance(chosen, str) != isinstance(rejected, str):
-        return None, (
-            f"{source}: '{chosen_field}' and '{rejected_field}' must both be strings or both be "
-            "lists of messages"
-        )
-    if isinstance(prompt, list) and isinstance(chosen, str):
-        # A chat prompt with plain-text answers: the answers are the assistant's turn.
-        chosen, rejected = _as_turn(chosen), _as_turn(rejected)
-    if isinstance(prompt, str) and isinstance(chosen, list):
-        # A text prompt beside conversations. UltraFeedback-style rows repeat it inside them
-        # (TRL's maybe_extract_prompt then infers the prompt); otherwise it is the user's turn.
-        shared = common_prefix_length(chosen, rejected) > 0
-        prompt = None if shared else [{"role": "user", "content": prompt}]
-    if prompt is None:
-        split = split_implicit_prompt(chosen, rejected)
-        if isinstance(split, str):
-            return None, f"{source}: {split}"
-        prompt, chosen, rejected = split
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source}, None
-
-
-def _check_value(value: Any, field: str) -> str | None:
-    if isinstance(value, str):
-        return f"field '{field}' is empty" if not value.strip() else None
-    if not isinstance(value, list):
-        return (
-            f"field '{field}' must be a string or a list of {{role, content}} messages, "
-            f"got {type(value).__name__}"
-        )
-    if not value:
-        return f"field '{field}' is an empty list of messages"
-    for i, message in enumerate(value):
-        problem = _check_message(message)
-        if problem:
-            return f"field '{field}' message {i}: {problem}"
-    return None
-
-
-def _check_message(message: Any) -> str | None:
-    if not isinstance(message, dict):
-        return f"expected a {{role, content}} object, got {type(message).__name__}"
-    if "from" in message and "value" in message and "role" not in message:
-        return "has ShareGPT keys from/value; rename them to role/content (human->user, gpt->assistant)"
-    for key in ("role", "content"):
-        if message.get(key) is None:
-            return f"has no '{key}'"
-        if not isinstance(message[key], str):
-            return f"'{key}' must be a string, got {type(message[key]).__name__}"
-    return None
-
-
-def _messages(value: Any) -> Any:
-    # Parquet structs come back with every key, absent ones as None: drop those.
-    if isinstance(value, list):
-        return [{k: v for k, v in m.items() if v is not None} for m in value]
-    return value
-
-
-def _as_turn(text: str) -> list[dict]:
-    return [{"role": "assistant", "content": text}]
-
-
-def common_prefix_length(a: list | str, b: list | str) -> int:
-    """Number of leading items (tokens, messages or characters) `a` and `b` share."""
-    n, limit = 0, min(len(a), len(b))
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def split_implicit_prompt(chosen, rejected):
-    """(prompt, chosen, rejected) from two strings or two conversations, or a problem string.
-
-    The prompt is the longest common prefix (of messages, or of characters); as in TRL's
-    extract_prompt, a space right before the split stays with the completions.
-    """
-    n = common_prefix_length(chosen, rejected)
-    if isinstance(chosen, str) and 0 < n < len(chosen) and chosen[n - 1] == " ":
-        n -= 1
-    what = "text" if isinstance(chosen, str) else "messages"
-    if n == 0:
-        return (
-            f"no prompt field and chosen/rejected share no leading {what}, so the prompt cannot "
-            "be inferred; add a 'prompt' field"
-        )
-    if n == len(chosen) or n == len(rejected):
-        return "no prompt field and one of chosen/rejected is a prefix of the other: empty answer"
-    return chosen[:n], chosen[n:], rejected[n:]
-
-
-# ---------------------------------------------------------------------------------------------
-# Directories and the Hub -> split files
-
-
-def split_keywords(data_split: str | None, wanted: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """File-name keywords for each split. `data_split` is "NAME" (the train split's name, as
-    "train_prefs") or "train=NAME,valid=NAME,test=NAME"."""
-    named = {}
-    for item in filter(None, (data_split or "").split(",")):
-        ours, _, theirs = item.rpartition("=")
-        ours = ours.strip() or "train"
-        if ours not in SPLIT_KEYWORDS:
-            raise DataError(
-                f"--data-split {data_split!r}: unknown split '{ours}'; use NAME or "
-                "train=NAME,valid=NAME,test=NAME"
-            )
-        named[ours] = (theirs.strip(),)
-    # Named splits first: the files they claim are not matched again by default keywords.
-    return named | {s: SPLIT_KEYWORDS.get(s, (s,)) for s in wanted if s not in named}
-
-
-def _split_tier(rel: Path, keyword: str) -> int | None:
-    """How well a file matches a split keyword: 0 named after it (train.jsonl,
-    train-00000-of-00001.parquet), 1 inside a folder named after it, 2 keyword in the name."""
-    stem = rel.name.split(".")[0].lower()
-    if _SHARD_SUFFIX.sub("", stem) == keyword:
-        return 0
-    if keyword in (p.lower() for p in rel.parts[:-1]):
-        return 1
-    if re.search(rf"(^|[-._ \d]){re.escape(keyword)}($|[-._ \d])", stem):
-        return 2
-    return None
-
-
-def _group(rel: Path, keyword: str, tier: int) -> tuple:
-    # Files of one split: shards of one name in one folder, or everything under the split folder.
-    if tier == 1:
-        parts = [p.lower() for p in rel.parts]
-        return tuple(parts[: parts.index(keyword) + 1])
-    return (rel.parent, _SHARD_SUFFIX.sub("", rel.name.split(".")[0].lower()))
-
-
-def find_split_files(
-    root: Path, keywords: dict[str, tuple[str, ...]], config: str | None, name: str
-) -> dict[str, list[Path]]:
-    """The data files of each split under `root` (relative paths), by Hugging Face naming
-    conventions: `train.jsonl`, `data/train-00000-of-00001.parquet`, `train/…`, `x_train.json`."""
-    files = sorted(
-        f.relative_to(root)
-        for f in root.rglob("*")
-        if f.is_file()
-        and f.name.lower().endswith(DATA_SUFFIXES)
-        and not any(p.startswith(".") for p in f.relative_to(root).parts)
+def skip_counts(skipped: list[Problem]) -> str:
+    """Skipped rows counted per reason: "3 missing field, 1 both answers empty"."""
+    return ", ".join(
+        f"{n} {reason}" for reason, n in Counter(p.reason for p in skipped).most_common()
     )
-    if config:
-        configs = sorted({f.parts[0] for f in files if len(f.parts) > 1})
-        files = [f for f in files if config in f.parts[:-1]]
-        if not files:
-            raise DataError(
-                f"{name}: no data files for config '{config}'; configs found: "
-                f"{', '.join(configs) or 'none'}"
-            )
-    found: dict[str, list[Path]] = {}
-    for split, words in keywords.items():
-        claimed = {f for fs in found.values() for f in fs}
-        for tier in range(3):
-            hits = {
-                (f, w)
-                for f in files
-                for w in words
-                if f not in claimed and _split_tier(f, w) == tier
-            }
-            if hits:
-                groups = {_group(f, w, tier) for f, w in hits}
-                if len(groups) > 1:
-                    listed = ", ".join(sorted(str(f) for f, _ in hits)[:6])
-                    raise DataError(
-                        f"{name}: several file sets match split '{split}' ({listed}); pick one "
-                        "with --data-split NAME or --data-config CONFIG"
-                    )
-                found[split] = sorted({f for f, _ in hits})
-                break
-    if not found and files and "train" in keywords:
-        found["train"] = files  # no split names at all: everything is train
-    return found
 
 
-def _hf_cache_dir() -> str | None:
-    # Read at call time: huggingface_hub reads its environment only once, at import.
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return None
+def write_skipped(path: str | Path, skipped: list[Problem]) -> Path:
+    """Every skipped row's source, reason and message, one JSON object a line."""
+    path = Path(path)
+    with open(path, "w", encoding="utf-8") as f:
+        for p in skipped:
+            row = {"source": p.source, "reason": p.reason, "problem": p.message}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
 
 
-def download_dataset(repo_id: str, revision: str | None) -> Path:
-    """The local snapshot of a Hub dataset (data files only), downloaded unless offline."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+# ---------------------------------------------------------------------------------------------
+# Hub datasets through `datasets`
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    offline = offline or bool(constants.HF_HUB_OFFLINE)
+
+def load_hub_records(
+    repo_id: str,
+    keywords: dict[str, tuple[str, ...]],
+    *,
+    config: str | None,
+    data_dir: str | None,
+    revision: str | None,
+) -> dict[str, list[tuple[str, Any]]]:
+    """`{split: [(source, record)]}` of a Hub dataset, loaded with `datasets.load_dataset`."""
+    try:
+        import datasets  # imported here: ~1 s that commands without Hub data do not pay
+    except ImportError:
+        raise DataError(
+            f"{repo_id}: reading Hub datasets needs the `datasets` package (pip install datasets)"
+        ) from None
     at = f" at revision {revision}" if revision else ""
     try:
-        path = snapshot_download(
-            repo_id,
-            repo_type="dataset",
-            revision=revision,
-            cache_dir=_hf_cache_dir(),
-            local_files_only=offline,
-            allow_patterns=[f"*{s}" for s in DATA_SUFFIXES],
-        )
-    except LocalEntryNotFoundError:
-        why = "downloads are off (HF_HUB_OFFLINE=1)" if offline else "the Hub could not be reached"
+        loaded = datasets.load_dataset(repo_id, name=config, data_dir=data_dir, revision=revision)
+    except (ConnectionError, FileNotFoundError) as e:
+        offline = datasets.config.HF_HUB_OFFLINE
+        why = "downloads are off (HF_HUB_OFFLINE=1)" if offline else _first_line(e)
         raise DataError(
-            f"{repo_id}: no such local path, and dataset{at} is not in the local Hugging Face "
-            f"cache and {why}; fetch it once with network access "
-            f"(`hf download {repo_id} --repo-type dataset`) or pass a local path"
+            f"{repo_id}: no such local path, and dataset{at} could not be loaded: it is not in "
+            f"the local `datasets` cache and {why}; load it once with network access, check the "
+            "id, log in (`hf auth login`) if it is gated, or pass a local path"
         ) from None
-    except HfHubHTTPError as e:
-        raise DataError(
-            f"{repo_id}: no such local path, and the Hugging Face Hub did not give dataset{at} "
-            f"({str(e).splitlines()[0]}); check the id, or log in (`hf auth login`) if it is gated"
-        ) from None
-    return Path(path)
+    except ValueError as e:  # unknown config, bad data_dir, ...
+        raise DataError(f"{repo_id}: {_first_line(e)}") from None
+    names = [Path(n) for n in loaded]
+    found = match_splits(names, keywords, repo_id, kind="splits")
+    if not found and len(names) == 1 and "train" in keywords:
+        found["train"] = names  # a dataset with one split of another name
+    out = {}
+    for split, matched in found.items():
+        (name,) = matched[:1]
+        rows = loaded[str(name)].to_list()
+        out[split] = [(f"{repo_id}[{name}]:row {i}", r) for i, r in enumerate(rows)]
+    return out
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # ---------------------------------------------------------------------------------------------
 # load_splits
 
 
-def resolve_data(
-    data: str, keywords: dict[str, tuple[str, ...]], config: str | None, revision: str | None
-) -> tuple[dict[str, list[tuple[Path, str]]], str | None]:
-    """`(path, display name)` of each split's files, and the Hub id when `data` is one."""
+def read_split_records(
+    data: str,
+    keywords: dict[str, tuple[str, ...]],
+    *,
+    config: str | None,
+    data_dir: str | None,
+    revision: str | None,
+) -> tuple[dict[str, list[tuple[str, Any]]], list[Problem]]:
+    """Raw `(source, record)`s of each split found in `data`, and the read problems."""
     path = Path(data).expanduser()
     if path.is_file():
-        return {"train": [(path, data)]}, None
-    if path.is_dir():
-        found = find_split_files(path, keywords, config, data)
-        return {s: [(path / f, str(Path(data) / f)) for f in fs] for s, fs in found.items()}, None
-    if _HUB_ID.match(data) and not data.lower().endswith(DATA_SUFFIXES):
-        root = download_dataset(data, revision)
+        files = {"train": [(path, data)]}
+    elif path.is_dir():
+        root = path / data_dir if data_dir else path
         found = find_split_files(root, keywords, config, data)
-        return {s: [(root / f, f"{data}/{f}") for f in fs] for s, fs in found.items()}, data
-    raise DataError(
-        f"{data}: no such file or directory; --data takes a directory with train.jsonl/"
-        "valid.jsonl, a .jsonl/.json/.parquet file, or a Hugging Face dataset id (org/name)"
-    )
+        files = {
+            s: [(root / f, str(Path(data) / (data_dir or "") / f)) for f in fs]
+            for s, fs in found.items()
+        }
+    elif _HUB_ID.match(data) and not data.lower().endswith(DATA_SUFFIXES):
+        return load_hub_records(
+            data, keywords, config=config, data_dir=data_dir, revision=revision
+        ), []
+    else:
+        raise DataError(
+            f"{data}: no such file or directory; --data takes a directory with train.jsonl/"
+            "valid.jsonl, a .jsonl/.json/.parquet file (or .jsonl.gz, .json.gz, .jsonl.zst), "
+            "or a Hugging Face dataset id (org/name)"
+        )
+    records, problems = {}, []
+    for split, split_files in files.items():
+        records[split] = []
+        for file, name in split_files:
+            file_records, file_problems = read_records(file, name)
+            records[split] += file_records
+            problems += file_problems
+    return records, problems
 
 
 def load_splits(
@@ -417,59 +201,96 @@ def load_splits(
     seed: int = 0,
     data_split: str | None = None,
     data_config: str | None = None,
+    data_dir: str | None = None,
     data_revision: str | None = None,
-) -> dict[str, list[dict]]:
-    """Read and check the rows of each split found in `data`.
+    skip_invalid_rows: bool = False,
+    hh_as_messages: bool | None = None,
+    min_score_margin: float | None = None,
+) -> Splits:
+    """Read and check the rows of each split found in `data` (see the module docstring).
 
-    Returns `{split: rows}` for the requested splits that exist. When "valid" is requested
-    but absent and `valid_fraction > 0`, it is carved from train by a permutation seeded
-    with `seed` (the same rows every run). Raises `DataError` listing every bad row.
+    Returns `Splits` for the requested splits that exist. When "valid" is requested but
+    absent and `valid_fraction > 0`, it is carved from train by a permutation seeded with
+    `seed` (the same rows every run). `hh_as_messages`: parse Anthropic HH transcripts into
+    chat messages (None: when every row is one). Raises `DataError` listing the bad rows.
     """
     data = str(data)
     keywords = split_keywords(data_split, tuple(splits))
-    files, hub_id = resolve_data(data, keywords, data_config, data_revision)
+    records, problems = read_split_records(
+        data, keywords, config=data_config, data_dir=data_dir, revision=data_revision
+    )
     for split, words in keywords.items():
         named = words != SPLIT_KEYWORDS.get(split)  # given with --data-split: must exist
-        if split in splits and split not in files and (split == "train" or named):
+        if split in splits and split not in records and (split == "train" or named):
             raise DataError(
                 f"{data}: no files for the {split} split; looked for {words[0]}.jsonl (or .json/"
                 f".parquet), data/{words[0]}-*.parquet, a {words[0]}/ folder or a file name "
                 f"containing '{words[0]}' (name it with --data-split)"
             )
+    n_unparsed = sum(p.reason != "unreadable file" for p in problems)
     fields = (prompt_field, chosen_field, rejected_field)
-    rows, problems = {}, []
-    for split in (s for s in splits if s in files):
-        rows[split], split_problems = _read_split(
-            files[split], fields, hub_id and f"{hub_id}[{split}]"
-        )
-        problems += split_problems
-    if problems:
-        raise DataError(problems)
-    if "valid" in splits and "valid" not in rows and valid_fraction > 0 and "train" in rows:
-        train, valid = carve_valid(rows["train"], valid_fraction, seed)
-        if valid:
-            rows["train"], rows["valid"] = train, valid
-    return rows
-
-
-def _read_split(
-    files: list[tuple[Path, str]], fields: tuple[str, str, str], hub_split: str | None
-) -> tuple[list[dict], list[str]]:
-    rows, problems, n_records = [], [], 0
-    for path, name in files:
-        records, file_problems = read_records(path, name)
-        if hub_split:  # rows of a Hub split are counted across its shards, like `datasets`
-            records = [(f"{hub_split}:row {n_records + i}", r) for i, (_, r) in enumerate(records)]
-        n_records += len(records)
-        bad = []
-        for source, record in records:
-            row, problem = normalize_row(record, source, fields)
+    wanted = {s: records[s] for s in splits if s in records}
+    formats = Counter(detect(r, fields) for rs in wanted.values() for _, r in rs)
+    if hh_as_messages is None:  # auto: only when the whole dataset is HH transcripts
+        hh_as_messages = bool(formats) and set(formats) == {"hh"}
+    out = Splits(formats=formats, hh_messages=hh_as_messages)
+    for split, split_records in wanted.items():
+        out[split] = []
+        for source, record in split_records:
+            row, problem = normalize_row(record, source, fields, hh_messages=hh_as_messages)
             if problem:
-                bad.append(problem)
+                problems.append(problem)
             else:
-                rows.append(row)
-        problems += file_problems + capped(bad, name)
-    return rows, problems
+                out[split].append(row)
+    problems += _filter_margin(out, min_score_margin)
+    # every row: the records read, and the lines that could not be read as one
+    n_records = sum(len(r) for r in wanted.values()) + n_unparsed
+    _raise_on_invalid(problems, n_records, skip_invalid_rows, data)
+    out.skipped = [p for p in problems if p.reason != "unreadable file"]
+    if "valid" in splits and "valid" not in out and valid_fraction > 0 and "train" in out:
+        train, valid = carve_valid(out["train"], valid_fraction, seed)
+        if valid:
+            out["train"], out["valid"] = train, valid
+    return out
+
+
+def _filter_margin(out: Splits, min_score_margin: float | None) -> list[Problem]:
+    if min_score_margin is None:
+        return []
+    rows = [r for rs in out.values() for r in rs]
+    if rows and not any("margin" in r for r in rows):
+        raise DataError(
+            "--min-score-margin: the rows have no scores (score_chosen/score_rejected or "
+            "chosen-rating/rejected-rating)"
+        )
+    skipped = []
+    for split, split_rows in out.items():
+        keep = []
+        for row in split_rows:
+            margin = row.get("margin")
+            if margin is not None and margin >= min_score_margin:
+                keep.append(row)
+                continue
+            why = (
+                "no scores" if margin is None else f"score margin {margin:g} < {min_score_margin:g}"
+            )
+            skipped.append(Problem(row["source"], "score margin below minimum", why, False))
+        out[split] = keep
+    return skipped
+
+
+def _raise_on_invalid(problems: list[Problem], n_records: int, skip: bool, data: str) -> None:
+    fatal = [p for p in problems if p.reason == "unreadable file"]
+    invalid = [p for p in problems if p.structural and p.reason != "unreadable file"]
+    if fatal or (invalid and not skip):
+        hint = "" if fatal or not invalid else "(or pass --skip-invalid-rows to skip invalid rows)"
+        raise DataError(capped(fatal + invalid, data, hint))
+    if invalid and 2 * len(invalid) > n_records:
+        head = (
+            f"{data}: {len(invalid)} of {n_records} rows are invalid ({skip_counts(invalid)}); "
+            "with more than half invalid the field mapping or format is wrong, not the data"
+        )
+        raise DataError([head, *capped(invalid, data, shown=MAX_SHOWN - 1)])
 
 
 def carve_valid(train: list, fraction: float, seed: int) -> tuple[list, list]:

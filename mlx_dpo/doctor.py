@@ -53,11 +53,17 @@ def report() -> str:
     lines.append(f"mlx-lm {mlx_lm.__version__}")
     if sys.platform.startswith("linux"):
         lines.append(f"blas: {state.reason}")
+        if state.kind == "mkl":
+            layer = os.environ.get("MKL_THREADING_LAYER", "?")
+            lines.append(
+                f"blas: MKL threading {layer}; a system OpenBLAS is used instead when present, "
+                "often faster on AMD CPUs (docs/linux-cpu.md)"
+            )
         lines.append(f"cpu fp32 matmul 512^3: {_matmul_gflops():.0f} GFLOP/s")
     lines.append(f"cpu exp kernels: {cpu_kernels.describe()}")
     lines.append(
         f"huggingface-hub {huggingface_hub.__version__}, cache {huggingface_hub.constants.HF_HUB_CACHE}"
     )
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE  # the library's own reading of the variable
     lines.append(f"hub offline mode: {'on' if offline else 'off'} (HF_HUB_OFFLINE)")
     return "\n".join(lines)

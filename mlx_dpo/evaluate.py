@@ -1,7 +1,7 @@
 """Evaluate adapters on a data split with the training code's numbers.
 
 `evaluate_adapters(cfg, adapter_path)` scores every pair of one split twice, both through
-`reference.compute` (the trainer's forward and completion-only log-probs):
+`reference.pair_logps` (the trainer's forward and completion-only log-probs):
 - reference: the base with no adapters (plus the run's `--init-adapter`, or its `--ref-model`),
   reused from the reference cache that training filled when the model, data and tokenization
   are the same;
@@ -27,6 +27,8 @@ from mlx_dpo import data, reference
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
 from mlx_dpo.losses import METRIC_KEYS
+from mlx_dpo.rundir import RunDir
+from mlx_dpo.saved_config import config_for, read_adapter_config  # noqa: F401 (re-exported)
 
 SPLITS = ("valid", "test", "train")  # the default order: the first that has pairs
 SCORE_FIELDS = (
@@ -50,46 +52,13 @@ class EvalResult:
     scores: list[dict] = field(repr=False)  # one dict of SCORE_FIELDS per pair, in data order
 
 
-def read_adapter_config(adapter_path: str | Path) -> dict:
-    path = Path(adapter_path)
-    if not path.is_dir():
-        raise model_lib.ModelError(f"--adapter-path {path}: no such directory")
-    file = path / "adapter_config.json"
-    if not file.is_file():
-        raise model_lib.ModelError(
-            f"{path}: not an adapter directory (needs adapter_config.json and adapters.safetensors)"
-        )
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise model_lib.ModelError(f"{file}: unreadable ({e})") from None
-    if not isinstance(config, dict):
-        raise model_lib.ModelError(f"{file}: expected a JSON object")
-    return config
-
-
-def config_for(adapter_path: str | Path | None, overrides: dict) -> TrainConfig:
-    """TrainConfig defaults < the settings saved in `adapter_path`/adapter_config.json <
-    `overrides` (None values are ignored). An adapter trained by mlx-lm (not mlx_dpo) only
-    contributes its `model`."""
-    saved = read_adapter_config(adapter_path) if adapter_path is not None else {}
-    known = {f for f in TrainConfig.__dataclass_fields__}
-    if "loss_type" in saved:  # ours: the full, once-validated TrainConfig of the run
-        values = {k: v for k, v in saved.items() if k in known}
-    else:
-        values = {"model": saved["model"]} if isinstance(saved.get("model"), str) else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values.update(resume=False, allow_changes=False, adapter_path=str(adapter_path or "adapters"))
-    source = f"{adapter_path}/adapter_config.json" if adapter_path else "flags"
-    return TrainConfig.from_dict(values, source=source)
-
-
 def load_eval_pairs(
     cfg: TrainConfig, tokenizer, split: str | None = None, log=print
 ) -> tuple[str, list]:
     """(split name, tokenized pairs) of `split`, or of the first of valid, test, train that has
-    pairs. "valid" is carved from train exactly as training carved it (same fraction and seed)
-    when the data has no validation file, so it is the run's held-out set."""
+    pairs. For the run's own data, "valid" is carved from train exactly as training carved it
+    (same fraction and seed) when the data has no validation file, so it is the run's held-out
+    set; data given to `eval --data` has valid_fraction 0 (`config_for`): every row is scored."""
     if cfg.data is None:
         raise ConfigError("--data is required (the adapter's config names no data)")
     kwargs = cfg.data_kwargs()
@@ -104,7 +73,9 @@ def load_eval_pairs(
         raise data.DataError(
             f"{cfg.data}: no {split or 'valid, test or train'} split; found: {found}"
         )
-    if split is None and name == "train":
+    if split is None and name == "train" and cfg.valid_fraction == 0:
+        log(f"{cfg.data}: evaluating every row")
+    elif split is None and name == "train":
         log(f"{cfg.data}: no held-out split; evaluating on the training rows")
     pairs, stats = data.tokenize_rows(rows[name], tokenizer, **cfg.tokenize_kwargs())
     log(f"{name}: {stats}")
@@ -156,25 +127,6 @@ def score(
     return metrics, scores
 
 
-def reference_logps(cfg: TrainConfig, loaded, pairs: list, log=print):
-    """The run's reference log-probs of `pairs`: through the same on-disk cache as training."""
-    from mlx_dpo.run import model_identity
-
-    net = loaded.model
-    if cfg.ref_model:
-        net = model_lib.load(cfg.ref_model, compute_dtype=cfg.compute_dtype).model
-    chosen, rejected, hit = reference.cached_compute(
-        net,
-        pairs,
-        model_identity(cfg, loaded),
-        batch_size=2 * cfg.batch_size,
-        use_cache=cfg.reference_cache,
-        log=log,
-    )
-    log(f"reference log-probs: {'reused from cache' if hit else 'computed'}")
-    return chosen, rejected
-
-
 def evaluate_adapters(
     cfg: TrainConfig,
     adapter_path: str | Path | None,
@@ -193,14 +145,18 @@ def evaluate_adapters(
         read_adapter_config(adapter_path)  # a clear error before the reference pass
     if cfg.init_adapter:  # part of the run's reference; the run trained it further
         model_lib.load_adapter_dir(loaded.model, cfg.init_adapter)
-    refs = reference_logps(cfg, loaded, pairs, log)
+    refs = reference.for_run(cfg, loaded, {name: pairs}, log=log)[name]
     if adapter_path is not None:
         _load_adapters(loaded.model, Path(adapter_path), cfg)
     if adapter_path is None and not cfg.ref_model and not cfg.init_adapter:
         policy = refs  # the policy is the reference
     else:
-        policy = reference.compute(
-            loaded.model, pairs, batch_size=2 * cfg.batch_size, ld_alpha=cfg.ld_alpha
+        policy = reference.pair_logps(
+            loaded.model,
+            pairs,
+            batch_size=2 * cfg.batch_size,
+            ld_alpha=cfg.ld_alpha,
+            label="evaluation",
         )
     metrics, scores = score(policy, refs, pairs, cfg)
     return EvalResult(name, metrics, scores)
@@ -211,9 +167,7 @@ def _load_adapters(net, path: Path, cfg: TrainConfig) -> None:
         model_lib.load_adapter_dir(net, path)
         return
     # The init adapter's layers are in place; the run's weights are those layers, trained on.
-    file = path / "adapters.safetensors"
-    if not file.is_file():
-        raise model_lib.ModelError(f"{path}: not an adapter directory (no adapters.safetensors)")
+    file = RunDir(path).adapters_file()
     weights = model_lib.read_adapter_weights(file)
     model_lib.check_adapter_weights(net, weights, file)
     net.load_weights(list(weights.items()), strict=False)

@@ -37,6 +37,7 @@ class Resume:
     saved: dict  # the run's identity: settings, data_hash, changes
     finished: bool = False
     changes: list[tuple] = field(default_factory=list)  # accepted with --allow-changes
+    writer: bool = True  # this process may write into the run directory (rank 0)
 
 
 def settings(cfg) -> dict:
@@ -53,9 +54,10 @@ def identity(cfg, train_pairs, valid_pairs) -> dict:
     }
 
 
-def open_run(cfg, run: RunDir, say) -> Resume | None:
+def open_run(cfg, run: RunDir, say, *, writer: bool = True) -> Resume | None:
     """Check the directory for a new run (None) or a resume (its checkpoint); changes nothing
-    but, for a resume of a finished run, healing its published adapters."""
+    but, for a resume of a finished run, healing its published adapters (by the `writer` only:
+    distributed, every rank takes the same decisions and rank 0 writes)."""
     if not cfg.resume:
         _check_empty(run)
         return None
@@ -76,7 +78,7 @@ def open_run(cfg, run: RunDir, say) -> Resume | None:
         return None
     if ckpt.skipped:
         say(f"warning: skipped {'; '.join(ckpt.skipped)}; resuming from step {ckpt.step}")
-    resume = Resume(ckpt, saved)
+    resume = Resume(ckpt, saved, writer=writer)
     total = _known_total(cfg, saved, ckpt)
     if total is not None and ckpt.step >= total:
         _finish(run, resume, say)
@@ -126,7 +128,7 @@ def _check_empty(run: RunDir) -> None:
             f"--adapter-path {run.path} already holds a run; pass --resume to continue it "
             "or choose another --adapter-path (nothing was overwritten)"
         )
-    names = [n for n in run.entries() if n != ".lock"]
+    names = run.entries()
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     raise RunError(
         f"--adapter-path {run.path} holds files that are not an mlx_dpo run ({shown}); "
@@ -144,7 +146,8 @@ def _known_total(cfg, saved: dict, ckpt: checkpoint.Checkpoint) -> int | None:
 
 def _finish(run: RunDir, resume: Resume, say) -> None:
     resume.finished = True
-    _heal(run, resume, say)
+    if resume.writer:
+        _heal(run, resume, say)
     say(
         f"the run in {run.path} is finished (step {resume.ckpt.step}); nothing to do. "
         f"To train longer, resume with a larger --iters."

@@ -1,7 +1,7 @@
 """Load an mlx-lm model, pick the compute path, and add (or remove) LoRA/DoRA adapters.
 
 Decisions:
-- The reference is the same weights with the adapters off; no second copy (DESIGN.md).
+- The reference is the same weights with the adapters off; no second copy is ever loaded.
 - On MLX's CPU backend `quantized_matmul` runs at ~3 GFLOP/s and bf16 matmul at ~7 against
   ~400 for fp32 sgemm, so there a quantized base keeps its 4/8-bit storage and is dequantized to
   float32 right before each matmul (`DequantLinear`); on Metal and CUDA the native kernels stay
@@ -25,13 +25,10 @@ from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from mlx_dpo.errors import ModelError  # noqa: F401 (defined MLX-free; model.ModelError stays)
 from mlx_dpo.platform import Platform, detect, set_wired_limit
 
 ADAPTER_LAYERS = (LoRALinear, DoRALinear, LoRAEmbedding, DoRAEmbedding, LoRASwitchLinear)
-
-
-class ModelError(ValueError):
-    """A model that cannot be found or loaded; the message says what to do."""
 
 
 @dataclass
@@ -263,12 +260,11 @@ def load_adapter_dir(model: nn.Module, path: str | Path) -> dict:
     """Insert the adapter layers described by `path`/adapter_config.json and load its weights."""
     from mlx_lm.tuner.utils import load_adapters
 
+    from mlx_dpo.rundir import RunDir
+
     path = Path(path)
-    if not (path / "adapter_config.json").exists() or not (path / "adapters.safetensors").exists():
-        raise ModelError(
-            f"{path}: not an adapter directory (needs adapter_config.json and adapters.safetensors)"
-        )
-    weights = read_adapter_weights(path / "adapters.safetensors")
+    config = RunDir(path).adapter_config()
+    weights = read_adapter_weights(RunDir(path).adapters_file())
     model.freeze()
     try:
         load_adapters(model, str(path))
@@ -281,7 +277,7 @@ def load_adapter_dir(model: nn.Module, path: str | Path) -> dict:
             f"({detail})"
         ) from None
     check_adapter_weights(model, weights, path / "adapters.safetensors")
-    return json.loads((path / "adapter_config.json").read_text())
+    return config
 
 
 def read_adapter_weights(file: Path) -> dict[str, mx.array]:
@@ -352,11 +348,25 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
+PATH_FIELDS = ("model", "data", "ref_model", "init_adapter", "chat_template")
+
+
+def absolute_path(value: str | None) -> str | None:
+    """A local path made absolute; a Hub id (or template text, or None) unchanged."""
+    if not value or "\n" in value or "{" in value:
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
 def adapter_config(cfg, model: nn.Module) -> dict:
-    """adapter_config.json in mlx-lm's format (so mlx_lm.load/fuse read it), plus our config."""
+    """adapter_config.json in mlx-lm's format (so mlx_lm.load/fuse read it), plus our config.
+    Local paths are stored absolute, so `eval`/`compare`/`fuse` work from any directory."""
     n = num_blocks(model) if cfg.num_layers < 0 else min(cfg.num_layers, num_blocks(model))
+    config = cfg.to_dict()
+    config.update({name: absolute_path(config.get(name)) for name in PATH_FIELDS})
     return {
-        **cfg.to_dict(),
+        **config,
         "fine_tune_type": cfg.fine_tune_type,
         "num_layers": n,
         "lora_parameters": lora_parameters(cfg),

@@ -3,7 +3,7 @@
 `plot_run(run_dir)` reads `run_dir/metrics.jsonl` (one JSON object per report, see report.py)
 and writes `run_dir/metrics.png`: a 2x2 grid, train as lines and validation as lines with
 markers. It draws through matplotlib's object API on the Agg canvas (no pyplot, no global
-backend switch), and returns None when matplotlib is not installed (`pip install 'mlx-dpo[plot]'`)
+backend switch), and returns None when matplotlib is not installed (`pip install matplotlib`)
 so a training run never fails for want of a plot.
 """
 

@@ -3,8 +3,9 @@
 The reference policy is the base model (plus an `--init-adapter`, when given) at step 0, so
 its per-pair summed completion log-probs never change during training: one no-grad pass
 replaces two reference forwards per step and no second model is held. The cache file is keyed
-by the model's identity, the compute path and the exact token ids of every pair, so the next
-run on the same model and data reuses it, and any change in tokenization misses it.
+by the model's content (`fingerprint_dir`), the compute path and the exact token ids of every
+pair, so the next run on the same model and data reuses it, and any change in tokenization or
+weights misses it.
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_dpo.data import iterate_batches
+from mlx_dpo.data import collate
 from mlx_dpo.logps import forward_logps
+from mlx_dpo.progress import Progress
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: content-keyed model identity
+# Rows of a forward-only pass hold no activations for a backward, so short pairs go in bigger
+# batches: at least this many tokens per half-batch (chosen or rejected rows). The demo's 32-token
+# rows then run 64 pairs per forward instead of 8; long rows keep the training batch size.
+MIN_BATCH_TOKENS = 2048
+PAD_TO = 8  # less padding than training's 32: shapes need not repeat here (nothing is compiled)
 
 
 def cache_dir() -> Path:
@@ -29,20 +36,39 @@ def cache_dir() -> Path:
     return Path(root) / "reference"
 
 
+WHOLE_FILE_BYTES = 64 << 20  # files up to this size are hashed whole
+SAMPLE_BYTES = 1 << 20
+
+
+def fingerprint_file(path: Path) -> str:
+    """Content hash of one file. Small files: all of it. Big weight files: their size, the
+    safetensors header (every tensor's name, dtype, shape and offset) and 1 MiB from the
+    start, middle and end of the data, so a model of GBs is keyed in milliseconds."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= WHOLE_FILE_BYTES:
+            h.update(f.read())
+            return h.hexdigest()
+        header = int.from_bytes(f.read(8), "little") if path.suffix == ".safetensors" else 0
+        f.seek(0)
+        h.update(f.read(8 + header if 8 + header < size else 0))
+        for offset in (0, size // 2, size - SAMPLE_BYTES):
+            f.seek(offset)
+            h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
 def fingerprint_dir(path: Path) -> dict:
-    """Cheap identity of a model/adapter directory: a Hub snapshot's commit, else the weight
-    files' names, sizes and modification times plus config.json's content."""
+    """Content identity of a model/adapter directory: a Hub snapshot's commit, else the hashes
+    of its weight and config files (`fingerprint_file`). Not paths or modification times:
+    reinstalling, copying or touching the files keeps the reference cache valid."""
     path = Path(path).resolve()
     if path.parent.name == "snapshots":
         return {"hub_commit": path.name, "repo": path.parent.parent.name}
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    config = (path / "config.json").read_text() if (path / "config.json").exists() else ""
-    return {
-        "path": str(path),
-        "files": stats,
-        "config": hashlib.sha256(config.encode()).hexdigest(),
-    }
+    return {"files": {p.name: fingerprint_file(p) for p in files if p.is_file()}}
 
 
 def pairs_digest(pairs, h=None) -> str:
@@ -61,23 +87,50 @@ def cache_key(model_identity: dict, pairs) -> str:
     return pairs_digest(pairs, h)
 
 
-def compute(
-    model, pairs, *, batch_size: int, group=None, ld_alpha: float | None = None
+def length_batches(pairs, batch_size: int) -> list[np.ndarray]:
+    """Pair indices in length order, cut so that every batch holds about as many tokens as
+    `batch_size` pairs of the longest row (and at least MIN_BATCH_TOKENS per half)."""
+    lengths = np.array(
+        [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    )
+    padded = -(-lengths // PAD_TO) * PAD_TO
+    budget = max(batch_size * int(padded.max()), MIN_BATCH_TOKENS)
+    order = np.argsort(lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1  # sorted ascending: the last pair of a batch sets its padded length
+        while end < len(order) and (end + 1 - start) * padded[order[end]] <= budget:
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
+def pair_logps(
+    model,
+    pairs,
+    *,
+    batch_size: int,
+    group=None,
+    ld_alpha: float | None = None,
+    label: str = "reference pass",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed completion log-probs of every pair under `model` (no gradient), float32 (LD-DPO's
-    sums with `ld_alpha`). Distributed: each rank scores every world-th batch and the shards are
-    summed together."""
+    sums with `ld_alpha`).
+    Distributed: each rank scores every world-th batch and the shards are summed together.
+    Shows a progress bar (or periodic lines) on the main process."""
     world, rank = (group.size(), group.rank()) if group else (1, 0)
     chosen = np.zeros(len(pairs), np.float32)
     rejected = np.zeros(len(pairs), np.float32)
-    for i, update in enumerate(iterate_batches(pairs, batch_size, loop=False)):
-        if i % world != rank:
-            continue
-        for batch in update.micro_batches:
-            logps, _ = forward_logps(model, batch, ld_alpha=ld_alpha)
-            logps = np.array(mx.stop_gradient(logps).astype(mx.float32))
-            chosen[batch.index] = logps[: batch.size]
-            rejected[batch.index] = logps[batch.size :]
+    with Progress(label, len(pairs), unit="pairs", enabled=rank == 0) as progress:
+        for i, index in enumerate(length_batches(pairs, batch_size)):
+            if i % world == rank:
+                batch = collate([pairs[j] for j in index], index=index, pad_to=PAD_TO)
+                logps, _ = forward_logps(model, batch, ld_alpha=ld_alpha)
+                logps = np.array(mx.stop_gradient(logps).astype(mx.float32))
+                chosen[index] = logps[: len(index)]
+                rejected[index] = logps[len(index) :]
+            progress.update(len(index))  # the other ranks keep pace with this one
     if world > 1:
         both = mx.distributed.all_sum(mx.array(np.stack([chosen, rejected])), group=group)
         chosen, rejected = np.array(both[0]), np.array(both[1])
@@ -87,20 +140,23 @@ def compute(
 def cached_compute(
     model, pairs, model_identity: dict, *, batch_size: int, use_cache=True, group=None, log=print
 ):
-    """`compute`, through the on-disk cache. Returns (chosen, rejected, cache hit?)."""
+    """`pair_logps` of the reference model, through the on-disk cache. Returns (chosen,
+    rejected, cache hit?)."""
     if not pairs:
         return np.zeros(0, np.float32), np.zeros(0, np.float32), False
     path = cache_dir() / f"{cache_key(model_identity, pairs)}.npz"
     cached = _read_cache(path, len(pairs), log) if use_cache else None
     if group is not None and group.size() > 1:
-        # all ranks must agree, or some would wait forever in compute's all_sum
+        # all ranks must agree, or some would wait forever in pair_logps' all_sum
         hits = mx.distributed.all_sum(mx.array(int(cached is not None)), group=group).item()
         cached = cached if hits == group.size() else None
     if cached is not None:
         return cached[0], cached[1], True
     # LD-DPO's reference sums differ from the plain ones; the identity (cache key) holds alpha
     ld_alpha = model_identity.get("ld_alpha")
-    chosen, rejected = compute(model, pairs, batch_size=batch_size, group=group, ld_alpha=ld_alpha)
+    chosen, rejected = pair_logps(
+        model, pairs, batch_size=batch_size, group=group, ld_alpha=ld_alpha
+    )
     is_main = group is None or group.rank() == 0
     if use_cache and is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,3 +178,69 @@ def _read_cache(path: Path, n: int, log) -> tuple[np.ndarray, np.ndarray] | None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         log(f"warning: the reference cache file {path} is unreadable ({e}); recomputing it")
     return None
+
+
+def model_identity(cfg, loaded, plat=None) -> dict:
+    """What the reference log-probs depend on besides the token ids: the cache key's model part."""
+    from mlx_dpo import cpu_kernels
+    from mlx_dpo import model as model_lib
+    from mlx_dpo.platform import detect
+
+    plat = plat or detect()
+    ident = {
+        "model": fingerprint_dir(loaded.path),
+        "quantize": cfg.quantize,
+        "q_group_size": cfg.q_group_size if cfg.quantize else None,
+        "compute_dtype": cfg.compute_dtype,
+        "device": str(mx.default_device()),
+        "mlx": mx.__version__,
+        "cpu_kernels": cpu_kernels.enabled(plat),  # a different exp: round-off-level differences
+        "platform": plat.kind,  # Metal and CUDA are both "gpu" devices; their kernels differ
+    }
+    if cfg.ld_alpha is not None:  # LD-DPO's reference sums are other numbers
+        ident["ld_alpha"] = cfg.ld_alpha
+    if cfg.init_adapter:
+        ident["init_adapter"] = fingerprint_dir(Path(cfg.init_adapter))
+    if cfg.ref_model:
+        ident["ref_model"] = fingerprint_dir(model_lib.resolve_path(cfg.ref_model))
+    return ident
+
+
+def for_run(cfg, loaded, splits: dict[str, list], *, group=None, log=print) -> dict:
+    """The run's reference log-probs, {split: (chosen, rejected)}, for training and evaluation
+    alike: the base model with adapters off as loaded (an --init-adapter included), or the
+    separate --ref-model, which is loaded, checked, used and freed here."""
+    import gc
+
+    from mlx_dpo import _testhooks
+    from mlx_dpo import model as model_lib
+    from mlx_dpo.errors import ModelError
+
+    identity = model_identity(cfg, loaded)
+    model = loaded.model
+    if cfg.ref_model:
+        model = model_lib.load(cfg.ref_model, compute_dtype=cfg.compute_dtype).model
+        theirs, ours = (getattr(m, "args", None) for m in (model, loaded.model))
+        if theirs and ours and theirs.vocab_size != ours.vocab_size:
+            raise ModelError(
+                f"--ref-model {cfg.ref_model}: its vocabulary ({theirs.vocab_size}) differs from "
+                f"--model's ({ours.vocab_size}); the reference must share the tokenizer"
+            )
+    _testhooks.point("reference-pass")
+    refs = {}
+    for name, pairs in splits.items():
+        chosen, rejected, hit = cached_compute(
+            model,
+            pairs,
+            identity,
+            batch_size=2 * cfg.batch_size,
+            use_cache=cfg.reference_cache,
+            group=group,
+            log=log,
+        )
+        if pairs:
+            log(f"reference log-probs ({name}): {'reused from cache' if hit else 'computed'}")
+        refs[name] = (chosen, rejected)
+    del model
+    gc.collect()
+    return refs

@@ -77,11 +77,7 @@ def check_sinks(names: list[str]) -> None:
     """Refuse, before any work, a sink that is unknown or whose package is not installed."""
     import importlib.util
 
-    for name in names:
-        if name not in SINK_PACKAGES:
-            raise ConfigError(
-                f"--report-to {name}: unknown sink; choose from {', '.join(SINK_PACKAGES)}"
-            )
+    for name in names:  # TrainConfig has refused names that are not sinks
         packages, install = SINK_PACKAGES[name]
         missing = [p for p in packages if importlib.util.find_spec(p) is None]
         if missing:
@@ -116,6 +112,30 @@ def format_line(prefix: str, step: int, m: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+def collapse_warning(split: str, step: int, m: dict[str, float]) -> str | None:
+    """The classic DPO over-optimisation, or None: the chosen answers' reward falls below zero
+    (the policy now likes the preferred answer less than the reference did) while reward
+    accuracy stays high, because the rejected answers fall faster. The margin keeps growing and
+    the loss looks healthy, but the model drifts from both answers and its samples degrade."""
+    chosen, accuracy = m.get("rewards/chosen"), m.get("rewards/accuracies")
+    if chosen is None or accuracy is None or accuracy < COLLAPSE_MIN_ACCURACY:
+        return None
+    # A dip by round-off or by a small share of the margin is normal early in a run.
+    if chosen >= -COLLAPSE_SHARE * max(m.get("rewards/margins", 0.0), 0.0):
+        return None
+    return (
+        f"warning: at step {step} ({split}) the chosen rewards fell below zero ({chosen:.3f}) "
+        f"while reward accuracy stays {accuracy:.0%}: the model pushes the preferred answers "
+        "down too, only less than the rejected ones (DPO over-optimisation; its samples may "
+        "degrade). Try a lower --learning-rate, a higher --beta, or RPO: --rpo-alpha 1 adds "
+        "the chosen answers' likelihood to the loss."
+    )
+
+
+COLLAPSE_MIN_ACCURACY = 0.9
+COLLAPSE_SHARE = 0.1  # chosen reward below -10% of the margin
+
+
 class Reporter:
     def __init__(self, total: int, sinks: list[Sink], *, enabled=True, interactive=None, out=None):
         self.total, self.sinks, self.enabled = total, sinks, enabled
@@ -124,6 +144,7 @@ class Reporter:
         self.start = time.perf_counter()
         self.first_step: int | None = None
         self.last: dict[str, float] = {}
+        self.warned_collapse = False  # said once per run
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -162,6 +183,9 @@ class Reporter:
         for sink in self.sinks:
             sink.log(split, step, metrics)
         self.info(format_line("iter" if split == "train" else "valid", step, metrics))
+        if not self.warned_collapse and (warning := collapse_warning(split, step, metrics)):
+            self.warned_collapse = True
+            self.info(warning)
 
     def close(self) -> None:
         if self.enabled:

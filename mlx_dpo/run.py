@@ -6,19 +6,19 @@ call into the module that owns it (model, data, reference, trainer).
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_dpo import _testhooks, checkpoint, cpu_kernels, data, lifecycle, memory, reference, trainer
+from mlx_dpo import checkpoint, data, demo, lifecycle, memory, reference, trainer
 from mlx_dpo import model as model_lib
-from mlx_dpo.config import ConfigError, TrainConfig
+from mlx_dpo.config import TrainConfig
+from mlx_dpo.data_report import report_read, write_skipped_rows
 from mlx_dpo.model import adapter_config
-from mlx_dpo.platform import Platform, detect
 from mlx_dpo.report import JsonlSink, Reporter, check_sinks, make_sinks
 from mlx_dpo.rundir import RunDir
+from mlx_dpo.saved_config import read_adapter_config
 from mlx_dpo.stop import StopSignals
 
 
@@ -40,13 +40,6 @@ def distributed_group():
     return group if group.size() > 1 else None
 
 
-def with_demo_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Fill in the bundled demo model/data where --model/--data were not given."""
-    from mlx_dpo import demo
-
-    return replace(cfg, model=cfg.model or str(demo.MODEL_DIR), data=cfg.data or str(demo.DATA_DIR))
-
-
 def read_rows(cfg: TrainConfig) -> dict[str, list[dict]]:
     """Read and check every row (cheap: done before the model loads, so bad data fails fast)."""
     return data.load_splits(cfg.data, **cfg.data_kwargs())
@@ -59,6 +52,8 @@ def load_pairs(cfg: TrainConfig, tokenizer, log, splits: dict | None = None) -> 
     for split in ("train", "valid"):
         pairs, stats = data.tokenize_rows(splits.get(split, []), tokenizer, **cfg.tokenize_kwargs())
         log(f"{split}: {stats}")
+        if isinstance(splits, data.Splits):  # for skipped_rows.jsonl
+            splits.skipped += stats.skipped
         out.append(pairs)
     if not out[0]:
         raise data.DataError(
@@ -67,65 +62,12 @@ def load_pairs(cfg: TrainConfig, tokenizer, log, splits: dict | None = None) -> 
     return out[0], out[1]
 
 
-def model_identity(cfg: TrainConfig, loaded, plat: Platform | None = None) -> dict:
-    plat = plat or detect()
-    ident = {
-        "model": reference.fingerprint_dir(loaded.path),
-        "quantize": cfg.quantize,
-        "q_group_size": cfg.q_group_size if cfg.quantize else None,
-        "compute_dtype": cfg.compute_dtype,
-        "device": str(mx.default_device()),
-        "mlx": mx.__version__,
-        "cpu_kernels": cpu_kernels.enabled(plat),  # a different exp: round-off-level differences
-        "platform": plat.kind,  # Metal and CUDA are both "gpu" devices; their kernels differ
-    }
-    if cfg.ld_alpha is not None:  # LD-DPO's reference sums are other numbers
-        ident["ld_alpha"] = cfg.ld_alpha
-    if cfg.init_adapter:
-        ident["init_adapter"] = reference.fingerprint_dir(Path(cfg.init_adapter))
-    if cfg.ref_model:
-        ident["ref_model"] = reference.fingerprint_dir(model_lib.resolve_path(cfg.ref_model))
-    return ident
-
-
-def reference_logps(cfg, loaded, identity, train_pairs, valid_pairs, group, log):
-    """(train_refs, valid_refs); the separate --ref-model is loaded, used and freed here."""
-    model = loaded.model
-    if cfg.ref_model:
-        ref = model_lib.load(cfg.ref_model, compute_dtype=cfg.compute_dtype)
-        if (
-            ref.model.args.vocab_size != loaded.model.args.vocab_size
-            if hasattr(ref.model, "args")
-            else False
-        ):
-            raise ConfigError(f"--ref-model {cfg.ref_model}: its vocabulary differs from --model's")
-        model = ref.model
-    _testhooks.point("reference-pass")
-    refs = []
-    for name, pairs in (("train", train_pairs), ("valid", valid_pairs)):
-        chosen, rejected, hit = reference.cached_compute(
-            model,
-            pairs,
-            identity,
-            batch_size=2 * cfg.batch_size,
-            use_cache=cfg.reference_cache,
-            group=group,
-            log=log,
-        )
-        if pairs:
-            log(f"reference log-probs ({name}): {'reused from cache' if hit else 'computed'}")
-        refs.append((chosen, rejected))
-    del model
-    gc.collect()
-    return refs[0], refs[1]
-
-
 def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
     """Train LoRA/DoRA adapters with the DPO loss family as configured; returns the final metrics.
 
     The run directory is locked for the whole call; SIGINT/SIGTERM stop it cleanly (see stop.py).
     """
-    cfg = with_demo_defaults(cfg)
+    cfg = demo.with_defaults(cfg)
     group = distributed_group()
     is_main = group is None or group.rank() == 0
     say = log if is_main else (lambda *_: None)
@@ -144,7 +86,8 @@ def run_training(cfg: TrainConfig, *, log=print, interactive=None) -> RunResult:
 def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     is_main = group is None or group.rank() == 0
     check_sinks(cfg.report_to)
-    resume = lifecycle.open_run(cfg, run, say) if is_main else None
+    # every rank takes the same decisions (rank 0 alone would leave the others waiting)
+    resume = lifecycle.open_run(cfg, run, say, writer=is_main)
     if resume is not None and resume.finished:
         return RunResult(run.path, resume.ckpt.step, {}, {}, finished=True)
     if mx.default_device() == mx.cpu:
@@ -154,26 +97,33 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     for note in loaded.notes:
         say(f"model: {note}")
     train_pairs, valid_pairs = load_pairs(cfg, loaded.tokenizer, say, rows)
+    if is_main:
+        report_read(rows, run.path, say)
     world = group.size() if group else 1
     total = trainer.total_updates(cfg, len(train_pairs), world)
-    if is_main:
-        identity = lifecycle.identity(cfg, train_pairs, valid_pairs)
-        if lifecycle.check_changes(cfg, run, resume, identity, total, say):
-            return RunResult(run.path, resume.ckpt.step, {}, {}, finished=True)
+    identity = lifecycle.identity(cfg, train_pairs, valid_pairs)
+    if lifecycle.check_changes(cfg, run, resume, identity, total, say):
+        return RunResult(run.path, resume.ckpt.step, {}, {}, finished=True)
     if cfg.init_adapter:
         init_config = model_lib.load_adapter_dir(loaded.model, cfg.init_adapter)
         cfg = _adopt_adapter_config(cfg, init_config, say)
+    elif cfg.start_adapter:  # its shape, now; its weights once the reference pass is done
+        start_config = read_adapter_config(cfg.start_adapter)
+        cfg = _adopt_adapter_config(cfg, start_config, say, in_reference=False)
     # Before any heavy work: refuse a configuration whose step will not fit in memory.
     step_plan = memory.plan_for_pairs(loaded.model, cfg, train_pairs)
     say(str(step_plan).splitlines()[0])
     if tradeoff := memory.checkpoint_tradeoff(step_plan):
         say(tradeoff)
     memory.check_fits(step_plan)
-    train_refs, valid_refs = reference_logps(
-        cfg, loaded, model_identity(cfg, loaded), train_pairs, valid_pairs, group, say
+    refs = reference.for_run(
+        cfg, loaded, {"train": train_pairs, "valid": valid_pairs}, group=group, log=say
     )
+    train_refs, valid_refs = refs["train"], refs["valid"]
     if not cfg.init_adapter:
         n_train = model_lib.apply_adapters(loaded.model, cfg, seed=cfg.seed)
+        if cfg.start_adapter:
+            _load_start_adapter(loaded.model, Path(cfg.start_adapter))
     else:
         n_train = model_lib.trainable_count(loaded.model)
     if cfg.grad_checkpoint:
@@ -184,6 +134,7 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     start_step = _restore(cfg, run.path, loaded.model, optimizer, say)
     if is_main:  # the first writes into the run directory, after every check has passed
         lifecycle.start_writing(cfg, run, resume, identity, adapter_config(cfg, loaded.model), say)
+        write_skipped_rows(rows, run.path)
     sinks = [JsonlSink(run.path / "metrics.jsonl", append=True)] if is_main else []
     if is_main:
         sinks += make_sinks(cfg.report_to, run.path, cfg.to_dict())
@@ -217,21 +168,22 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
         if (png := plot_run(run.path)) is not None:
             say(f"plot: {png}")
     summary = None
-    if _is_demo(cfg) and cfg.demo_summary and is_main and valid_pairs:
-        from mlx_dpo.summary import demo_summary
+    if demo.is_demo(cfg) and cfg.demo_summary and is_main and valid_pairs:
+        from mlx_dpo.demo.summary import demo_summary
 
         summary = demo_summary(loaded, valid_pairs, valid_refs, cfg, log=say)
     return RunResult(run.path, result.step, result.train_metrics, result.valid_metrics, summary)
 
 
-def _is_demo(cfg: TrainConfig) -> bool:
-    from mlx_dpo import demo
+def _load_start_adapter(model, path: Path) -> None:
+    file = path / "adapters.safetensors"
+    weights = model_lib.read_adapter_weights(file)
+    model_lib.check_adapter_weights(model, weights, file)
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
 
-    same = lambda a, b: a is not None and Path(a).resolve() == Path(b).resolve()  # noqa: E731
-    return same(cfg.model, demo.MODEL_DIR) and same(cfg.data, demo.DATA_DIR)
 
-
-def _adopt_adapter_config(cfg: TrainConfig, init: dict, log) -> TrainConfig:
+def _adopt_adapter_config(cfg: TrainConfig, init: dict, log, in_reference=True) -> TrainConfig:
     params = init.get("lora_parameters", {})
     adopted = replace(
         cfg,
@@ -242,9 +194,14 @@ def _adopt_adapter_config(cfg: TrainConfig, init: dict, log) -> TrainConfig:
         lora_dropout=params.get("dropout", cfg.lora_dropout),
         lora_keys=params.get("keys", cfg.lora_keys),
     )
-    log(
-        f"init adapter {cfg.init_adapter}: training continues from it (rank {adopted.lora_rank}); it is part of the reference"
-    )
+    if in_reference:
+        log(
+            f"init adapter {cfg.init_adapter}: training continues from it (rank {adopted.lora_rank}); it is part of the reference"
+        )
+    else:
+        log(
+            f"start adapter {cfg.start_adapter}: training continues from it (rank {adopted.lora_rank}); the reference is the base model"
+        )
     return adopted
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from mlx_dpo.errors import RunError
 
 LOCK = ".lock"
+PROBE = ".write-test-"
 IDENTITY = "run.json"
 ADAPTERS = "adapters.safetensors"
 CONFIG = "adapter_config.json"
@@ -71,7 +72,11 @@ class RunDir:
 
     # --- what the directory holds
     def entries(self) -> list[str]:
-        return sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        """The directory's files, but our own lock and write probes (another rank's, say)."""
+        if not self.path.is_dir():
+            return []
+        names = (p.name for p in self.path.iterdir())
+        return sorted(n for n in names if n != LOCK and not n.startswith(PROBE))
 
     def is_ours(self) -> bool:
         """An mlx_dpo run: it has our identity file or checkpoints."""
@@ -81,7 +86,7 @@ class RunDir:
         """Anything a new run would lose: checkpoints, adapters, or files that are not ours."""
         names = set(self.entries())
         if not self.is_ours():
-            return bool(names - {LOCK})
+            return bool(names)
         return bool(names - PROVISIONAL - {CHECKPOINTS}) or self.has_checkpoints()
 
     def has_checkpoints(self) -> bool:
@@ -130,7 +135,7 @@ class RunDir:
             os.close(fd)
 
     def check_writable(self) -> None:
-        probe = self.path / f".write-test-{os.getpid()}"
+        probe = self.path / f"{PROBE}{os.getpid()}"
         try:
             with open(probe, "wb") as f:
                 f.write(b"\0" * 4096)
@@ -157,6 +162,36 @@ class RunDir:
             with suppress(FileNotFoundError):
                 (self.path / name).unlink()
         self.remove_temporaries()
+
+    # --- as an adapter directory (what eval, compare, fuse and mlx-lm read)
+    def adapter_config(self) -> dict:
+        """adapter_config.json as a dict; ModelError when the directory is not an adapter
+        directory or the file is unreadable."""
+        from mlx_dpo.errors import ModelError
+
+        if not self.path.is_dir():
+            raise ModelError(f"--adapter-path {self.path}: no such directory")
+        file = self.path / CONFIG
+        if not file.is_file():
+            raise ModelError(
+                f"{self.path}: not an adapter directory (needs {CONFIG} and {ADAPTERS})"
+            )
+        try:
+            config = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{file}: unreadable ({e})") from None
+        if not isinstance(config, dict):
+            raise ModelError(f"{file}: expected a JSON object")
+        return config
+
+    def adapters_file(self) -> Path:
+        """The adapters' safetensors file; ModelError when it is missing."""
+        from mlx_dpo.errors import ModelError
+
+        file = self.path / ADAPTERS
+        if not file.is_file():
+            raise ModelError(f"{self.path}: not an adapter directory (no {ADAPTERS})")
+        return file
 
     # --- identity and resume
     def read_identity(self) -> dict:

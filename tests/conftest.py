@@ -1,4 +1,4 @@
-"""Shared fixtures. Torch and an RTLD_GLOBAL OpenBLAS in one process oversubscribe the two
+"""Shared fixtures. Torch and an RTLD_GLOBAL OpenBLAS (or MKL) in one process oversubscribe the two
 cores (torch 3x slower), so BLAS threads are pinned to 1 before anything imports them."""
 
 import os
@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")  # the same for the mkl wheel
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # reference log-prob caches of test runs stay out of the user's ~/.cache

@@ -2,10 +2,11 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_trainer import write_pairs
+from tiny import write_pairs
 
 from mlx_dpo import cli
 from mlx_dpo.config import TrainConfig
@@ -33,10 +34,21 @@ def test_version_and_help():
         assert flag in out  # mlx_lm.lora's names where the concept is the same
 
 
-def test_every_config_field_has_a_flag_and_every_flag_a_field():
+def test_every_config_field_is_a_flag_that_the_package_reads():
+    """A flag that does nothing is a bug: every TrainConfig field must be read somewhere besides
+    the modules that declare it and generate flags from it (config.py, cli.py, rundir.py)."""
+    import re
+
+    import mlx_dpo
+
     params = {p.name for p in cli.train.params} - {"config_path"}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert params == fields
+    package = Path(mlx_dpo.__file__).parent
+    skip = {"config.py", "cli.py", "rundir.py"}
+    sources = [p.read_text() for p in package.rglob("*.py") if p.name not in skip]
+    unread = [f for f in fields if not any(re.search(rf"\b{f}\b", text) for text in sources)]
+    assert unread == []
 
 
 def test_flags_override_yaml_override_defaults(tmp_path, monkeypatch):

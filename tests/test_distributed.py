@@ -8,7 +8,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_trainer import write_pairs
+from tiny import write_pairs
 
 pytestmark = pytest.mark.slow
 

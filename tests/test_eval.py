@@ -1,8 +1,9 @@
 """`mlx_dpo eval`: per-pair scores and split metrics against the training code's own numbers.
 
-A short run trains adapters on a tiny model; the expectations are recomputed here from the
-pieces training uses (run.load_pairs, reference.compute, the base with adapters off) and the
-DPO loss is also written out in numpy.
+A short run trains adapters on a tiny model; the expected log-probs are recomputed here
+independently of the package's log-prob head (tests/tiny.plain_pair_logps: full logits of one
+unpadded row at a time, log-softmax in numpy), with the base as the adapters-off model, and the
+DPO loss is written out in numpy.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tiny import plain_pair_logps
 
 from mlx_dpo import model as model_lib
-from mlx_dpo import reference
 from mlx_dpo.cli import main
 from mlx_dpo.config import TrainConfig
 from mlx_dpo.evaluate import config_for
@@ -90,14 +91,14 @@ def test_scores_and_metrics_match_the_training_code(run, tmp_path):
     metrics, _ = invoke("--adapter-path", run.adapter_path, "--output", str(tmp_path / "s.jsonl"))
     scores = read_scores(tmp_path / "s.jsonl")
 
-    # The expectation, from the pieces training uses.
+    # The expectation, computed independently: full logits of one row at a time, numpy.
     loaded = model_lib.load(run.model)
     _, valid = load_pairs(run, loaded.tokenizer, log=lambda *_: None)
-    base = reference.compute(loaded.model, valid, batch_size=4)
+    base = plain_pair_logps(loaded.model, valid)
     model_lib.load_adapter_dir(loaded.model, run.adapter_path)
-    policy = reference.compute(loaded.model, valid, batch_size=4)
+    policy = plain_pair_logps(loaded.model, valid)
     with model_lib.adapters_off(loaded.model):
-        off = reference.compute(loaded.model, valid, batch_size=4)
+        off = plain_pair_logps(loaded.model, valid)
 
     assert metrics["split"] == "valid" and metrics["pairs"] == len(valid) == len(scores) == 5
     assert [s["source"] for s in scores] == [p.source for p in valid]
@@ -250,9 +251,9 @@ def test_run_from_an_init_adapter_keeps_it_in_the_reference(run, tmp_path):
     loaded = model_lib.load(run.model)
     _, valid = load_pairs(run, loaded.tokenizer, log=lambda *_: None)
     model_lib.load_adapter_dir(loaded.model, run.adapter_path)
-    init = reference.compute(loaded.model, valid, batch_size=4)
+    init = plain_pair_logps(loaded.model, valid)
     loaded.model.load_weights(str(Path(second.adapter_path) / "adapters.safetensors"), strict=False)
-    policy = reference.compute(loaded.model, valid, batch_size=4)
+    policy = plain_pair_logps(loaded.model, valid)
     np.testing.assert_allclose([s["reference_chosen_logps"] for s in scores], init[0], rtol=1e-5)
     np.testing.assert_allclose([s["chosen_logps"] for s in scores], policy[0], rtol=1e-5)
     assert np.abs(policy[0] - init[0]).max() > 1e-3

@@ -285,7 +285,7 @@ def test_cli_fuse_user_errors(tiny_model_path, tmp_path):
         ],
     )
     assert misfit.exit_code == 2
-    assert "does not fit this model" in misfit.output
+    assert "not adapters of this model" in misfit.output
 
     adapter = make_adapter(tiny_model_path, tmp_path / "adapter")
     (tmp_path / "full").mkdir()

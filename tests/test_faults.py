@@ -242,7 +242,7 @@ def test_corrupt_checkpoints_fall_back_to_the_newest_intact_one(env, uninterrupt
     (run_dir / "checkpoints" / "latest").write_text("0000099\n")  # pointing nowhere
     resumed = train(env, run_dir, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    warning = [line for line in resumed.stdout.splitlines() if line.startswith("warning:")]
+    warning = [line for line in resumed.stdout.splitlines() if line.startswith("warning: skip")]
     assert len(warning) == 1 and "checkpoints/latest" in warning[0]
     assert f"checkpoints/{ITERS:07d}" in warning[0] and "resuming from step 4" in warning[0]
     assert_same_adapters(run_dir, uninterrupted)

@@ -13,7 +13,7 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_trainer import make_cfg, quiet, read_metrics, write_pairs
+from tiny import make_cfg, quiet, read_metrics, write_pairs
 
 from mlx_dpo import data, trainer
 from mlx_dpo import model as model_lib

@@ -422,7 +422,7 @@ def test_training_with_ld_alpha_and_wpo_end_to_end(tiny_model_path, tmp_path):
     reference is not reused); --use-weighting scales the step-1 loss by the mean WPO weight."""
     import json
 
-    from test_trainer import make_cfg, read_metrics
+    from tiny import make_cfg, read_metrics
 
     from mlx_dpo.run import run_training
 

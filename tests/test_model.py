@@ -10,8 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from test_trainer import make_cfg, quiet, read_metrics
-from tiny import build_tiny_model
+from tiny import build_tiny_model, make_cfg, quiet, read_metrics
 
 from mlx_dpo import model as model_lib
 from mlx_dpo.run import run_training
@@ -60,7 +59,7 @@ def test_adapters_off_gives_exact_base_outputs(tiny_model_path):
 
 def test_dora_adapters_train_and_load_in_mlx_lm(tiny_model_path, tmp_path):
     import mlx_lm
-    from test_trainer import write_pairs
+    from tiny import write_pairs
 
     data = tmp_path / "d.jsonl"
     write_pairs(data, 24)
@@ -72,7 +71,7 @@ def test_dora_adapters_train_and_load_in_mlx_lm(tiny_model_path, tmp_path):
 
 
 def test_init_adapter_is_part_of_the_reference(tiny_model_path, tmp_path):
-    from test_trainer import write_pairs
+    from tiny import write_pairs
 
     data = tmp_path / "d.jsonl"
     write_pairs(data, 24)
@@ -95,7 +94,7 @@ def test_init_adapter_is_part_of_the_reference(tiny_model_path, tmp_path):
 
 
 def test_ref_model_is_used_when_given(tiny_model_path, tmp_path):
-    from test_trainer import write_pairs
+    from tiny import write_pairs
 
     data = tmp_path / "d.jsonl"
     write_pairs(data, 24)
@@ -107,7 +106,7 @@ def test_ref_model_is_used_when_given(tiny_model_path, tmp_path):
 
 
 def test_grad_checkpoint_gives_the_same_adapters(tiny_model_path, tmp_path):
-    from test_trainer import write_pairs
+    from tiny import write_pairs
 
     data = tmp_path / "d.jsonl"
     write_pairs(data, 24)
@@ -122,7 +121,7 @@ def test_grad_checkpoint_gives_the_same_adapters(tiny_model_path, tmp_path):
 
 
 def test_hub_model_id_resolves_from_local_cache_offline(tiny_model_path, tmp_path):
-    from test_trainer import write_pairs
+    from tiny import write_pairs
 
     sha = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--mlx-dpo-test--tiny"

@@ -15,7 +15,7 @@ from mlx_dpo import cpu_kernels, doctor, memory, reference
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import TrainConfig
 from mlx_dpo.platform import KINDS, Platform, detect, set_wired_limit
-from mlx_dpo.run import model_identity
+from mlx_dpo.reference import model_identity
 
 GIB = 1 << 30
 

@@ -80,7 +80,7 @@ def test_plot_run_is_none_without_matplotlib(tmp_path, monkeypatch):
     assert not (run / "metrics.png").exists()
     result = CliRunner().invoke(main, ["plot", str(run)])
     assert result.exit_code == 2
-    assert "pip install 'mlx-dpo[plot]'" in result.output
+    assert "pip install matplotlib" in result.output
 
 
 def test_cli_plot(tmp_path):

@@ -3,7 +3,7 @@ per-sequence completion log-probs on the same pairs, and the same DPO loss."""
 
 import numpy as np
 import pytest
-from test_trainer import make_cfg, write_pairs
+from tiny import make_cfg, write_pairs
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -33,7 +33,7 @@ def test_sequence_logps_and_loss_match_transformers(fixture, request, tmp_path):
     cfg = make_cfg(path, tmp_path / "d.jsonl", tmp_path / "run")
     loaded = model_lib.load(str(path))
     pairs, _ = load_pairs(cfg, loaded.tokenizer, lambda *_: None)
-    ours_c, ours_r = reference.compute(loaded.model, pairs, batch_size=4)
+    ours_c, ours_r = reference.pair_logps(loaded.model, pairs, batch_size=4)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
     hf.eval()
     theirs_c, theirs_r = (

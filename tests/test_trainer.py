@@ -7,26 +7,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from tiny import make_cfg, quiet, read_metrics, write_pairs
 
 from mlx_dpo import checkpoint
-from mlx_dpo.config import TrainConfig
 from mlx_dpo.run import run_training
-
-WORDS = ["red", "blue", "green", "cat", "dog", "sun", "tree", "fish", "book", "star"]
-
-
-def write_pairs(path, n: int, seed: int = 0, *, offset: int = 0) -> None:
-    """A learnable preference: a polite answer over a curt one, whatever the question."""
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            a, b = rng.choice(WORDS, 2, replace=False)
-            row = {
-                "prompt": f"Question {i + offset}: say {a} or {b}?",
-                "chosen": f"Sure! {a}.",
-                "rejected": f"No. {a}.",
-            }
-            f.write(json.dumps(row) + "\n")
 
 
 @pytest.fixture
@@ -36,35 +20,6 @@ def toy_data(tmp_path):
     write_pairs(d / "train.jsonl", 16)
     write_pairs(d / "valid.jsonl", 8, seed=1, offset=100)
     return d
-
-
-def make_cfg(model, data, run_dir, **kw) -> TrainConfig:
-    base = dict(
-        model=str(model),
-        data=str(data),
-        adapter_path=str(run_dir),
-        iters=2,
-        batch_size=2,
-        learning_rate=1e-3,
-        steps_per_report=1,
-        steps_per_eval=0,
-        save_every=100,
-        num_layers=-1,
-        lora_rank=4,
-        max_length=64,
-        reference_cache=False,
-        demo_summary=False,
-    )
-    return TrainConfig(**{**base, **kw})
-
-
-def read_metrics(run_dir, split="train"):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
-
-
-def quiet(*_):
-    pass
 
 
 def test_step0_loss_is_ln2_and_rewards_zero(tiny_model_path, toy_data, tmp_path):
@@ -207,8 +162,8 @@ def test_saved_adapters_load_in_mlx_lm_with_same_logps(tiny_model_path, toy_data
     load_adapter_dir(ours.model, tmp_path / "run")
     pairs, _ = load_pairs(cfg, ours.tokenizer, quiet)
     theirs, _ = mlx_lm.load(str(tiny_model_path), adapter_path=str(tmp_path / "run"))
-    a = reference.compute(ours.model, pairs, batch_size=4)
-    b = reference.compute(theirs, pairs, batch_size=4)
+    a = reference.pair_logps(ours.model, pairs, batch_size=4)
+    b = reference.pair_logps(theirs, pairs, batch_size=4)
     np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
     np.testing.assert_allclose(a[1], b[1], rtol=1e-5)
 
@@ -246,7 +201,7 @@ def test_reference_cache_is_reused(tiny_model_path, toy_data, tmp_path, monkeypa
     )
     assert any("reference log-probs (train): computed" in m for m in messages)
     calls = []
-    monkeypatch.setattr(reference, "compute", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(reference, "pair_logps", lambda *a, **k: calls.append(1))
     messages.clear()
     run_training(
         make_cfg(tiny_model_path, toy_data, tmp_path / "b", iters=1, reference_cache=True),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_dpo.config import TrainConfig
 from mlx_dpo.data import CHATML
 from mlx_dpo.demo.tokenizer import write_chat_tokenizer
 
@@ -102,3 +103,71 @@ def build_tiny_model(
             }
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
+
+
+# --- toy preference data and a small run's config, shared by the trainer tests
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "tree", "fish", "book", "star"]
+
+
+def write_pairs(path, n: int, seed: int = 0, *, offset: int = 0) -> None:
+    """A learnable preference: a polite answer over a curt one, whatever the question."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = rng.choice(WORDS, 2, replace=False)
+            row = {
+                "prompt": f"Question {i + offset}: say {a} or {b}?",
+                "chosen": f"Sure! {a}.",
+                "rejected": f"No. {a}.",
+            }
+            f.write(json.dumps(row) + "\n")
+
+
+def make_cfg(model, data, run_dir, **kw) -> TrainConfig:
+    base = dict(
+        model=str(model),
+        data=str(data),
+        adapter_path=str(run_dir),
+        iters=2,
+        batch_size=2,
+        learning_rate=1e-3,
+        steps_per_report=1,
+        steps_per_eval=0,
+        save_every=100,
+        num_layers=-1,
+        lora_rank=4,
+        max_length=64,
+        reference_cache=False,
+        demo_summary=False,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def read_metrics(run_dir, split="train"):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def quiet(*_):
+    pass
+
+
+def plain_pair_logps(model, pairs) -> tuple[np.ndarray, np.ndarray]:
+    """Summed completion log-probs of each pair, computed independently of the package's
+    log-prob head and batching: one unpadded row at a time, the model's full logits, and a
+    float64 log-softmax in numpy; the logit at position t scores token t+1."""
+    import mlx.core as mx
+
+    out = []
+    for pair in pairs:
+        sums = []
+        for answer in (pair.chosen_ids, pair.rejected_ids):
+            ids = list(pair.prompt_ids) + list(answer)
+            logits = np.array(model(mx.array([ids[:-1]])).astype(mx.float32), dtype=np.float64)[0]
+            top = logits.max(-1, keepdims=True)
+            logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+            start = len(pair.prompt_ids) - 1  # the first completion token's scoring position
+            sums.append(sum(logp[t, ids[t + 1]] for t in range(start, len(ids) - 1)))
+        out.append(sums)
+    both = np.array(out, dtype=np.float64)
+    return both[:, 0], both[:, 1]

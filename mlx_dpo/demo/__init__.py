@@ -30,10 +30,16 @@ Prompt = str | list[dict]  # a question, or chat messages ending with the user's
 DEMO_DIR = Path(__file__).resolve().parent
 MODEL_DIR = DEMO_DIR / "model"
 DATA_DIR = DEMO_DIR / "data"
+SETTINGS_FILE = DEMO_DIR / "demo.yaml"
 
 __all__ = [
     "DATA_DIR",
     "MODEL_DIR",
+    "SETTINGS_FILE",
+    "fresh_run_dir",
+    "is_demo",
+    "settings",
+    "with_defaults",
     "is_preferred",
     "preferred_share",
     "sample_answers",
@@ -96,26 +102,32 @@ def sample_answers(
     """Sample `n` answers per prompt with mlx-lm; returns them prompt by prompt (len = n * len).
 
     Each prompt (a question, or chat messages) is rendered with the tokenizer's chat template.
-    The global MLX random state is seeded once with `seed`, so a call is reproducible for a
-    given model.
+    All answers are generated as one batch (mlx-lm's `batch_generate`: ~10x faster than one at
+    a time for the demo's 48 prompts). The global MLX random state is seeded once with `seed`,
+    so a call is reproducible for a given model and list of prompts.
     """
     import mlx.core as mx
-    from mlx_lm import generate
+    from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
-    sampler = make_sampler(temp=temp)
+    from mlx_dpo.encoder import Encoder
+
+    rendered = Encoder(tokenizer, None).generation_prompts([_messages(p) for p in prompts])
+    tokens = [ids for ids in rendered for _ in range(n)]
+    if not tokens:
+        return []
     mx.random.seed(seed)
-    answers = []
-    for prompt in prompts:
-        # Render to text, then encode: `tokenize=True` returns a dict in newer transformers.
-        text = tokenizer.apply_chat_template(
-            _messages(prompt), add_generation_prompt=True, tokenize=False
-        )
-        tokens = tokenizer.encode(text, add_special_tokens=False)
-        for _ in range(n):
-            text = generate(model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler)
-            answers.append(text)
-    return answers
+    size = len(tokens)
+    response = batch_generate(
+        model,
+        tokenizer,
+        tokens,
+        max_tokens=max_tokens,
+        sampler=make_sampler(temp=temp),
+        completion_batch_size=size,
+        prefill_batch_size=size,
+    )
+    return list(response.texts)
 
 
 def preferred_share(model, tokenizer, prompts: Sequence[Prompt], **kw) -> float:
@@ -129,3 +141,40 @@ def preferred_share(model, tokenizer, prompts: Sequence[Prompt], **kw) -> float:
         return 0.0
     asked = [p for p in prompts for _ in range(n)]
     return sum(is_preferred(a, p) for a, p in zip(answers, asked, strict=True)) / len(answers)
+
+
+# --- the demo as `mlx_dpo train` runs it without --model and --data (MLX-free)
+def settings() -> dict:
+    """demo.yaml: the demo's training settings; flags and --config override them."""
+    from mlx_dpo.config import read_yaml
+
+    return read_yaml(SETTINGS_FILE)
+
+
+def fresh_run_dir(path: str | Path) -> str:
+    """`path`, or `path-2`, `path-3`, ... the first that holds no run and is not in use, so a
+    rerun of the demo never meets the last one's directory."""
+    from mlx_dpo.rundir import RunDir
+
+    path = candidate = Path(path)
+    n = 1
+    while RunDir(candidate).has_saved_work() or RunDir(candidate).is_locked():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return str(candidate)
+
+
+def with_defaults(cfg):
+    """`cfg` with the demo's model and data where it names none."""
+    from dataclasses import replace
+
+    return replace(cfg, model=cfg.model or str(MODEL_DIR), data=cfg.data or str(DATA_DIR))
+
+
+def is_demo(cfg) -> bool:
+    """The run trains the demo's model on the demo's data (its summary then applies)."""
+
+    def same(a, b) -> bool:
+        return a is not None and Path(a).resolve() == Path(b).resolve()
+
+    return same(cfg.model, MODEL_DIR) and same(cfg.data, DATA_DIR)

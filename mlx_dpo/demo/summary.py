@@ -22,7 +22,9 @@ def demo_summary(
     from mlx_dpo import demo
 
     model, tokenizer = loaded.model, loaded.tokenizer
-    policy_c, policy_r = reference.compute(model, valid_pairs, batch_size=2 * cfg.batch_size)
+    policy_c, policy_r = reference.pair_logps(
+        model, valid_pairs, batch_size=2 * cfg.batch_size, label="evaluation"
+    )
     ref_c, ref_r = valid_refs
     prompts = [p.prompt for p in valid_pairs[:n_prompts]]
     with adapters_off(model):
