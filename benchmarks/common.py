@@ -64,13 +64,20 @@ class Spec:
         return {"layers": layers, "embedding": embed, "total": layers + embed + head}
 
 
-# "mid" is a mid-size Qwen2-style model (40M, vocab 32k); "mid-152k" the same with
-# Qwen's 151936-token vocabulary; "small" is bench-qwen2-sized; "tiny" is for tests.
+# "mid" is the 40M model of the first speed study; "mid-152k" the same with Qwen's
+# 151936-token vocabulary; "small" is a 5M model with head dim 64, "5m" the same with 8 heads of
+# 32 (the issue's shape); "smollm2-135m" and "qwen2.5-0.5b" are those models' configurations
+# (random weights); "tiny" is for tests.
 SPECS = {
     "tiny": Spec(64, 2, 4, 2, 128, 512),
     "small": Spec(256, 4, 4, 2, 704, 8192),
+    "5m": Spec(256, 4, 8, 2, 704, 8192),
     "mid": Spec(512, 8, 8, 2, 1408, 32000),
     "mid-152k": Spec(512, 8, 8, 2, 1408, 151936),
+    # the real configurations' dimensions, written as Qwen2-style checkpoints (SmolLM2 is a
+    # Llama: no q/k/v biases, rope_theta 1e5; the biases are 0.1% of its FLOPs)
+    "smollm2-135m": Spec(576, 30, 9, 3, 1536, 49152, rope_theta=100000.0, rms_norm_eps=1e-5),
+    "qwen2.5-0.5b": Spec(896, 24, 14, 2, 4864, 151936, rope_theta=1000000.0),
 }
 
 

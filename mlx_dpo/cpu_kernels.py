@@ -8,18 +8,24 @@ close as mx.exp near the float32 range's ends (both ~4e-6: x * log2(e) rounds). 
 attention have exact VJPs (the head's tiles sit inside logps' own). Measured by
 benchmarks/bench.py (`mlx_dpo` vs `mx.exp`).
 
-`enabled(plat)` says whether to use them (the x86 CPU platform, see mlx_dpo.platform, not opted
-out with MLX_DPO_NO_FAST_EXP=1); `install(model, plat)` swaps attention and SwiGLU in the model family's mlx-lm module (for every model
-of that family in the process); logps uses `exp` and `logsumexp` for its vocabulary tiles.
+`enabled(plat)` says whether they may be used (the x86 CPU platform, see mlx_dpo.platform, not
+opted out with MLX_DPO_NO_FAST_EXP=1); `install(model, plat)` puts dispatchers for attention
+and SwiGLU in the model family's mlx-lm module (for every model of that family in the
+process), and logps asks `head_options` for its vocabulary tiles. Each dispatcher runs, per
+shape class, whichever of the kernel and MLX's own op mlx_dpo.kernel_choice measured faster:
+on small shapes (short rows, head dim 32, a small vocabulary) per-op dispatch of the blocked
+kernels can outweigh the exp they save.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 
 import mlx.core as mx
 
+from mlx_dpo import kernel_choice
 from mlx_dpo.platform import Platform, detect
 
 OPT_OUT_ENV = "MLX_DPO_NO_FAST_EXP"
@@ -57,7 +63,16 @@ def describe(plat: Platform | None = None) -> str:
         return f"off: not the x86 CPU build ({plat.kind}: MLX's own kernels)"
     if opted_out():
         return f"off ({OPT_OUT_ENV} is set): mx.exp and mlx-lm's attention"
-    return f"fused-arithmetic exp, flash attention ({OPT_OUT_ENV}=1 to disable)"
+    from mlx_dpo.config import ConfigError
+
+    try:
+        choices = kernel_choice.summary()
+    except ConfigError as e:  # the doctor reports a bad MLX_DPO_KERNELS instead of failing
+        choices = f"ERROR {e}"
+    return (
+        f"fused-arithmetic exp, flash attention, fused SwiGLU, each used where it measured "
+        f"faster than MLX's own ({OPT_OUT_ENV}=1 to disable): {choices}"
+    )
 
 
 def _exp(x: mx.array) -> mx.array:
@@ -185,24 +200,111 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
     return out.reshape(B, H, T, -1).astype(values.dtype)
 
 
+def auto_swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """mlx-lm's `swiglu` or the fused one above, whichever kernel_choice measured faster for
+    these shapes (decided when first traced: under mx.compile, once per shape)."""
+    width = gate.shape[-1]
+    shape = kernel_choice.shape_class("swiglu", N=max(1, gate.size // width), I=width)
+    bench = partial(_swiglu_bench, gate.shape, gate.dtype)
+    if kernel_choice.chooser().choose("swiglu", shape, bench) == "fused":
+        return swiglu(gate, x)
+    return _mlx_swiglu(gate, x)
+
+
+def auto_attention(queries, keys, values, cache, scale: float, mask, sinks=None):
+    """mlx-lm's attention or the flash one above, whichever kernel_choice measured faster for
+    these shapes; what only mlx-lm's handles (a cache, sinks, other masks) goes there."""
+    from mlx_lm.models.base import scaled_dot_product_attention as original
+
+    B, H, T, D = queries.shape
+    causal = isinstance(mask, str) and mask == "causal"
+    if cache is not None or sinks is not None or not causal or T != keys.shape[2]:
+        return original(queries, keys, values, cache, scale, mask, sinks)
+    Hkv = keys.shape[1]
+    shape = kernel_choice.shape_class("attention", B=B, H=H, K=Hkv, T=T, D=D)
+    bench = partial(_attention_bench, (B, H, Hkv, T, D), scale, queries.dtype)
+    if kernel_choice.chooser().choose("attention", shape, bench) == "flash":
+        return scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks)
+    return original(queries, keys, values, cache, scale, mask, sinks)
+
+
+def head_options(n_tokens: int, dim: int, vocab: int) -> dict:
+    """lean_token_logps' exp options for the lean head's vocabulary tiles (n_tokens x dim
+    hidden, a vocab-row head), as measured for this shape class."""
+    from mlx_dpo import logps
+
+    shape = kernel_choice.shape_class("head", N=n_tokens, D=dim, V=vocab)
+    bench = partial(_head_bench, n_tokens, dim, vocab)
+    return logps.HEAD_OPTIONS[kernel_choice.chooser().choose("head", shape, bench)]
+
+
+def _mlx_swiglu(gate, x):
+    from mlx_lm.models.activations import swiglu as original
+
+    return original(gate, x)
+
+
+def _normal(shape, seed: int) -> mx.array:
+    # an explicit key: the global random state is an input of the compiled training step, and
+    # an array drawn from it while that step is traced could not be evaluated here
+    return mx.random.normal(shape, key=mx.random.key(seed))
+
+
+def _grad_timer(fn, *arrays):
+    """A blocking callable: compiled forward + backward of sum(fn(...) * a random cotangent)."""
+    out = fn(*arrays)
+    ct = _normal(out.shape, 9).astype(out.dtype)
+    step = mx.compile(mx.grad(lambda *a: (fn(*a) * ct).sum(), argnums=tuple(range(len(arrays)))))
+    mx.eval(ct, *arrays)
+    return lambda: mx.eval(step(*arrays))
+
+
+def _swiglu_bench(shape, dtype) -> dict:
+    gate, x = (_normal(shape, i).astype(dtype) for i in range(2))
+    return {"mlx": _grad_timer(_mlx_swiglu, gate, x), "fused": _grad_timer(swiglu, gate, x)}
+
+
+def _attention_bench(dims, scale, dtype) -> dict:
+    from mlx_lm.models.base import scaled_dot_product_attention as original
+
+    B, H, Hkv, T, D = dims
+    q = _normal((B, H, T, D), 0).astype(dtype)
+    k, v = (_normal((B, Hkv, T, D), i).astype(dtype) for i in (1, 2))
+    return {
+        name: _grad_timer(lambda q, k, v, f=f: f(q, k, v, None, scale, "causal"), q, k, v)
+        for name, f in (("mlx", original), ("flash", scaled_dot_product_attention))
+    }
+
+
+def _head_bench(n_tokens: int, dim: int, vocab: int) -> dict:
+    from mlx_dpo import logps
+
+    h = _normal((n_tokens, dim), 0) * 0.5
+    head = logps.LMHead({"weight": _normal((vocab, dim), 1) * 0.02})
+    targets = mx.random.randint(0, vocab, (n_tokens,), key=mx.random.key(2))
+    return {
+        name: _grad_timer(lambda h, o=opts: logps.lean_token_logps(h, head, targets, **o), h)
+        for name, opts in logps.HEAD_OPTIONS.items()
+    }
+
+
 def installed(model) -> bool:
-    """Whether `model` runs the fast attention (its mlx-lm module has it swapped in)."""
+    """Whether `model` runs the measured kernel choice (its mlx-lm module has the dispatchers)."""
     module = sys.modules.get(type(model).__module__)
-    return getattr(module, "scaled_dot_product_attention", None) is scaled_dot_product_attention
+    return getattr(module, "scaled_dot_product_attention", None) is auto_attention
 
 
 def install(model, plat: Platform | None = None, *, allowed: bool = True) -> list[str]:
-    """Use the fast attention and SwiGLU in `model`'s mlx-lm module, or mlx-lm's own when
-    disabled on `plat` or not `allowed` (the compute path is not float32) (module globals: this
-    holds for every model of that family in the process). Returns a note for the user when the
-    fast ones are in use."""
+    """Put the dispatchers (each kernel measured against MLX's own per shape class, see
+    mlx_dpo.kernel_choice) in `model`'s mlx-lm module, or mlx-lm's own functions when disabled
+    on `plat` or not `allowed` (the compute path is not float32) (module globals: this holds
+    for every model of that family in the process). Returns a note for the user."""
     module = sys.modules.get(type(model).__module__)
     use = allowed and enabled(plat)
+    if use:
+        kernel_choice.chooser()  # a malformed MLX_DPO_KERNELS fails here, at load (ConfigError)
     swapped = []
-    for name, fast in (
-        ("scaled_dot_product_attention", scaled_dot_product_attention),
-        ("swiglu", swiglu),
-    ):
+    for name, fast in (("scaled_dot_product_attention", auto_attention), ("swiglu", auto_swiglu)):
         if module is None or not hasattr(module, name):
             continue
         current = getattr(module, name)
@@ -211,7 +313,11 @@ def install(model, plat: Platform | None = None, *, allowed: bool = True) -> lis
         swapped += [name] if use else []
     if not swapped:
         return []
-    return [f"fast CPU exp kernels for {', '.join(swapped)} ({OPT_OUT_ENV}=1 to disable)"]
+    return [
+        f"CPU kernels for {', '.join(swapped)} and the head's tiles chosen by timing each "
+        f"against MLX's own on the first step's shapes ({kernel_choice.ENV}=KERNEL=on|off, "
+        f"{OPT_OUT_ENV}=1 for MLX's own everywhere)"
+    ]
 
 
 # (module, name) -> mlx-lm's function, kept so that opting out restores it

@@ -145,6 +145,7 @@ def lean_token_logps(
     token_chunk: int = 256,
     with_sum_sq: bool = False,
     fast_exp: bool | None = None,
+    exp_tile: int = 2048,
 ) -> mx.array | tuple[mx.array, mx.array]:
     """log p(target | hidden) through ``head`` without materialising the N x V logits.
 
@@ -157,6 +158,8 @@ def lean_token_logps(
         with_sum_sq: also return log Σ_v p_v² per token (WPO), no gradient: a second online
             logsumexp, of 2·logits, over the same tiles.
         fast_exp: use mlx_dpo.cpu_kernels' exp (default: when enabled on this platform).
+        exp_tile: with the fast exp, vocab tiles at most this wide (its fused kernel holds ~2
+            more tiles in flight); HEAD_OPTIONS are the measured choices' settings.
 
     Returns:
         (N,) float32, or ((N,), (N,)) with ``with_sum_sq``. Differentiable w.r.t. ``hidden`` (and a float head's weight; a quantized
@@ -173,7 +176,7 @@ def lean_token_logps(
     exp, logsumexp = mx.exp, partial(mx.logsumexp, axis=-1)
     if cpu_kernels.enabled() if fast_exp is None else fast_exp:  # ~6x faster exp on x86 CPUs
         exp, logsumexp = cpu_kernels.exp, cpu_kernels.logsumexp
-        vocab_chunk = min(vocab_chunk, 2048)  # its fused kernel holds ~2 more tiles in flight
+        vocab_chunk = min(vocab_chunk, exp_tile)
     token_tiles = _tiles(hidden.shape[0], token_chunk)
     vocab_tiles = _tiles(head.vocab_size, vocab_chunk)
 
@@ -240,6 +243,22 @@ def lean_token_logps(
     return (out[0], mx.stop_gradient(out[1])) if with_sum_sq else out
 
 
+# The lean head's candidates for mlx_dpo.kernel_choice ("head"): which exp, how wide the tiles.
+HEAD_OPTIONS = {
+    "mlx": {"fast_exp": False},
+    "exp": {"fast_exp": True, "exp_tile": 2048},
+    "exp-wide": {"fast_exp": True, "exp_tile": 8192},
+}
+
+
+def _head_options(model, n_tokens: int, dim: int, vocab: int) -> dict:
+    from mlx_dpo import cpu_kernels
+
+    if not (cpu_kernels.installed(model) and cpu_kernels.enabled()):
+        return HEAD_OPTIONS["mlx"]
+    return cpu_kernels.head_options(n_tokens, dim, vocab)
+
+
 class PairForward(NamedTuple):
     """What the log-prob head returns for a preference batch (rows 0..B-1 chosen, B..2B-1
     rejected); every field (2B,) float32."""
@@ -273,8 +292,6 @@ def forward_pair_logps(
             completion tokens of each pair plus ld_alpha times the tokens past ℓ.
         with_weights: also compute WPO's sequence weights (Zhou et al. 2024, Eq. 2).
     """
-    from mlx_dpo import cpu_kernels
-
     inputs = _as_mx(batch.tokens)[:, :-1]
     positions, targets = _as_mx(batch.positions, mx.int32), _as_mx(batch.targets, mx.int32)
     target_mask = _as_mx(batch.target_mask, mx.float32)
@@ -295,7 +312,7 @@ def forward_pair_logps(
         out = lean_token_logps(
             hidden.reshape(rows * width, -1), head, targets.reshape(-1),
             vocab_chunk=vocab_chunk, token_chunk=token_chunk, with_sum_sq=with_weights,
-            fast_exp=cpu_kernels.installed(model) and cpu_kernels.enabled(),
+            **_head_options(model, rows * width, hidden.shape[-1], head.vocab_size),
         )  # fmt: skip
         flat, flat_sq = out if with_weights else (out, None)
         token_logps = flat.reshape(rows, width)

@@ -86,6 +86,16 @@ FACTORS["fast"] = {
     },
     "vocab_tile": 2048,
 }
+# RSS above (runtime + MLX's peak), as a fraction of the step's arrays above the weights:
+# 0.18-0.40 measured with MLX's ops at 4 grid points (benchmarks/RESULTS.md, section 4)
+_ALLOCATOR_SLACK = 0.35
+OS_NOTES = {
+    "runtime": "Python, MLX, mlx-lm, the BLAS: resident memory that is not an MLX array",
+    "allocator cache": "freed MLX buffers kept for reuse (e.g. fp32 weights replaced by 4-bit "
+    "ones at load)",
+    "allocator slack": f"buffers the allocator cannot reuse at the peak: {_ALLOCATOR_SLACK:.0%} "
+    "of the step's arrays",
+}
 _FULL_LOGITS = 2.62  # plain path: rows x T x vocab fp32 arrays alive at its peak
 _DEQUANT_SAVED = 1.9  # dequantized fp32 weights (and their transposes) kept per block
 _TOKEN_TILE, _VOCAB_TILE, _TILES_IN_FLIGHT = 256, 8192, 12  # logps.lean_token_logps
@@ -101,6 +111,15 @@ class MemoryPlan:
     rows: int
     tokens_per_row: int
     _replan: Any = field(default=None, repr=False, compare=False)
+    # What the operating system sees on top of MLX's arrays (resident set size): the runtime
+    # (Python, MLX, the BLAS, the tokenizer) and buffers MLX's allocator keeps cached after
+    # they were freed. Empty for a what-if plan; `resident()` measures them in this process.
+    os_parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Planned peak RSS: the MLX arrays at the step's peak plus the os_parts."""
+        return self.total_bytes + sum(self.os_parts.values())
 
     @property
     def grad_checkpoint(self) -> bool:
@@ -115,9 +134,14 @@ class MemoryPlan:
         lines = [
             f"memory plan: {self.rows} rows x {self.tokens_per_row} tokens, "
             f"peak ~{_gb(self.total_bytes)}"
+            + (f" of MLX arrays, process RSS ~{_gb(self.resident_bytes)}" if self.os_parts else "")
         ]
         for name, n in self.parts.items():
             lines.append(f"  {name:<{width}} {_gb(n):>9}  {self.notes.get(name, '')}".rstrip())
+        if self.os_parts:
+            lines.append(f"  process (RSS) ~{_gb(self.resident_bytes)}: the above plus")
+            for name, n in self.os_parts.items():
+                lines.append(f"    {name} {_gb(n)}  {OS_NOTES.get(name, '')}".rstrip())
         return "\n".join(lines)
 
 
@@ -188,6 +212,28 @@ def _arch(model: nn.Module, cfg) -> _Arch:
     )
 
 
+def _planned_kernels(model) -> str:
+    """ "fast" (flash attention, the head's 2048-wide fast-exp tiles: the fitted "fast"
+    factors), "default" (MLX's ops) or "either" (chosen by timing on the first step)."""
+    if not cpu_kernels.installed(model):
+        return "default"
+    from mlx_dpo import kernel_choice
+
+    forced = kernel_choice.chooser().override
+    if forced.get("attention") == "flash" and forced.get("head") == "exp":
+        return "fast"
+    if forced.get("attention") == "mlx" and forced.get("head") == "mlx":
+        return "default"
+    return "either"
+
+
+def _head_quantized(model) -> bool:
+    from mlx_dpo.logps import LMHead
+
+    head = LMHead.from_model(model)
+    return head is not None and head.quantized
+
+
 def _lean_head(model) -> bool:
     from mlx_dpo.logps import LMHead
 
@@ -218,8 +264,7 @@ def plan(
     params = dict(tree_flatten(model.parameters()))
     T = PAD_TO * -(-max_tokens_per_row // PAD_TO)
     C = T if completion_tokens_per_row is None else PAD_TO * -(-completion_tokens_per_row // PAD_TO)
-    parts, notes = estimate(
-        arch,
+    common = dict(
         rows=rows,
         T=T,
         C=min(C, T),
@@ -229,8 +274,17 @@ def plan(
         lora_params=sum(cfg.lora_rank * (i + o) for _, i, o in arch.adapted),
         n_states=_OPTIMIZER_STATES.get(getattr(cfg, "optimizer", "adamw"), 2),
         weights=sum(v.nbytes for k, v in params.items() if "lora_" not in k),
-        fast=cpu_kernels.installed(model),
+        head_quantized=_head_quantized(model) if lean else False,
     )
+    kernels = _planned_kernels(model)
+    parts, notes = estimate(arch, **common, fast=kernels == "fast")
+    if kernels == "either":
+        # The kernels are chosen per shape class on the first step (kernel_choice), each one
+        # or MLX's own: plan for the larger of the two, part by part.
+        fast_parts, fast_notes = estimate(arch, **common, fast=True)
+        for k, v in fast_parts.items():
+            if v > parts.get(k, 0):
+                parts[k], notes[k] = v, fast_notes[k]
 
     def replan(**changes) -> MemoryPlan:
         new_rows = changes.pop("rows", rows)
@@ -264,7 +318,19 @@ def checkpoint_tradeoff(plan: MemoryPlan) -> str | None:
 
 
 def estimate(
-    arch: _Arch, *, rows, T, C, ckpt, lean, act, lora_params, n_states, weights, fast=False
+    arch: _Arch,
+    *,
+    rows,
+    T,
+    C,
+    ckpt,
+    lean,
+    act,
+    lora_params,
+    n_states,
+    weights,
+    fast=False,
+    head_quantized=False,
 ) -> tuple[dict[str, int], dict[str, str]]:
     """The plan's parts (bytes) and notes, from the architecture's numbers alone."""
     n_tok, n_scored = rows * (T - 1), rows * C
@@ -295,6 +361,11 @@ def estimate(
         kept = 1 if ckpt else deep
         parts["dequantized weights"] = int(_DEQUANT_SAVED * kept * 4 * arch.block_linear_params)
         notes["dequantized weights"] = f"fp32 copies of {kept} block(s) kept for the backward"
+    if head_quantized:
+        # the lean head dequantizes each vocabulary tile once for all token tiles (the compiled
+        # step shares the identical dequantize), so the whole head is alive in fp32
+        parts["dequantized output layer"] = 4 * arch.vocab * arch.hidden
+        notes["dequantized output layer"] = f"fp32 copy of the {arch.vocab} x {arch.hidden} head"
     # The backward's gradient inputs MLX keeps until the LoRA gradients are evaluated grow
     # block by block on the way down, on top of one block's working set.
     layer = act * (deep * per_token(f["retained"][ckpt]) + per_token(f["layer"][ckpt]))
@@ -318,6 +389,37 @@ def estimate(
     return parts, notes
 
 
+def resident(plan: MemoryPlan, rss_bytes: int | None = None) -> MemoryPlan:
+    """`plan` with what the OS will see besides the step's arrays, measured in this process
+    now (call it after the model is loaded): the runtime's resident memory (RSS less MLX's
+    arrays and cache), the allocator's cached buffers, and a slack for buffers the allocator
+    cannot reuse at the peak."""
+    rss = _rss_bytes() if rss_bytes is None else rss_bytes
+    active, cached = mx.get_active_memory(), mx.get_cache_memory()
+    # weights are in the plan already: the runtime is what RSS holds beyond MLX's buffers
+    plan.os_parts = {
+        "runtime": max(rss - active - cached, 0),
+        "allocator cache": cached,
+        "allocator slack": int(_ALLOCATOR_SLACK * (plan.total_bytes - plan.parts["weights"])),
+    }
+    return plan
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes
+
+
 def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
     """`plan` for the longest row and longest completion of tokenized `PreferencePair`s, at
     2 x cfg.batch_size rows (chosen and rejected)."""
@@ -325,7 +427,8 @@ def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
         (len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1
     )
     completion = max((max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1)
-    return plan(model, cfg, longest, 2 * cfg.batch_size, completion_tokens_per_row=completion)
+    step = plan(model, cfg, longest, 2 * cfg.batch_size, completion_tokens_per_row=completion)
+    return resident(step)  # this process, the model loaded: what the OS will see
 
 
 class _Override:
@@ -367,7 +470,8 @@ def check_fits(
     source = "given"
     if available is None:
         available, source = available_bytes(plat)
-    need = plan.total_bytes + RUNTIME_OVERHEAD
+    overhead = sum(plan.os_parts.values()) if plan.os_parts else RUNTIME_OVERHEAD
+    need = plan.total_bytes + overhead
     if available <= 0 or need <= available:
         return
     big = sorted(plan.parts.items(), key=lambda kv: -kv[1])[:3]
@@ -383,7 +487,7 @@ def check_fits(
             tries.append((f"--max-length {half}", {"max_tokens_per_row": half}))
         for flag, change in tries:
             try:
-                total = plan._replan(**change).total_bytes + RUNTIME_OVERHEAD
+                total = plan._replan(**change).total_bytes + overhead
             except (TypeError, ValueError, ZeroDivisionError):
                 continue
             if total < need:
@@ -392,7 +496,7 @@ def check_fits(
         options.append("--quantize 4 (4-bit base weights)")
     raise ConfigError(
         f"a training step needs ~{_gb(need)} ({_gb(plan.total_bytes)} planned + "
-        f"{_gb(RUNTIME_OVERHEAD)} runtime) but only {_gb(available)} is available ({source}); "
+        f"{_gb(overhead)} runtime and allocator) but only {_gb(available)} is available ({source}); "
         f"largest parts: {', '.join(f'{k} {_gb(v)}' for k, v in big)}. "
         f"Try: {'; '.join(options)}"
     )

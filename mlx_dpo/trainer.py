@@ -127,7 +127,7 @@ def evaluate(model, pairs, refs, cfg, *, max_batches: int = -1, group=None) -> d
         if i % world != rank:
             continue  # each rank takes every world-th batch
         for batch in update.micro_batches:
-            _, metrics = batch_loss(model, batch_arrays(batch), loss_kwargs)
+            _, metrics = _eval_loss(model, loss_kwargs)(batch_arrays(batch))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * batch.size
             n += batch.size
@@ -244,6 +244,23 @@ def train(
         )
         reporter.log("valid", step, last_valid)
     return TrainResult(step, last_train, last_valid)
+
+
+def _eval_loss(model, loss_kwargs):
+    """batch_loss compiled for the validation pass (forward only), one per model and loss:
+    eager, every op is dispatched on its own and the fused kernels' exp runs as separate ops;
+    kept across calls so that a later evaluation does not trace its lengths again. The model's
+    state is an input: the adapters it reads change between evaluations."""
+    key = (id(model), repr(sorted(loss_kwargs.items())))
+    if key not in _EVAL_LOSS:
+        _EVAL_LOSS.clear()  # one model at a time: drop another model's traces
+        state = [model.state, mx.random.state]  # random: LoRA dropout, as the eager pass drew
+        fn = partial(_loss_for_grad, model, loss_kwargs=loss_kwargs)
+        _EVAL_LOSS[key] = mx.compile(fn, inputs=state, outputs=state)
+    return _EVAL_LOSS[key]
+
+
+_EVAL_LOSS: dict = {}
 
 
 def _loss_for_grad(model, arrays, loss_kwargs):

@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # reference log-prob caches of test runs stay out of the user's ~/.cache
 os.environ.setdefault("MLX_DPO_CACHE", tempfile.mkdtemp(prefix="mlx_dpo_cache_"))
+# the CPU kernels without timing them against MLX's own (mlx_dpo.kernel_choice): results must
+# not depend on which was faster on a loaded machine; tests/test_kernel_choice.py times nothing
+os.environ.setdefault("MLX_DPO_KERNELS", "all=on")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

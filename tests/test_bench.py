@@ -64,3 +64,53 @@ def test_mx_exp_variant_opts_out_and_restores(tiny_model_path, monkeypatch):
         assert module.swiglu is not cpu_kernels.swiglu
         assert module.scaled_dot_product_attention is not cpu_kernels.scaled_dot_product_attention
     assert state() == before
+
+
+def _grid():
+    sys.path.insert(0, str(BENCH.parent))
+    import grid
+
+    return grid
+
+
+def test_grid_table_from_injected_cells():
+    """The grid's Markdown: times, the default against its own best variant, the speed-ups
+    over TRL and mlx-lm-lora, and the plan against the measured RSS (no timing here)."""
+    grid = _grid()
+    ok = lambda s, **kw: {"status": "ok", "step_s": s, **kw}  # noqa: E731
+    point = {
+        "model": "5m", "length": 128, "pairs": 2, "dtype": "fp32",
+        "cells": {
+            "mlx_dpo": ok(0.5, peak_rss_bytes=400 << 20, plan_bytes=380 << 20),
+            "attention-off": ok(0.4), "swiglu-off": ok(0.6), "head-off": {"status": "failed"},
+            "kernels-off": ok(1.0), "trl": ok(1.5), "trl-precompute": ok(1.0),
+            "mlx-lm-lora": {"status": "n/a"},
+        },
+    }  # fmt: skip
+    table = grid.markdown([point], grid.VARIANTS)
+    header, _, row = table.splitlines()
+    split = lambda line: [c.strip() for c in line.strip("| ").split("|")]  # noqa: E731
+    cells = dict(zip(split(header), split(row), strict=True))
+    assert cells["mlx_dpo"] == "0.50" and cells["head-off"] == "failed"
+    assert cells["default vs best own"] == "+25%"  # 0.5 against attention-off's 0.4
+    assert cells["TRL / default"] == "3.00x" and cells["TRL-pre / default"] == "2.00x"
+    assert cells["mlx-lm-lora / default"] == "-"
+    assert cells["RSS MiB"] == "400" and cells["plan / RSS"] == "0.95"
+
+
+def test_grid_commands(tmp_path):
+    """TRL has no 4-bit CPU path and cannot read the demo's MLX weights: those are n/a; the
+    mlx_dpo variants pass their kernel override."""
+    grid = _grid()
+    args = grid.parse_args(["--bench-python", sys.executable, "--warmup", "1", "--steps", "2"])
+    m = tmp_path / "m"
+    cmd = grid.command("attention-off", m, 128, 2, "fp32", args, tmp_path / "o.json")
+    assert cmd[-2:] == ["--kernels", "attention=off"] and "--quantize" not in cmd
+    assert "--quantize" in grid.command("mlx_dpo", m, 128, 2, "q4", args, tmp_path / "o.json")
+    assert grid.command("trl", m, 128, 2, "q4", args, tmp_path / "o.json") is None
+    assert "--precompute" in grid.command("trl-precompute", m, 128, 2, "fp32", args, m)
+    demo = grid.checkpoint("demo", 2, tmp_path)
+    assert grid.command("trl", demo, 128, 2, "fp32", args, m) is None
+    assert "--quantize" not in grid.command("mlx-lm-lora", demo, 128, 2, "q4", args, m)
+    args.bench_python = str(tmp_path / "missing")
+    assert grid.command("mlx-lm-lora", m, 128, 2, "fp32", args, m) is None

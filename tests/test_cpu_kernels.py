@@ -126,8 +126,10 @@ def test_install_swaps_the_model_family_functions_and_opt_out(tiny_model_path, m
     module = sys.modules[type(loaded.model).__module__]
     if not cpu_kernels.enabled():
         pytest.skip("fast CPU kernels are for the x86 CPU build")
-    assert module.scaled_dot_product_attention is cpu_kernels.scaled_dot_product_attention
-    assert module.swiglu is cpu_kernels.swiglu
+    # the dispatchers, which run the measured choice (conftest: MLX_DPO_KERNELS=all=on)
+    assert module.scaled_dot_product_attention is cpu_kernels.auto_attention
+    assert module.swiglu is cpu_kernels.auto_swiglu
+    assert cpu_kernels.installed(loaded.model)
     tokens = mx.array([[5, 9, 17, 3, 44, 8, 100, 7]])
     fast = loaded.model(tokens)
     with monkeypatch.context() as m:
@@ -183,3 +185,73 @@ def test_attention_backward_memory_is_linear_in_length():
     finally:
         mx.set_cache_limit(previous)
     assert ratio < 5, ratio
+
+
+@pytest.mark.parametrize("winner", ["mlx", "fast"])
+def test_dispatchers_run_what_was_measured_faster(winner, tmp_path):
+    """With injected timings the dispatchers give exactly the chosen function's numbers."""
+    from mlx_lm.models import base
+    from mlx_lm.models.activations import swiglu as mlx_swiglu
+
+    from mlx_dpo import kernel_choice as kc
+
+    seen = []
+
+    def fake_measure(fns):
+        seen.append(sorted(fns))
+        return {name: [1.0 if (name == "mlx") == (winner == "mlx") else 2.0] for name in fns}
+
+    kc.reset(kc.Chooser(tmp_path / "k.json", report=lambda _: None, measure_fn=fake_measure))
+    try:
+        q, k, v = (mx.random.normal((2, 4, 70, 16)) for _ in range(3))
+        got = cpu_kernels.auto_attention(q, k, v, None, 0.25, "causal")
+        gate, x = mx.random.normal((2, 70, 24)), mx.random.normal((2, 70, 24))
+        got_swiglu = cpu_kernels.auto_swiglu(gate, x)
+        opts = cpu_kernels.head_options(40, 16, 300)
+    finally:
+        kc.reset()
+    if winner == "mlx":
+        want = base.scaled_dot_product_attention(q, k, v, None, 0.25, "causal")
+        want_swiglu, want_opts = mlx_swiglu(gate, x), {"fast_exp": False}
+    else:
+        want = cpu_kernels.scaled_dot_product_attention(q, k, v, None, 0.25, "causal")
+        want_swiglu, want_opts = cpu_kernels.swiglu(gate, x), {"fast_exp": True, "exp_tile": 2048}
+    assert mx.array_equal(got, want) and mx.array_equal(got_swiglu, want_swiglu)
+    assert opts == want_opts
+    assert seen == [["flash", "mlx"], ["fused", "mlx"], ["exp", "exp-wide", "mlx"]]
+
+
+def test_kernel_benches_run_every_candidate_on_the_real_shapes():
+    """The timing closures compute forward and backward on arrays of the given shapes."""
+    benches = [
+        cpu_kernels._attention_bench((1, 4, 2, 70, 16), 0.25, mx.float32),
+        cpu_kernels._swiglu_bench((1, 70, 24), mx.float32),
+        cpu_kernels._head_bench(40, 16, 300),
+    ]
+    for fns in benches:
+        for fn in fns.values():
+            fn()  # raises if a candidate cannot run on these shapes
+    assert sorted(benches[2]) == ["exp", "exp-wide", "mlx"]
+
+
+def test_bad_kernel_override_fails_at_load_and_doctor_reports_it(tiny_model_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlx_dpo import kernel_choice
+    from mlx_dpo.cli import main
+    from mlx_dpo.config import ConfigError
+    from mlx_dpo.model import load
+
+    if not cpu_kernels.enabled():
+        pytest.skip("the kernels are for the x86 CPU build")
+    monkeypatch.setenv(kernel_choice.ENV, "attn=off")
+    kernel_choice.reset()
+    try:
+        with pytest.raises(ConfigError, match="attn=off"):
+            load(str(tiny_model_path))
+        result = CliRunner().invoke(main, ["doctor"])
+        assert result.exit_code == 0, result.output
+        assert "ERROR" in result.output and "attn=off" in result.output
+    finally:
+        monkeypatch.delenv(kernel_choice.ENV)
+        kernel_choice.reset()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx_lm.models import qwen2
 
-from mlx_dpo import data, memory, trainer
+from mlx_dpo import cpu_kernels, data, memory, trainer
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
 
@@ -144,3 +144,62 @@ def test_checkpoint_tradeoff_names_memory_and_time():
     assert on.total_bytes < off.total_bytes
     assert f"instead of ~{off.total_bytes / 2**20:.0f} MB" in line and "x the step time" in line
     assert memory.checkpoint_tradeoff(off) is None
+
+
+def test_quantized_head_plans_its_fp32_copy(tiny_model_path):
+    """A 4-bit model's lean head dequantizes every vocabulary tile once for all token tiles:
+    the plan holds 4 bytes x vocab x hidden for it (the 4-bit Qwen underestimate)."""
+    from mlx_dpo.config import TrainConfig
+
+    loaded = model_lib.load(str(tiny_model_path), quantize=4, q_group_size=32)
+    model_lib.apply_adapters(loaded.model, TrainConfig())
+    plan = memory.plan(loaded.model, TrainConfig(), 64, 4)
+    args = loaded.model.args
+    assert plan.parts["dequantized output layer"] == 4 * args.vocab_size * args.hidden_size
+    float_model = model_lib.load(str(tiny_model_path)).model
+    model_lib.apply_adapters(float_model, TrainConfig())
+    assert "dequantized output layer" not in memory.plan(float_model, TrainConfig(), 64, 4).parts
+
+
+def test_resident_plan_says_what_the_os_sees(tiny_model_path):
+    from mlx_dpo.config import ConfigError, TrainConfig
+
+    loaded = model_lib.load(str(tiny_model_path))
+    plan = memory.plan(loaded.model, TrainConfig(), 64, 4)
+    arrays = plan.total_bytes
+    active, cached = mx.get_active_memory(), mx.get_cache_memory()
+    rss = active + cached + (300 << 20)
+    memory.resident(plan, rss_bytes=rss)
+    assert plan.total_bytes == arrays  # the arrays' plan is unchanged
+    assert abs(plan.os_parts["runtime"] - (300 << 20)) <= 1 << 20  # RSS less MLX's buffers
+    assert plan.os_parts["allocator cache"] == pytest.approx(cached, abs=1 << 20)
+    slack = plan.os_parts["allocator slack"]
+    assert slack == int(memory._ALLOCATOR_SLACK * (arrays - plan.parts["weights"]))
+    assert plan.resident_bytes == arrays + sum(plan.os_parts.values())
+    assert "process RSS" in str(plan) and "allocator cache" in str(plan)
+    # check_fits counts the measured parts instead of the fixed runtime allowance
+    memory.check_fits(plan, available=plan.resident_bytes)
+    with pytest.raises(ConfigError, match="runtime and allocator"):
+        memory.check_fits(plan, available=plan.resident_bytes - 1)
+
+
+def test_plan_covers_either_kernel_when_they_are_chosen_by_timing():
+    """Without an override the kernels are picked on the first step: each part of the plan is
+    the larger of the kernels' and MLX's own (each checked against a forced plan)."""
+    from mlx_dpo import kernel_choice as kc
+
+    model = small_model(8192, layers=2)
+    cfg = TrainConfig(num_layers=-1)
+    plans = {}
+    for name, override in (("fast", "all=on"), ("default", "all=off"), ("either", "")):
+        kc.reset(kc.Chooser(None, kc.parse_override(override), report=lambda _: None))
+        try:
+            plans[name] = memory.plan(model, cfg, 512, 4)
+        finally:
+            kc.reset()
+    if not cpu_kernels.installed(model):
+        assert plans["either"].parts == plans["default"].parts
+        return
+    assert plans["fast"].parts != plans["default"].parts
+    for part, n in plans["either"].parts.items():
+        assert n == max(plans["fast"].parts.get(part, 0), plans["default"].parts.get(part, 0))

@@ -1,0 +1,244 @@
+"""The benchmark grid: python benchmarks/grid.py [--quick] (see --help).
+
+Models (random weights, real configurations; see common.SPECS): the demo model (mlx_dpo/demo,
+a 4-bit Llama), 5M Qwen2-style (head dim 32), the 40M one, SmolLM2-135M (full depth: 30 layers)
+and Qwen2.5-0.5B (--qwen-layers of its 24 blocks; default 2, where time is short). Sequence
+lengths 128/512/1024 (half prompt, half completion), batch 1/2/8 pairs, fp32 and 4-bit.
+Variants per point, each in its own process, alternating in --rounds rounds (the order
+reversed every other round) so that load from other processes hits all alike:
+
+  mlx_dpo              the default: kernels chosen by measurement (mlx_dpo.kernel_choice)
+  attention-off, swiglu-off, head-off, kernels-off   each kernel (or all) off
+  trl                  TRL's DPOTrainer, its defaults (reference forward every step)
+  trl-precompute       the same with precompute_ref_log_probs=True
+  mlx-lm-lora          mlx-lm-lora 5.10.2's DPO trainer (reference model every step)
+
+TRL and mlx-lm-lora run in the benchmark venv (--bench-python, default .bench-venv/bin/python;
+make it with `python3 -m venv .bench-venv && .bench-venv/bin/pip install torch==2.13.0
+trl==1.16.0 peft datasets mlx-lm-lora==5.10.2 "mlx[cpu]" mkl`); they are never dependencies of
+the project. TRL has no 4-bit CPU path (bitsandbytes needs a GPU) and cannot read the demo's
+MLX-quantized weights: those cells are "n/a". Each cell is the marginal seconds per update after
+--warmup updates (min over --steps and rounds), peak RSS, and for mlx_dpo the memory plan.
+Writes <out>.json and <out>.md (default benchmarks/out/grid-<time>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from common import SPECS, Spec, load_average, write_checkpoint  # noqa: E402
+
+MLX_VARIANTS = {
+    "mlx_dpo": "",
+    "attention-off": "attention=off",
+    "swiglu-off": "swiglu=off",
+    "head-off": "head=off",
+    "kernels-off": "all=off",
+}
+OTHER_VARIANTS = ("trl", "trl-precompute", "mlx-lm-lora")
+VARIANTS = (*MLX_VARIANTS, *OTHER_VARIANTS)
+MODELS = ("demo", "5m", "40m", "smollm2-135m", "qwen2.5-0.5b")
+QUICK = [  # (model, length, pairs, dtype): the representative points run by --quick
+    ("5m", 128, 2, "fp32"),
+    ("5m", 512, 2, "fp32"),
+    ("40m", 128, 1, "fp32"),
+    ("demo", 128, 2, "q4"),
+]
+
+
+def model_spec(name: str, qwen_layers: int) -> Spec | None:
+    from dataclasses import replace
+
+    return {
+        "demo": None,
+        "5m": SPECS["5m"],
+        "40m": SPECS["mid"],
+        "smollm2-135m": SPECS["smollm2-135m"],
+        "qwen2.5-0.5b": replace(SPECS["qwen2.5-0.5b"], num_hidden_layers=qwen_layers),
+    }[name]
+
+
+def checkpoint(name: str, qwen_layers: int, root: Path) -> Path:
+    spec = model_spec(name, qwen_layers)
+    if spec is None:
+        return HERE.parent / "mlx_dpo" / "demo" / "model"
+    path = root / f"{name}-{spec.num_hidden_layers}L"
+    if not (path / "model.safetensors").exists():
+        write_checkpoint(path, spec)
+    return path
+
+
+def command(variant, model_dir, length, pairs, dtype, args, out_json) -> list[str] | None:
+    common = [str(model_dir), "--pairs", str(pairs), "--length", str(length)]
+    common += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--json", str(out_json)]
+    q4 = ["--quantize", "4"] if dtype == "q4" else []
+    if variant in MLX_VARIANTS:
+        return [sys.executable, str(HERE / "grid_mlx.py"), *common, *q4,
+                "--kernels", MLX_VARIANTS[variant]]  # fmt: skip
+    if not Path(args.bench_python).exists():
+        return None
+    if variant.startswith("trl"):
+        if dtype == "q4" or "demo" in str(model_dir):
+            return None  # TRL on the CPU: no 4-bit path, and the demo's weights are MLX's
+        extra = ["--precompute"] if variant == "trl-precompute" else []
+        return [args.bench_python, str(HERE / "grid_trl.py"), *common, *extra]
+    if dtype == "q4" and "demo" in str(model_dir):
+        q4 = []  # already 4-bit
+    return [args.bench_python, str(HERE / "grid_lora.py"), *common, *q4]
+
+
+def run_point(point, args, root: Path, tmp: Path) -> dict:
+    model, length, pairs, dtype = point
+    model_dir = checkpoint(model, args.qwen_layers, root)
+    cells: dict[str, dict] = {}
+    for r in range(args.rounds):
+        order = list(args.variants)[:: 1 if r % 2 == 0 else -1]
+        for v in order:
+            out_json = tmp / f"{model}-{length}-{pairs}-{dtype}-{v}-{r}.json"
+            cmd = command(v, model_dir, length, pairs, dtype, args, out_json)
+            if cmd is None:
+                cells.setdefault(v, {"status": "n/a"})
+                continue
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            if args.threads:  # every side alike: MKL/OpenBLAS/OpenMP (torch's intra-op too)
+                for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+                    env[k] = str(args.threads)
+            t0 = time.time()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                  timeout=args.timeout)  # fmt: skip
+            if proc.returncode != 0 or not out_json.exists():
+                cells[v] = {"status": "failed", "stderr": proc.stderr[-2000:]}
+                print(f"  {v}: FAILED\n{proc.stderr[-800:]}", flush=True)
+                continue
+            res = json.loads(out_json.read_text())
+            res["wall_s"] = time.time() - t0
+            cell = cells.setdefault(v, {"status": "ok", "runs": []})
+            cell.setdefault("runs", []).append(res)
+            cell["status"] = "ok"
+            print(f"  {v} round {r}: {res['step_s_min']:.3f} s/update, "
+                  f"RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
+    for cell in cells.values():
+        runs = cell.get("runs", [])
+        if runs:
+            cell["step_s"] = min(x["step_s_min"] for x in runs)
+            cell["peak_rss_bytes"] = max(x["peak_rss_bytes"] for x in runs)
+            cell["load_average"] = [x["load_average"] for x in runs]
+            if "plan" in runs[0]:
+                cell["plan_bytes"] = runs[0]["plan"]["total"]
+                cell["plan_parts"] = runs[0]["plan"]["parts"]
+            if "decisions" in runs[-1]:
+                cell["decisions"] = runs[-1]["decisions"]
+    return {"model": model, "length": length, "pairs": pairs, "dtype": dtype, "cells": cells}
+
+
+def _s(cell: dict | None) -> str:
+    if not cell:
+        return "-"
+    if cell.get("status") != "ok":
+        return cell.get("status", "-")
+    return f"{cell['step_s']:.2f}"
+
+
+def ratio(a: dict | None, b: dict | None) -> float | None:
+    """b's time over a's (how many times faster a is), when both ran."""
+    if a and b and a.get("status") == b.get("status") == "ok":
+        return b["step_s"] / a["step_s"]
+    return None
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def markdown(points: list[dict], variants) -> str:
+    head = ["model", "T", "pairs", "dtype", *variants]
+    head += ["default vs best own", "TRL / default", "TRL-pre / default", "mlx-lm-lora / default"]
+    head += ["RSS MiB", "plan MiB", "plan / RSS"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in points:
+        c = p["cells"]
+        d = c.get("mlx_dpo")
+        own = [c[v] for v in MLX_VARIANTS if c.get(v, {}).get("status") == "ok"]
+        best = min((x["step_s"] for x in own), default=None)
+        vs_best = None if not d or d.get("status") != "ok" or best is None else d["step_s"] / best
+        rss = d.get("peak_rss_bytes") if d else None
+        plan = d.get("plan_bytes") if d else None
+        row = [p["model"], str(p["length"]), str(p["pairs"]), p["dtype"]]
+        row += [_s(c.get(v)) for v in variants]
+        row += [
+            "-" if vs_best is None else f"{(vs_best - 1) * 100:+.0f}%",
+            _x(ratio(d, c.get("trl"))),
+            _x(ratio(d, c.get("trl-precompute"))),
+            _x(ratio(d, c.get("mlx-lm-lora"))),
+            "-" if not rss else f"{rss / 2**20:.0f}",
+            "-" if not plan else f"{plan / 2**20:.0f}",
+            "-" if not (rss and plan) else f"{plan / rss:.2f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} points: {QUICK}")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--lengths", nargs="+", type=int, default=[128, 512, 1024])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 8])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "q4"], choices=["fp32", "q4"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--qwen-layers", type=int, default=2, help="of Qwen2.5-0.5B's 24 blocks")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="BLAS/OpenMP threads for every process (0: the libraries' defaults). On a machine "
+        "shared with other jobs, 1: OpenMP's spinning threads collapse when a core is taken",
+    )
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per process")
+    p.add_argument("--bench-python", default=str(HERE.parent / ".bench-venv" / "bin" / "python"))
+    p.add_argument("--out", help="output path without suffix (default benchmarks/out/grid-<time>)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    points = (
+        QUICK
+        if args.quick
+        else list(itertools.product(args.models, args.lengths, args.batches, args.dtypes))
+    )
+    out = Path(args.out or HERE / "out" / time.strftime("grid-%Y%m%d-%H%M%S"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    root, tmp = HERE / "out" / "checkpoints", out.with_suffix(".runs")
+    tmp.mkdir(parents=True, exist_ok=True)
+    report = {
+        "command": " ".join(sys.argv),
+        "threads": args.threads or "library defaults",
+        "load_average_before": load_average(),
+        "points": [],
+    }
+    for point in points:
+        print(f"{point}:", flush=True)
+        report["points"].append(run_point(point, args, root, tmp))
+        report["load_average_after"] = load_average()
+        out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        out.with_suffix(".md").write_text(markdown(report["points"], args.variants) + "\n")
+    print(markdown(report["points"], args.variants))
+    print(f"wrote {out}.json and {out}.md")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""One grid point, one variant, mlx_dpo side: run by grid.py in its own process.
+
+python benchmarks/grid_mlx.py MODEL_DIR --pairs B --length T [--quantize 4] [--kernels SPEC]
+  [--warmup 2] [--steps 3] --json OUT
+
+Loads the checkpoint as `mlx_dpo train` does (set_compute_path: float32 compute on the CPU, the
+kernels chosen per shape class unless --kernels overrides), inserts LoRA r=8 on q/k/v/o/gate/
+up/down of every block, builds B synthetic pairs of T tokens (half prompt, half completion),
+runs the trainer's compiled step with a cached reference (mlx_worker.Step) and writes: the
+marginal seconds per update after warm-up (min and median of --steps), the reference forward's
+pairs/s, the memory plan's parts and the measured peaks (MLX allocator, process RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from mlx_dpo import _blas  # noqa: E402
+
+_blas.preload()
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from common import Geometry  # noqa: E402
+from mlx_worker import BIG_CACHE, VARIANTS, Step, load_model, make_batch  # noqa: E402
+
+from mlx_dpo import kernel_choice, memory, trainer  # noqa: E402
+from mlx_dpo import model as model_lib  # noqa: E402
+from mlx_dpo.config import TrainConfig  # noqa: E402
+
+
+def rss_now() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("model_dir")
+    p.add_argument("--pairs", type=int, default=2)
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--quantize", type=int, default=None)
+    p.add_argument("--kernels", default="", help="MLX_DPO_KERNELS value (default: measured)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--json", required=True)
+    args = p.parse_args(argv)
+    kernel_choice.reset(
+        kernel_choice.Chooser(
+            kernel_choice.default_cache_path(), kernel_choice.parse_override(args.kernels)
+        )
+    )
+    mx.set_cache_limit(BIG_CACHE)  # as run.py does on the CPU
+    t0 = time.perf_counter()
+    net, notes = load_model(args.model_dir, args.quantize)
+    out = {"load_s": time.perf_counter() - t0, "rss_loaded": rss_now(), "notes": notes}
+    cfg = TrainConfig(num_layers=-1, lora_rank=8, lora_scale=20.0, batch_size=args.pairs)
+    model_lib.apply_adapters(net, cfg, seed=0)
+    mx.eval(net.parameters())
+    half = args.length // 2
+    geo = Geometry(args.pairs, half, args.length - half)
+    vocab = net.args.vocab_size
+    plan = memory.plan(net, cfg, args.length, 2 * args.pairs, completion_tokens_per_row=half)
+    plan = memory.resident(plan)  # as run.py's plan_for_pairs: what the OS will see
+    out["plan"] = {
+        "total": plan.resident_bytes,
+        "arrays": plan.total_bytes,
+        "parts": {**plan.parts, **plan.os_parts},
+        "notes": plan.notes,
+    }
+    _, batch = make_batch(geo, vocab, 0)
+    from mlx_worker import reference_logps
+
+    ref_times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        refs = reference_logps(net, batch)
+        mx.eval(refs)
+        ref_times.append(time.perf_counter() - t)
+    out["reference_pairs_per_s"] = args.pairs / min(ref_times)
+    refs = np.array(refs).reshape(2, -1)
+    _, batch = make_batch(geo, vocab, 0, refs)
+    step = Step(net, cfg, VARIANTS["mlx_dpo"])
+    arrays = [trainer.batch_arrays(batch)]
+
+    def run():
+        metrics, grads = step.grads(arrays)
+        norm = step.apply_update(grads)
+        mx.eval(step.state, metrics, norm)
+
+    times = []
+    for _ in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    marginal = times[args.warmup :]
+    out.update(
+        step_s_min=min(marginal),
+        step_s_median=float(np.median(marginal)),
+        first_step_s=times[0],
+        step_times=times,
+        peak_mlx_bytes=mx.get_peak_memory(),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        decisions=[d.line() for d in kernel_choice.chooser().decisions.values()],
+        load_average=list(os.getloadavg()),
+    )
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
