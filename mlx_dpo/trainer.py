@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 
 from mlx_dpo import _testhooks, checkpoint
@@ -140,6 +141,43 @@ def evaluate(model, pairs, refs, cfg, *, max_batches: int = -1, group=None) -> d
     return {k: v / max(totals[0], 1) for k, v in zip(keys, totals[1:], strict=True)}
 
 
+def make_step(model, optimizer, cfg, *, group=None):
+    """The training step of one optimizer update, compiled: `step(micro_batches)` runs each
+    micro-batch's forward and backward (gradients accumulated over them), averages the
+    gradients over the ranks of `group` (mlx's `average_gradients`), clips and applies them.
+    Returns (metrics averaged over the micro-batches, the clipped-before gradient norm), lazy;
+    `step.state` is what to `mx.eval` after it. Used by `train`, the memory tests and the
+    benchmarks, so what is measured is what trains."""
+    loss_and_grad = nn.value_and_grad(model, partial(_loss_for_grad, loss_kwargs=cfg.loss_kwargs()))
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def grad_step(*arrays):
+        (_, metrics), grads = loss_and_grad(model, arrays)
+        return metrics, grads
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def apply_update(grads):
+        grads, norm = _clip(grads, cfg.max_grad_norm)
+        optimizer.update(model, grads)
+        return norm
+
+    def step(micro_batches):
+        grads, metrics = None, None
+        for batch in micro_batches:
+            m, g = grad_step(*batch_arrays(batch))
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            metrics = m if metrics is None else {k: metrics[k] + m[k] for k in m}
+        n = len(micro_batches)
+        grads = tree_map(lambda g: g / n, grads)
+        if group is not None and group.size() > 1:
+            grads = average_gradients(grads, group=group)
+        return {k: v / n for k, v in metrics.items()}, apply_update(grads)
+
+    step.state = state
+    return step
+
+
 def train(
     model,
     optimizer,
@@ -163,21 +201,7 @@ def train(
     """
     world, rank = (group.size(), group.rank()) if group else (1, 0)
     total = total_updates(cfg, len(train_pairs), world)
-    loss_kwargs = cfg.loss_kwargs()
-    loss_and_grad = nn.value_and_grad(model, partial(_loss_for_grad, loss_kwargs=loss_kwargs))
-    state = [model.state, optimizer.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def grad_step(*arrays):
-        (loss, metrics), grads = loss_and_grad(model, arrays)
-        return metrics, grads
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def apply_update(grads):
-        grads, norm = _clip(grads, cfg.max_grad_norm)
-        optimizer.update(model, grads)
-        return norm
-
+    step_fn = make_step(model, optimizer, cfg, group=group)
     updates = iterate_batches(
         train_pairs,
         cfg.batch_size,
@@ -209,22 +233,13 @@ def train(
                 reporter.log("valid", step, last_valid)
             # dropout's randomness is a function of (seed, step): a resumed run replays it exactly
             mx.random.seed(cfg.seed * 1_000_003 + update.step)
-            grads, metrics = None, None
-            for batch in update.micro_batches:
-                m, g = grad_step(*batch_arrays(batch))
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                metrics = m if metrics is None else {k: metrics[k] + m[k] for k in m}
-                window.tokens += batch.n_tokens
-                window.pairs += batch.size
-            scale = 1.0 / (len(update.micro_batches) * world)
-            grads = tree_map(lambda g, s=scale: g * s, grads)
-            if world > 1:
-                grads = tree_map(lambda g: mx.distributed.all_sum(g, group=group), grads)
-            norm = apply_update(grads)
+            metrics, norm = step_fn(update.micro_batches)
+            window.tokens += sum(batch.n_tokens for batch in update.micro_batches)
+            window.pairs += sum(batch.size for batch in update.micro_batches)
             # the norm is of the rank-averaged gradient, so every rank takes the same decision
             finite = finite & mx.isfinite(norm)
-            window.add({k: v / len(update.micro_batches) for k, v in metrics.items()}, norm)
-            mx.eval(state, window.sums, finite)
+            window.add(metrics, norm)
+            mx.eval(step_fn.state, window.sums, finite)
             step = update.step + 1  # updates done (Update.step counts from 0)
             _testhooks.point("update", step)
             reporter.progress(step)

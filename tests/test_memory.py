@@ -1,7 +1,5 @@
 """The memory planner against the allocator's measured peak of the trainer's compiled step."""
 
-from functools import partial
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -46,28 +44,17 @@ def make_batch(pairs: int, prompt: int, completion: int, vocab: int) -> data.Bat
 
 
 def measured_peak(model, cfg: TrainConfig, batch) -> int:
-    """Peak of one update of trainer.train's compiled grad_step + apply_update (after warm-up)."""
+    """Peak of one update of the training step, trainer.make_step (after a warm-up update)."""
     model_lib.apply_adapters(model, cfg)
     if cfg.grad_checkpoint:
         model_lib.enable_grad_checkpoint(model)
     optimizer = trainer.build_optimizer(cfg, 10)
     optimizer.init(model.trainable_parameters())
-    loss_and_grad = nn.value_and_grad(
-        model, lambda m, a: trainer.batch_loss(m, a, cfg.loss_kwargs())
-    )
-    state = [model.state, optimizer.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(*arrays):
-        (loss, _), grads = loss_and_grad(model, arrays)
-        optimizer.update(model, grads)
-        return loss
-
-    arrays = trainer.batch_arrays(batch)
-    mx.eval(state, step(*arrays))
+    step = trainer.make_step(model, optimizer, cfg)  # the training step itself
+    mx.eval(step.state, step([batch]))
     mx.clear_cache()
     mx.reset_peak_memory()
-    mx.eval(state, step(*arrays))
+    mx.eval(step.state, step([batch]))
     return mx.get_peak_memory()
 
 
