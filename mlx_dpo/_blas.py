@@ -81,15 +81,16 @@ def preload() -> BlasState:
 
 
 def _mkl_threading() -> None:
-    """MKL's threads sleep between calls instead of spinning (set before MKL loads; the user's
-    own settings win). MLX calls BLAS from one worker thread, between element-wise ops on the
-    same cores: a spinning OpenMP thread made the demo's tiny matmuls up to 10x slower on a
-    busy 2-core machine. Without the GNU OpenMP runtime MKL runs sequentially."""
+    """MKL on GNU OpenMP (set before MKL loads; the user's own settings win), or sequential
+    without that runtime. The OpenMP wait policy stays the runtime's default (spin briefly, then
+    sleep). Measured on the demo, 2 cores, tokens/s: quiet machine default 3871 vs PASSIVE 1036;
+    with one other CPU-bound process default 1280 vs PASSIVE 3517 (MKL_NUM_THREADS=1: 4012 and
+    4794). A training machine is usually not shared, so the quiet case decides; docs/linux-cpu.md
+    says what to set on a shared one."""
     if ctypes.util.find_library("gomp") is None:
         os.environ.setdefault("MKL_THREADING_LAYER", "SEQUENTIAL")
         return
     os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _try_load() -> None:
