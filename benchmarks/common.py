@@ -209,3 +209,15 @@ def load_average() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+def marginal_step_times(marks: list[float], warmup: int) -> dict:
+    """Seconds between consecutive step marks, and their min and median after `warmup` steps
+    (all of them when the run was shorter): the marginal cost of an update."""
+    gaps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    marginal = gaps[warmup:] or gaps
+    return {
+        "step_s_min": min(marginal),
+        "step_s_median": sorted(marginal)[len(marginal) // 2],
+        "step_times": gaps,
+    }

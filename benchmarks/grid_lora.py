@@ -39,7 +39,7 @@ def preload_blas() -> str | None:
 
 BLAS = preload_blas()
 import mlx.core as mx  # noqa: E402
-from common import LORA_KEYS, Geometry, synthetic_token_ids  # noqa: E402
+from common import LORA_KEYS, Geometry, marginal_step_times, synthetic_token_ids  # noqa: E402
 
 
 def shim_device_info() -> None:
@@ -114,12 +114,8 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         marks.append(t0)
         train_dpo(model, ref, optim.AdamW(1e-5), rows, None, args=targs, training_callback=Timer())
-    gaps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-    marginal = gaps[args.warmup :] or gaps
     out = {
-        "step_s_min": min(marginal),
-        "step_s_median": sorted(marginal)[len(marginal) // 2],
-        "step_times": gaps,
+        **marginal_step_times(marks, args.warmup),
         "blas": BLAS,
         "peak_mlx_bytes": mx.get_peak_memory(),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

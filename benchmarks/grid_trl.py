@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import LORA_KEYS, Geometry, read_spec, synthetic_token_ids  # noqa: E402
+from common import LORA_KEYS, Geometry, marginal_step_times, read_spec, synthetic_token_ids  # noqa: E402
 
 
 def word_tokenizer(vocab: int):
@@ -119,12 +119,8 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - t0
-    gaps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-    marginal = gaps[args.warmup :] or gaps
     out = {
-        "step_s_min": min(marginal),
-        "step_s_median": sorted(marginal)[len(marginal) // 2],
-        "step_times": gaps,
+        **marginal_step_times(marks, args.warmup),
         "train_s": train_s,
         "torch_threads": torch.get_num_threads(),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
