@@ -6,7 +6,8 @@ python benchmarks/grid_mlx.py MODEL_DIR --pairs B --length T [--quantize 4] [--k
 Loads the checkpoint as `mlx_dpo train` does (set_compute_path: float32 compute on the CPU, the
 kernels chosen per shape class unless --kernels overrides), inserts LoRA r=8 on q/k/v/o/gate/
 up/down of every block, builds B synthetic pairs of T tokens (half prompt, half completion),
-runs the trainer's compiled step with a cached reference (mlx_worker.Step) and writes: the
+runs the trainer's compiled step (trainer.make_step, through mlx_worker.Step) with a cached
+reference and writes: the
 marginal seconds per update after warm-up (min and median of --steps), the reference forward's
 pairs/s, the memory plan's parts and the measured peaks (MLX allocator, process RSS).
 """
@@ -31,7 +32,7 @@ import numpy as np  # noqa: E402
 from common import Geometry  # noqa: E402
 from mlx_worker import BIG_CACHE, VARIANTS, Step, load_model, make_batch  # noqa: E402
 
-from mlx_dpo import kernel_choice, memory, trainer  # noqa: E402
+from mlx_dpo import kernel_choice, memory  # noqa: E402
 from mlx_dpo import model as model_lib  # noqa: E402
 from mlx_dpo.config import TrainConfig  # noqa: E402
 
@@ -92,13 +93,10 @@ def main(argv=None) -> dict:
     out["reference_pairs_per_s"] = args.pairs / min(ref_times)
     refs = np.array(refs).reshape(2, -1)
     _, batch = make_batch(geo, vocab, 0, refs)
-    step = Step(net, cfg, VARIANTS["mlx_dpo"])
-    arrays = [trainer.batch_arrays(batch)]
+    step = Step(net, cfg, VARIANTS["mlx_dpo"])  # trainer.make_step with its own AdamW
 
     def run():
-        metrics, grads = step.grads(arrays)
-        norm = step.apply_update(grads)
-        mx.eval(step.state, metrics, norm)
+        mx.eval(step.state, step([batch]))
 
     times = []
     for _ in range(args.warmup + args.steps):

@@ -81,14 +81,12 @@ def measure(spec: Spec, geos, paths, quantize) -> list[dict]:
                 mx.eval(net.parameters())
                 adapted = True
             _, batch = W.make_batch(geo, spec.vocab_size, 0, refs=np.zeros((2, geo.pairs)))
-            micro = [W.trainer.batch_arrays(batch)]
             variant = W.Variant("x", ckpt=ckpt, logps=paths[0])
             with W.variant_context(variant, net):
-                step = W.Step(net, cfg, variant)
+                step = W.Step(net, cfg, variant)  # trainer.make_step with its own AdamW
 
-                def update(step=step, micro=micro):
-                    metrics, grads = step.grads(micro)
-                    mx.eval(step.state, metrics, step.apply_update(grads))
+                def update(step=step, batch=batch):
+                    mx.eval(step.state, step([batch]))
 
                 update()
                 gc.collect()

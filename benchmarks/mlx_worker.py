@@ -2,8 +2,8 @@
 
 It loads the checkpoint, builds one synthetic preference batch, inserts LoRA adapters as
 `mlx_dpo train` does, and times each variant's phases with their rounds interleaved. A variant
-is the trainer's own step (trainer.batch_loss under nn.value_and_grad, compiled the same way,
-AdamW with clipping) with one lever changed; see VARIANTS. On the x86 CPU build every variant
+is the trainer's own step (trainer.make_step: trainer.batch_loss under nn.value_and_grad,
+compiled, AdamW with the trainer's clipping) with one lever changed; see VARIANTS. On the x86 CPU build every variant
 runs with mlx_dpo.cpu_kernels (fast exp, flash attention), as training does, unless it opts out.
 """
 
@@ -17,14 +17,12 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 from mlx_dpo import _blas
 
 _blas.preload()  # importing mlx_dpo did it already; it must precede mlx.core
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from common import Geometry, read_spec, step_flops, summarize, synthetic_token_ids  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
@@ -103,11 +101,13 @@ VARIANTS = {
 
 
 def naive_forward_logps(model, batch, **_):
-    """Summed completion log-probs the straightforward way: full log_softmax, then gather."""
+    """Summed completion log-probs the straightforward way: full log_softmax over every
+    position, gather each next token, then keep the completion positions."""
     tokens = batch.tokens
     logp = nn.log_softmax(model(tokens[:, :-1]).astype(mx.float32), axis=-1)
     picked = mx.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return (picked * batch.mask).sum(-1), batch.mask.sum(-1)
+    picked = mx.take_along_axis(picked, batch.positions, axis=1) * batch.target_mask
+    return picked.sum(-1), batch.target_mask.sum(-1)
 
 
 LOGPS = {
@@ -197,56 +197,51 @@ def reference_logps(model, batch):
     return mx.stop_gradient(logps)
 
 
+def online_ref_loss(model, batch, loss_kwargs):
+    """trainer.batch_loss with the reference log-probs computed inside the step."""
+    ref, b = reference_logps(model, batch), batch.ref_chosen.shape[0]
+    batch = replace(batch, ref_chosen=ref[:b], ref_rejected=ref[b:])
+    return trainer.batch_loss(model, batch, loss_kwargs)
+
+
 class Step:
-    """The trainer's grad_step / apply_update pair for one variant (trainer.train's pattern)."""
+    """trainer.make_step for one variant, with its own AdamW. With several streams there is one
+    compiled step per CPU stream (each traces its ops onto its own stream) and the
+    micro-batches run concurrently, one per stream (a prototype; trainer.train runs them one
+    after the other)."""
 
     def __init__(self, model, cfg: TrainConfig, variant: Variant):
-        self.model, self.variant = model, variant
-        loss_kwargs = cfg.loss_kwargs()
-
-        def loss(model, arrays):
-            if variant.online_ref:
-                batch = SimpleNamespace(**dict(zip(trainer.BATCH_FIELDS, arrays, strict=True)))
-                ref, b = reference_logps(model, batch), arrays[5].shape[0]
-                arrays = (*arrays[:5], ref[:b], ref[b:])
-            return trainer.batch_loss(model, arrays, loss_kwargs)
-
-        loss_and_grad = nn.value_and_grad(model, loss)
+        self.model, self.variant, self.cfg = model, variant, cfg
         self.optimizer = trainer.build_optimizer(cfg, 1000)
         self.optimizer.init(model.trainable_parameters())
-        self.state = [model.state, self.optimizer.state, mx.random.state]
-
-        def grad_step(*arrays):
-            (_, metrics), grads = loss_and_grad(model, arrays)
-            return metrics, grads
-
-        def apply_update(grads):
-            grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-            self.optimizer.update(model, grads)
-            return norm
-
+        loss = online_ref_loss if variant.online_ref else None
+        self.steps = [
+            trainer.make_step(model, self.optimizer, cfg, compile=variant.compile, loss=loss)
+            for _ in range(variant.streams)
+        ]
         self.streams = [mx.new_stream(mx.cpu) for _ in range(variant.streams)]
-        self.grad_steps = [grad_step] * variant.streams
-        if variant.compile:
-            compiled = functools.partial(mx.compile, inputs=self.state, outputs=self.state)
-            # one compiled function per stream: each traces its ops onto its own stream
-            self.grad_steps = [compiled(grad_step) for _ in self.streams]
-            apply_update = compiled(apply_update)
-        self.apply_update = apply_update
+        self.state = self.steps[0].state
 
-    def grads(self, micro: list[tuple]):
-        """Metrics and gradients averaged over micro-batches, as trainer.train accumulates;
-        with several streams the micro-batches run concurrently, one per CPU stream."""
-        if len(micro) == 1:
-            return self.grad_steps[0](*micro[0])
+    def grads(self, micro: list):
+        """Metrics and gradients averaged over the micro-batches (`data.Batch`es)."""
+        if len(self.steps) == 1:
+            return self.steps[0].grads(micro)
         out = []
-        for stream, fn, arrays in zip(self.streams, self.grad_steps, micro, strict=True):
+        for stream, step, batch in zip(self.streams, self.steps, micro, strict=True):
             with mx.stream(stream):
-                out.append(fn(*arrays))
+                out.append(step.grads([batch]))
         n = len(out)
         metrics = {k: sum(m[k] for m, _ in out) / n for k in out[0][0]}
         grads = tree_map(lambda *g: sum(g) / n, *(g for _, g in out))
         return metrics, grads
+
+    def apply_update(self, grads):
+        return self.steps[0].update(grads)
+
+    def __call__(self, micro: list):
+        """One whole update: (metrics, gradient norm), lazy."""
+        metrics, grads = self.grads(micro)
+        return metrics, self.apply_update(grads)
 
 
 def timed(fn):
@@ -281,12 +276,7 @@ def measure_phases(step: Step, micro, batch, big_batch, record: dict) -> None:
     mx.eval(grads)
     run("optimizer", lambda: mx.eval(step.state, step.apply_update(grads)))
 
-    def whole():
-        metrics, grads = step.grads(micro)
-        norm = step.apply_update(grads)
-        mx.eval(step.state, metrics, norm)
-
-    run("step", whole)
+    run("step", lambda: mx.eval(step.state, step(micro)))
 
 
 def gemm_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -302,9 +292,9 @@ def step0_numbers(model, batch, cfg) -> dict:
     LoRA gradient norms of the first step."""
     loss_kwargs = cfg.loss_kwargs()
     logps, _ = trainer.forward_logps(model, batch)
-    (loss, _), grads = nn.value_and_grad(model, lambda m, a: trainer.batch_loss(m, a, loss_kwargs))(
-        model, trainer.batch_arrays(batch)
-    )
+    (loss, _), grads = nn.value_and_grad(
+        model, lambda m: trainer.batch_loss(m, batch, loss_kwargs)
+    )(model)
     flat = dict(tree_flatten(grads))
     mx.eval(logps, loss, flat)
     return {
@@ -348,14 +338,12 @@ def run_worker(args) -> dict:
     for name in names:
         k = VARIANTS[name].streams
         if k == 1:
-            micro[name] = [trainer.batch_arrays(batch)]
+            micro[name] = [batch]
         else:  # the pairs split over k micro-batches (as --grad-accumulation-steps k would)
             split = np.array_split(np.arange(len(pairs)), k)
             micro[name] = [
-                trainer.batch_arrays(
-                    data.collate(
-                        [pairs[i] for i in idx], ref_chosen=refs[0][idx], ref_rejected=refs[1][idx]
-                    )
+                data.collate(
+                    [pairs[i] for i in idx], ref_chosen=refs[0][idx], ref_rejected=refs[1][idx]
                 )
                 for idx in split
             ]
@@ -537,7 +525,7 @@ def new_shape_cost(step: Step, geo: Geometry, spec, args) -> dict:
     for extra in (32, 64):
         g = Geometry(geo.pairs, geo.prompt_len, geo.completion_len + extra)
         _, b = make_batch(g, spec.vocab_size, args.seed, refs=np.zeros((2, geo.pairs)))
-        micro = [trainer.batch_arrays(b)]
+        micro = [b]
         times = []
         for _ in range(3):
             seconds, _ = timed(lambda m=micro: mx.eval(step.state, step.grads(m)))

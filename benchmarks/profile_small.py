@@ -1,7 +1,8 @@
 """Where one update of a small model goes: python benchmarks/profile_small.py [--spec 5m].
 
-Runs the trainer's own compiled step (mlx_worker.Step: trainer.batch_loss under
-nn.value_and_grad, mx.compile with the model and optimizer state, AdamW with clipping) on
+Runs the trainer's own compiled step (trainer.make_step through mlx_worker.Step:
+trainer.batch_loss under nn.value_and_grad, compiled with the model and optimizer state, AdamW
+with the trainer's clipping) on
 synthetic conversational pairs of 100-250 tokens, length-bucketed and padded to 32 as
 data.iterate_batches does, and reports:
 
@@ -63,7 +64,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def graph_build_s(step, arrays, repeats: int) -> float:
+def graph_build_s(step, batch, repeats: int) -> float:
     """Seconds to build one update's lazy graph, uncompiled and not evaluated: the Python side
     of per-op dispatch (each op's C++ node, nn.Module calls, the kernels' Python loops)."""
     from dataclasses import replace
@@ -72,10 +73,9 @@ def graph_build_s(step, arrays, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        metrics, grads = eager.grads([arrays])
-        eager.apply_update(grads)
+        out = eager([batch])
         best = min(best, time.perf_counter() - t0)
-        mx.eval(eager.state, metrics)  # not timed: the compute
+        mx.eval(eager.state, out)  # not timed: the compute
     return best
 
 
@@ -96,12 +96,9 @@ def profile(args, model_dir: Path, kernels: str) -> dict:
     stream = data.iterate_batches(pairs, args.pairs, ref_chosen=refs[0], ref_rejected=refs[1])
     updates = [next(stream) for _ in range(args.updates)]
     step = Step(net, cfg, VARIANTS["mlx_dpo"])
-    step.cfg = cfg
 
     def run(batch):
-        metrics, grads = step.grads([trainer.batch_arrays(batch)])
-        norm = step.apply_update(grads)
-        mx.eval(step.state, metrics, norm)
+        mx.eval(step.state, step([batch]))
 
     out: dict = {"kernels": kernels, "new_shape": {}, "shapes": []}
     seen_shapes = set()
@@ -130,7 +127,7 @@ def profile(args, model_dir: Path, kernels: str) -> dict:
     tiny = data.collate(pairs_of(1, vocab, 24, 30, 1), ref_chosen=[0.0], ref_rejected=[0.0])
     run(tiny)
     out["tiny_s"] = min(timed(lambda: run(tiny)) for _ in range(args.repeats))
-    out["graph_build_s"] = graph_build_s(step, trainer.batch_arrays(b), args.repeats)
+    out["graph_build_s"] = graph_build_s(step, b, args.repeats)
     valid = pairs[: 4 * args.pairs]
     vrefs = (np.zeros(len(valid), np.float32), np.zeros(len(valid), np.float32))
     trainer.evaluate(net, valid, vrefs, cfg)

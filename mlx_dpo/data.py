@@ -10,10 +10,8 @@ Batch shape contract (B pairs per micro-batch; `collate`):
 |---------------|-------------------|-------------------------------------------------------------|
 | `tokens`      | (2B, T) int32     | rows 0..B-1 prompt+chosen, B..2B-1 prompt+rejected, right-  |
 |               |                   | padded with 0; T a multiple of `pad_to`                     |
-| `mask`        | (2B, T-1) float32 | aligned with targets `tokens[:, 1:]`: 1 where the target is |
-|               |                   | a completion token (EOS included), 0 on prompt and padding  |
-| `positions`   | (2B, C) int32     | the t whose target `tokens[:, t+1]` is a completion token,  |
-|               |                   | in order, 0-padded; C a multiple of `pad_to`                |
+| `positions`   | (2B, C) int32     | the t whose target `tokens[:, t+1]` is a completion token   |
+|               |                   | (EOS included), in order, 0-padded; C a multiple of `pad_to`|
 | `targets`     | (2B, C) int32     | `tokens[r, positions + 1]`, 0 in padding                    |
 | `target_mask` | (2B, C) float32   | 1 on real completion targets                                |
 | `ref_chosen`, | (B,) float32      | reference log-probs summed over each completion, or None    |
@@ -73,7 +71,6 @@ class Batch:
     """One micro-batch of B pairs; shapes in the module docstring."""
 
     tokens: mx.array
-    mask: mx.array
     positions: mx.array
     targets: mx.array
     target_mask: mx.array
@@ -116,14 +113,12 @@ def collate(
     T = _round_up(max(map(len, rows)), pad_to)
     C = _round_up(max(len(r) - s for r, s in zip(rows, starts, strict=True)), pad_to)
     tokens = np.zeros((n_rows, T), np.int32)
-    mask = np.zeros((n_rows, T - 1), np.float32)
     positions = np.zeros((n_rows, C), np.int32)
     targets = np.zeros((n_rows, C), np.int32)
     target_mask = np.zeros((n_rows, C), np.float32)
     for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
         n = len(row) - start  # completion tokens; the logit at t scores token t + 1
         tokens[i, : len(row)] = row
-        mask[i, start - 1 : len(row) - 1] = 1.0
         positions[i, :n] = np.arange(start - 1, len(row) - 1)
         targets[i, :n] = row[start:]
         target_mask[i, :n] = 1.0
@@ -133,7 +128,6 @@ def collate(
 
     return Batch(
         tokens=mx.array(tokens),
-        mask=mx.array(mask),
         positions=mx.array(positions),
         targets=mx.array(targets),
         target_mask=mx.array(target_mask),

@@ -2,8 +2,9 @@
 
 Per update: `grad_accumulation_steps` micro-batches, each ONE forward over [chosen rows;
 rejected rows] with completion-only log-probs, `nn.value_and_grad` over the LoRA parameters,
-gradients averaged (over micro-batches and, distributed, over ranks with `all_sum`), clipped,
-applied. The loop body is: eval when due -> step -> report when due -> save when due. Host syncs
+gradients averaged (over micro-batches and, distributed, over ranks with mlx's
+`average_gradients`), clipped, applied: `make_step`, which the benchmarks and the memory tests
+run too. The loop body is: eval when due -> step -> report when due -> save when due. Host syncs
 happen only at report/eval/save time; metrics accumulate as lazy MLX arrays in between.
 """
 
@@ -11,10 +12,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,20 +23,10 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 
 from mlx_dpo import _testhooks, checkpoint
-from mlx_dpo.data import iterate_batches
+from mlx_dpo.data import Batch, iterate_batches
 from mlx_dpo.logps import forward_logps, forward_pair_logps
 from mlx_dpo.losses import METRIC_KEYS, dpo_loss, dpo_metrics, pair_extras
 from mlx_dpo.stop import Interrupted, StopSignals
-
-BATCH_FIELDS = (
-    "tokens",
-    "mask",
-    "positions",
-    "targets",
-    "target_mask",
-    "ref_chosen",
-    "ref_rejected",
-)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -50,13 +40,8 @@ class TrainResult:
     valid_metrics: dict[str, float]
 
 
-def batch_arrays(batch) -> tuple:
-    return tuple(getattr(batch, name) for name in BATCH_FIELDS)
-
-
-def batch_loss(model: nn.Module, arrays: tuple, loss_kwargs: dict):
+def batch_loss(model: nn.Module, batch: Batch, loss_kwargs: dict):
     """DPO loss of one micro-batch. Returns (loss, metrics dict of scalars)."""
-    batch = SimpleNamespace(**dict(zip(BATCH_FIELDS, arrays, strict=True)))
     b = batch.ref_chosen.shape[0]
     ld_alpha, wpo = loss_kwargs.get("ld_alpha"), loss_kwargs.get("use_weighting", False)
     if ld_alpha is None and not wpo:
@@ -78,6 +63,22 @@ def batch_loss(model: nn.Module, arrays: tuple, loss_kwargs: dict):
     metrics = dpo_metrics(out, policy_chosen, policy_rejected)
     metrics["loss"] = out.loss
     return out.loss, metrics
+
+
+# A Batch's host-side bookkeeping: not inputs of the compiled functions (n_tokens would be
+# part of their cache key and trace them again for every batch).
+_HOST_FIELDS = ("index", "n_tokens")
+
+
+def _arrays(batch: Batch) -> dict:
+    """A Batch as the compiled functions take it: its arrays by name (mx.compile takes trees of
+    arrays, not dataclasses)."""
+    return {f.name: getattr(batch, f.name) for f in fields(batch) if f.name not in _HOST_FIELDS}
+
+
+def _traced(arrays: dict) -> Batch:
+    """The Batch again inside a compiled function (the loss reads only its arrays)."""
+    return Batch(**arrays, index=None, n_tokens=0)
 
 
 def build_schedule(cfg, total_steps: int):
@@ -128,7 +129,7 @@ def evaluate(model, pairs, refs, cfg, *, max_batches: int = -1, group=None) -> d
         if i % world != rank:
             continue  # each rank takes every world-th batch
         for batch in update.micro_batches:
-            _, metrics = _eval_loss(model, loss_kwargs)(batch_arrays(batch))
+            _, metrics = _eval_loss(model, loss_kwargs)(_arrays(batch))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * batch.size
             n += batch.size
@@ -141,41 +142,67 @@ def evaluate(model, pairs, refs, cfg, *, max_batches: int = -1, group=None) -> d
     return {k: v / max(totals[0], 1) for k, v in zip(keys, totals[1:], strict=True)}
 
 
-def make_step(model, optimizer, cfg, *, group=None):
-    """The training step of one optimizer update, compiled: `step(micro_batches)` runs each
-    micro-batch's forward and backward (gradients accumulated over them), averages the
-    gradients over the ranks of `group` (mlx's `average_gradients`), clips and applies them.
-    Returns (metrics averaged over the micro-batches, the clipped-before gradient norm), lazy;
-    `step.state` is what to `mx.eval` after it. Used by `train`, the memory tests and the
-    benchmarks, so what is measured is what trains."""
-    loss_and_grad = nn.value_and_grad(model, partial(_loss_for_grad, loss_kwargs=cfg.loss_kwargs()))
-    state = [model.state, optimizer.state, mx.random.state]
+class TrainStep:
+    """The training step of one optimizer update (see `make_step`).
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def grad_step(*arrays):
-        (_, metrics), grads = loss_and_grad(model, arrays)
-        return metrics, grads
+    `step(micro_batches)` -> (metrics, gradient norm before clipping), lazy: each
+    micro-batch's forward and backward, gradients averaged over the micro-batches and over the
+    ranks of `group` (mlx's `average_gradients`), clipped to `cfg.max_grad_norm`, applied.
+    `grads(micro_batches)` and `update(grads)` are its two halves (the benchmarks time each);
+    `state` is what to `mx.eval` after a step.
+    """
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def apply_update(grads):
-        grads, norm = _clip(grads, cfg.max_grad_norm)
-        optimizer.update(model, grads)
-        return norm
+    def __init__(self, model, optimizer, cfg, *, group=None, compile=True, loss=None):
+        loss, loss_kwargs = loss or batch_loss, cfg.loss_kwargs()
+        loss_and_grad = nn.value_and_grad(
+            model, lambda model, arrays: loss(model, _traced(arrays), loss_kwargs)
+        )
+        self.state = [model.state, optimizer.state, mx.random.state]
+        self.group = group
 
-    def step(micro_batches):
+        def grad_step(arrays):
+            (_, metrics), grads = loss_and_grad(model, arrays)
+            return metrics, grads
+
+        def apply_update(grads):
+            grads, norm = _clip(grads, cfg.max_grad_norm)
+            optimizer.update(model, grads)
+            return norm
+
+        if compile:
+            compiled = partial(mx.compile, inputs=self.state, outputs=self.state)
+            grad_step, apply_update = compiled(grad_step), compiled(apply_update)
+        self._grad_step, self._apply_update = grad_step, apply_update
+
+    def grads(self, micro_batches: list[Batch]):
+        """(metrics, gradients), each averaged over the micro-batches (and ranks), lazy."""
         grads, metrics = None, None
         for batch in micro_batches:
-            m, g = grad_step(*batch_arrays(batch))
+            m, g = self._grad_step(_arrays(batch))
             grads = g if grads is None else tree_map(mx.add, grads, g)
             metrics = m if metrics is None else {k: metrics[k] + m[k] for k in m}
         n = len(micro_batches)
-        grads = tree_map(lambda g: g / n, grads)
-        if group is not None and group.size() > 1:
-            grads = average_gradients(grads, group=group)
-        return {k: v / n for k, v in metrics.items()}, apply_update(grads)
+        if n > 1:
+            grads = tree_map(lambda g: g / n, grads)
+            metrics = {k: v / n for k, v in metrics.items()}
+        if self.group is not None and self.group.size() > 1:
+            grads = average_gradients(grads, group=self.group)
+        return metrics, grads
 
-    step.state = state
-    return step
+    def update(self, grads) -> mx.array:
+        """Clip and apply `grads`; returns their norm before clipping."""
+        return self._apply_update(grads)
+
+    def __call__(self, micro_batches: list[Batch]):
+        metrics, grads = self.grads(micro_batches)
+        return metrics, self.update(grads)
+
+
+def make_step(model, optimizer, cfg, *, group=None, compile=True, loss=None) -> TrainStep:
+    """The training step of one optimizer update, compiled (`TrainStep`). Used by `train`,
+    the memory tests and the benchmarks, so what is measured is what trains. `loss` replaces
+    `batch_loss` (same signature; a benchmark variant); `compile=False` runs it eagerly."""
+    return TrainStep(model, optimizer, cfg, group=group, compile=compile, loss=loss)
 
 
 def train(
@@ -270,7 +297,7 @@ def _eval_loss(model, loss_kwargs):
     if key not in _EVAL_LOSS:
         _EVAL_LOSS.clear()  # one model at a time: drop another model's traces
         state = [model.state, mx.random.state]  # random: LoRA dropout, as the eager pass drew
-        fn = partial(_loss_for_grad, model, loss_kwargs=loss_kwargs)
+        fn = partial(_loss_of_arrays, model, loss_kwargs=loss_kwargs)
         _EVAL_LOSS[key] = mx.compile(fn, inputs=state, outputs=state)
     return _EVAL_LOSS[key]
 
@@ -278,8 +305,8 @@ def _eval_loss(model, loss_kwargs):
 _EVAL_LOSS: dict = {}
 
 
-def _loss_for_grad(model, arrays, loss_kwargs):
-    return batch_loss(model, arrays, loss_kwargs)
+def _loss_of_arrays(model, arrays: dict, loss_kwargs: dict):
+    return batch_loss(model, _traced(arrays), loss_kwargs)
 
 
 def _clip(grads, max_norm: float):

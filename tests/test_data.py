@@ -354,11 +354,11 @@ def make_pairs(n: int, seed: int = 0) -> list[PreferencePair]:
 def test_collate_shapes_masks_and_positions():
     pairs = make_pairs(3)
     batch = collate(pairs, ref_chosen=np.array([1.0, 2, 3]), ref_rejected=np.zeros(3))
-    tokens, mask = np.array(batch.tokens), np.array(batch.mask)
+    tokens = np.array(batch.tokens)
     positions, targets = np.array(batch.positions), np.array(batch.targets)
     target_mask = np.array(batch.target_mask)
     T = tokens.shape[1]
-    assert tokens.shape == (6, T) and T % 32 == 0 and mask.shape == (6, T - 1)
+    assert tokens.shape == (6, T) and T % 32 == 0
     assert positions.shape == targets.shape == target_mask.shape and positions.shape[1] % 32 == 0
     rows = [(p, p.chosen_ids) for p in pairs] + [(p, p.rejected_ids) for p in pairs]
     for r, (pair, completion) in enumerate(rows):
@@ -366,7 +366,6 @@ def test_collate_shapes_masks_and_positions():
         assert list(tokens[r, : start + n]) == pair.prompt_ids + completion
         assert not tokens[r, start + n :].any()  # right padding
         # the target at t is tokens[t + 1]: the first scored target is the first completion token
-        assert list(np.flatnonzero(mask[r])) == list(range(start - 1, start - 1 + n))
         assert list(positions[r, :n]) == list(range(start - 1, start - 1 + n))
         assert list(targets[r, :n]) == completion and target_mask[r].sum() == n
         assert list(tokens[r, positions[r, :n] + 1]) == list(targets[r, :n])

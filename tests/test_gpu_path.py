@@ -102,12 +102,13 @@ def test_dtype_of_each_part_of_the_step(kind, quantize, bf16_model_path, toy_dat
     assert model.model(tokens).dtype == activations  # final-normed hidden states
     logps, _ = forward_logps(model, batch)
     assert logps.dtype == mx.float32  # the head's log-softmax accumulates in float32
-    step = nn.value_and_grad(model, lambda m, a: trainer.batch_loss(m, a, cfg.loss_kwargs()))
-    (loss, metrics), grads = step(model, trainer.batch_arrays(batch))
-    assert loss.dtype == mx.float32 and metrics["rewards/margins"].dtype == mx.float32
-    assert {g.dtype for _, g in tree_flatten(grads)} == {mx.float32}
     optimizer = optim.AdamW(1e-3)
-    optimizer.update(model, grads)
+    optimizer.init(model.trainable_parameters())
+    step = trainer.make_step(model, optimizer, cfg)  # the training step itself
+    metrics, grads = step.grads([batch])
+    assert metrics["loss"].dtype == mx.float32 and metrics["rewards/margins"].dtype == mx.float32
+    assert {g.dtype for _, g in tree_flatten(grads)} == {mx.float32}
+    mx.eval(step.state, step.update(grads))
     state = [v for _, v in tree_flatten(optimizer.state) if v.ndim > 0]
     assert state and {v.dtype for v in state} == {mx.float32}
 
