@@ -545,7 +545,7 @@ def _swiglu():
 
 def bucketing_stats(args, vocab: int) -> dict:
     """Padding and distinct shapes of one epoch of 256 pairs with spread-out lengths: length-
-    bucketed (data.iterate_batches) vs random batches, padded to 32 or not at all."""
+    bucketed (data.eval_batches: length order) vs random batches, padded to 32 or not at all."""
     rng = np.random.default_rng(args.seed)
     n = 256
     prompt = rng.integers(16, 384, n)
@@ -562,7 +562,7 @@ def bucketing_stats(args, vocab: int) -> dict:
         shapes = {(bt.tokens.shape[1], bt.positions.shape[1]) for bt in batches}
         return {"padding_fraction": 1 - real / padded, "distinct_shapes": len(shapes)}
 
-    bucketed = [mb for u in data.iterate_batches(pairs, b, loop=False) for mb in u.micro_batches]
+    bucketed = list(data.eval_batches(pairs, b))
     order = rng.permutation(n)
     random32 = [data.collate([pairs[i] for i in order[k : k + b]]) for k in range(0, n, b)]
     random1 = [data.collate([pairs[i] for i in order[k : k + b]], pad_to=1) for k in range(0, n, b)]

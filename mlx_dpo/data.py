@@ -16,7 +16,7 @@ Batch shape contract (B pairs per micro-batch; `collate`):
 | `target_mask` | (2B, C) float32   | 1 on real completion targets                                |
 | `ref_chosen`, | (B,) float32      | reference log-probs summed over each completion, or None    |
 | `ref_rejected`|                   |                                                             |
-| `index`       | (B,) int          | the pairs' indices in the list given to iterate_batches     |
+| `index`       | (B,) int          | the pairs' indices in the list given to *_batches           |
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ __all__ = [
     "Update",
     "collate",
     "dataset_stats",
+    "eval_batches",
     "iterate_batches",
     "load_splits",
+    "rank_share",
     "resolve_chat_template",
     "tokenize_pair",
     "tokenize_rows",
@@ -171,31 +173,88 @@ def iterate_batches(
     pad_to: int = 32,
     ref_chosen: np.ndarray | None = None,
     ref_rejected: np.ndarray | None = None,
-    loop: bool = True,
 ) -> Iterator[Update]:
-    """Yield one `Update` per optimizer step, forever (`loop=True`) or for one pass.
+    """Training batches: one `Update` per optimizer step, forever.
 
-    Training (`loop=True`): a global update is `batch_size * grad_accumulation_steps *
-    world_size` pairs of similar length (see `epoch_plan`); rank r takes micro-batches
-    `r*A .. r*A+A-1` of it. Every pair used in an epoch is used exactly once; update k of the
-    run is the same whatever `start_step` the iteration began at, for exact resumes.
-
-    Evaluation (`loop=False`): pairs in length order, no shuffling, the last batch partial;
-    one micro-batch per update (`grad_accumulation_steps` unused). Every rank gets the same
-    number of updates; at the very end a rank may get one with no micro-batches.
+    A global update is `batch_size * grad_accumulation_steps * world_size` pairs of similar
+    length (see `epoch_plan`); this rank takes its `rank_share`, cut into
+    `grad_accumulation_steps` micro-batches. Every pair used in an epoch is used exactly once;
+    update k of the run is the same whatever `start_step` the iteration began at, for exact
+    resumes.
     """
-    if batch_size < 1 or grad_accumulation_steps < 1 or not 0 <= rank < world_size:
+    if grad_accumulation_steps < 1:
+        raise ValueError(f"need grad_accumulation_steps >= 1, got {grad_accumulation_steps}")
+    batch = _collator(pairs, batch_size, rank, world_size, ref_chosen, ref_rejected, pad_to)
+    global_size = batch_size * grad_accumulation_steps * world_size
+    if len(pairs) < global_size:
+        raise DataError(
+            f"the dataset has {len(pairs)} pairs but one update needs batch_size x "
+            f"grad_accumulation_steps x world_size = {batch_size} x {grad_accumulation_steps} x "
+            f"{world_size} = {global_size}; lower --batch-size or add data"
+        )
+    lengths = _pair_lengths(pairs)
+    n_updates = len(pairs) // global_size
+    step = start_step
+    while True:
+        epoch, first = divmod(step, n_updates)
+        for update in epoch_plan(lengths, global_size, epoch, seed)[first:]:
+            mine = rank_share(update, rank, world_size)
+            yield Update(step, epoch, [batch(g) for g in mine.reshape(-1, batch_size)])
+            step += 1
+
+
+def eval_batches(
+    pairs: Sequence[PreferencePair],
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    max_batches: int = -1,
+    pad_to: int = 32,
+    ref_chosen: np.ndarray | None = None,
+    ref_rejected: np.ndarray | None = None,
+) -> Iterator[Batch]:
+    """Evaluation batches: one pass over the pairs in length order, no shuffling.
+
+    The first `max_batches * batch_size` pairs (all when negative) in batches of `batch_size`,
+    the last one partial; with several ranks, each global batch of `batch_size * world_size`
+    pairs is split by `rank_share` as in training, and a rank whose share is empty skips it.
+    """
+    batch = _collator(pairs, batch_size, rank, world_size, ref_chosen, ref_rejected, pad_to)
+    order = np.argsort(_pair_lengths(pairs), kind="stable")
+    if max_batches >= 0:
+        order = order[: max_batches * batch_size]
+    per_global = batch_size * world_size
+    for start in range(0, len(order), per_global):
+        mine = rank_share(order[start : start + per_global], rank, world_size)
+        if len(mine):
+            yield batch(mine)
+
+
+def rank_share(global_batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """This rank's pairs of a global batch: the rank-th of `world_size` contiguous pieces (equal
+    in training; in evaluation the last global batch may leave the last ranks fewer or none)."""
+    return np.array_split(global_batch, world_size)[rank]
+
+
+def _pair_lengths(pairs: Sequence[PreferencePair]) -> np.ndarray:
+    """Each pair's longer row: what its padded length in a batch depends on."""
+    return np.array(
+        [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    )
+
+
+def _collator(pairs, batch_size, rank, world_size, ref_chosen, ref_rejected, pad_to):
+    """Checks the arguments; returns pair indices -> `Batch` (with their reference values)."""
+    if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
-            f"need batch_size >= 1, grad_accumulation_steps >= 1 and 0 <= rank < world_size; "
-            f"got {batch_size}, {grad_accumulation_steps}, rank {rank} of {world_size}"
+            f"need batch_size >= 1 and 0 <= rank < world_size; "
+            f"got {batch_size}, rank {rank} of {world_size}"
         )
     for name, values in (("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
         if values is not None and len(values) != len(pairs):
             raise ValueError(f"{name} has {len(values)} values for {len(pairs)} pairs")
     refs = [None if v is None else np.asarray(v, np.float32) for v in (ref_chosen, ref_rejected)]
-    lengths = np.array(
-        [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
-    )
 
     def batch(idx: np.ndarray) -> Batch:
         return collate(
@@ -206,31 +265,4 @@ def iterate_batches(
             pad_to=pad_to,
         )
 
-    if not loop:
-        yield from _one_pass(lengths, batch, batch_size, start_step, rank, world_size)
-        return
-    global_size = batch_size * grad_accumulation_steps * world_size
-    if len(pairs) < global_size:
-        raise DataError(
-            f"the dataset has {len(pairs)} pairs but one update needs batch_size x "
-            f"grad_accumulation_steps x world_size = {batch_size} x {grad_accumulation_steps} x "
-            f"{world_size} = {global_size}; lower --batch-size or add data"
-        )
-    n_updates = len(pairs) // global_size
-    step = start_step
-    while True:
-        epoch, first = divmod(step, n_updates)
-        plan = epoch_plan(lengths, global_size, epoch, seed)
-        plan = plan.reshape(n_updates, world_size, grad_accumulation_steps, batch_size)
-        for groups in plan[first:, rank]:
-            yield Update(step, epoch, [batch(g) for g in groups])
-            step += 1
-
-
-def _one_pass(lengths, batch, batch_size, start_step, rank, world_size) -> Iterator[Update]:
-    order = np.argsort(lengths, kind="stable")
-    per_update = batch_size * world_size
-    for step, start in enumerate(range(0, len(order), per_update)):
-        if step >= start_step:
-            mine = np.array_split(order[start : start + per_update], world_size)[rank]
-            yield Update(step, 0, [batch(mine)] if len(mine) else [])
+    return batch

@@ -23,7 +23,7 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 
 from mlx_dpo import _testhooks, checkpoint
-from mlx_dpo.data import Batch, iterate_batches
+from mlx_dpo.data import Batch, eval_batches, iterate_batches
 from mlx_dpo.logps import forward_logps, forward_pair_logps
 from mlx_dpo.losses import METRIC_KEYS, dpo_loss, dpo_metrics, pair_extras
 from mlx_dpo.stop import Interrupted, StopSignals
@@ -115,25 +115,23 @@ def total_updates(cfg, n_pairs: int, world_size: int = 1) -> int:
 
 
 def evaluate(model, pairs, refs, cfg, *, max_batches: int = -1, group=None) -> dict[str, float]:
-    """Pair-weighted mean of the training metrics over `pairs`, without gradients."""
+    """Pair-weighted mean of the training metrics over `pairs` (the first `max_batches` batches
+    when >= 0), without gradients; distributed, each rank scores its share and the sums are
+    added up."""
     world, rank = (group.size(), group.rank()) if group else (1, 0)
     loss_kwargs = cfg.loss_kwargs()
     sums: dict[str, mx.array] = {}
     n = 0
-    batches = iterate_batches(
-        pairs, cfg.batch_size, ref_chosen=refs[0], ref_rejected=refs[1], loop=False
-    )
-    for i, update in enumerate(batches):
-        if 0 <= max_batches <= i:
-            break
-        if i % world != rank:
-            continue  # each rank takes every world-th batch
-        for batch in update.micro_batches:
-            _, metrics = _eval_loss(model, loss_kwargs)(_arrays(batch))
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * batch.size
-            n += batch.size
-            mx.eval(sums)
+    batches = eval_batches(
+        pairs, cfg.batch_size, rank=rank, world_size=world, max_batches=max_batches,
+        ref_chosen=refs[0], ref_rejected=refs[1],
+    )  # fmt: skip
+    for batch in batches:
+        _, metrics = _eval_loss(model, loss_kwargs)(_arrays(batch))
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v * batch.size
+        n += batch.size
+        mx.eval(sums)
     keys = METRIC_KEYS
     totals = mx.array([float(n)] + [sums[k].item() if k in sums else 0.0 for k in keys])
     if world > 1:

@@ -20,8 +20,10 @@ from mlx_dpo.data import (
     PreferencePair,
     collate,
     dataset_stats,
+    eval_batches,
     iterate_batches,
     load_splits,
+    rank_share,
     tokenize_rows,
     truncate_pair,
 )
@@ -429,19 +431,40 @@ def test_dataset_smaller_than_one_update_is_a_clear_error():
         next(iterate_batches(make_pairs(5), 4, grad_accumulation_steps=2))
 
 
-def test_one_pass_for_evaluation_keeps_every_pair():
+def test_evaluation_is_one_pass_in_length_order_sharded_like_training():
     pairs = make_pairs(11)
-    for W in (1, 2):
-        seen, counts = [], []
-        for r in range(W):
-            ups = list(iterate_batches(pairs, 4, loop=False, rank=r, world_size=W))
-            counts.append(len(ups))
-            seen += [i for u in ups for b in u.micro_batches for i in b.index]
-        assert sorted(seen) == list(range(11)) and len(set(counts)) == 1
-    first = [
-        b.index.tolist() for u in iterate_batches(pairs, 4, loop=False) for b in u.micro_batches
-    ]
-    assert [len(i) for i in first] == [4, 4, 3]
+    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    by_length = sorted(range(11), key=lambda i: lengths[i])
+    first = [b.index.tolist() for b in eval_batches(pairs, 4)]
+    assert first == [by_length[:4], by_length[4:8], by_length[8:]]  # the last batch partial
+    for W in (2, 3):
+        shares = [[b.index.tolist() for b in eval_batches(pairs, 4, rank=r, world_size=W)]
+                  for r in range(W)]  # fmt: skip
+        seen = [i for share in shares for batch in share for i in batch]
+        assert sorted(seen) == list(range(11))  # every pair once over the ranks
+        # rank r holds the r-th contiguous piece of each global batch of 4 x W pairs
+        assert [share[0] for share in shares] == [by_length[4 * r : 4 * r + 4] for r in range(W)]
+    limited = [b.index.tolist() for b in eval_batches(pairs, 4, max_batches=2)]
+    assert limited == [by_length[:4], by_length[4:8]]
+    split = [b.index.tolist() for r in (0, 1) for b in eval_batches(pairs, 4, rank=r,
+             world_size=2, max_batches=2)]  # fmt: skip
+    assert sorted(i for b in split for i in b) == sorted(by_length[:8])
+
+
+def test_training_and_evaluation_take_the_same_rank_share():
+    """One way of sharding: rank r gets the r-th contiguous piece of a global batch."""
+    assert rank_share(np.arange(12), 1, 3).tolist() == [4, 5, 6, 7]
+    assert rank_share(np.arange(5), 2, 3).tolist() == [4]
+    pairs = make_pairs(24)
+    B, A, W = 2, 2, 3
+    full = iterate_batches(pairs, B * A * W, seed=3)  # one rank: the whole global update
+    ranks = [iterate_batches(pairs, B, grad_accumulation_steps=A, rank=r, world_size=W, seed=3)
+             for r in range(W)]  # fmt: skip
+    for _ in range(3):
+        (whole,) = next(full).micro_batches
+        for r, run in enumerate(ranks):
+            mine = [i for b in next(run).micro_batches for i in b.index]
+            assert mine == whole.index[r * B * A : (r + 1) * B * A].tolist()
 
 
 def test_reference_logps_follow_their_pairs():

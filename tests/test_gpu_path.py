@@ -65,9 +65,7 @@ def _batch(loaded, toy_data):
         for i, line in enumerate((toy_data / "train.jsonl").read_text().splitlines())
     ]
     pairs, _ = data.tokenize_rows(rows[:4], loaded.tokenizer, max_length=64)
-    update = next(iter(data.iterate_batches(pairs, 4, loop=False, ref_chosen=np.zeros(4),
-                                            ref_rejected=np.zeros(4))))  # fmt: skip
-    return update.micro_batches[0]
+    return next(data.eval_batches(pairs, 4, ref_chosen=np.zeros(4), ref_rejected=np.zeros(4)))
 
 
 # What each part of the step is stored and computed in, per platform and checkpoint; the same
