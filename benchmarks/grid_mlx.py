@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from common import Geometry  # noqa: E402
 from mlx_worker import BIG_CACHE, VARIANTS, Step, load_model, make_batch  # noqa: E402
 
-from mlx_dpo import kernel_choice, memory  # noqa: E402
+from mlx_dpo import kernel_choice, memory, memory_os  # noqa: E402
 from mlx_dpo import model as model_lib  # noqa: E402
 from mlx_dpo.config import TrainConfig  # noqa: E402
 
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
     geo = Geometry(args.pairs, half, args.length - half)
     vocab = net.args.vocab_size
     plan = memory.plan(net, cfg, args.length, 2 * args.pairs, completion_tokens_per_row=half)
-    plan = memory.resident(plan)  # as run.py's plan_for_pairs: what the OS will see
+    plan = memory_os.resident(plan)  # as memory.plan_for_pairs: what the OS will see
     out["plan"] = {
         "total": plan.resident_bytes,
         "arrays": plan.total_bytes,

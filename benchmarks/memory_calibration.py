@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Measure the peak memory of the trainer's compiled step over a grid of shapes and compare it
-with mlx_dpo.memory.plan; --fit re-fits the planner's factors (needs scipy).
+with mlx_dpo.memory.plan; --fit re-fits the planner's factors (mlx_dpo.memory_factors; needs
+scipy).
 
     python benchmarks/memory_calibration.py                 # the quick grid, prints the errors
     python benchmarks/memory_calibration.py --grid full --fit --json out.jsonl
@@ -28,7 +29,7 @@ import mlx_worker as W  # noqa: E402  (imports mlx_dpo first: the BLAS preload)
 import numpy as np  # noqa: E402
 from common import Geometry, Spec, write_checkpoint  # noqa: E402
 
-from mlx_dpo import cpu_kernels, memory  # noqa: E402
+from mlx_dpo import cpu_kernels, memory, memory_factors  # noqa: E402
 from mlx_dpo import model as model_lib  # noqa: E402
 
 G = Geometry
@@ -152,10 +153,10 @@ def main(argv=None) -> None:
 KEYS = ("qkv", "inter", "hidden", "scores")
 
 
-def arch_of(spec: dict, quantized: bool) -> memory._Arch:
+def arch_of(spec: dict, quantized: bool) -> memory_factors.Arch:
     s = Spec(**spec)
     shapes = s.linear_shapes().values()
-    return memory._Arch(
+    return memory_factors.Arch(
         blocks=s.num_hidden_layers,
         hidden=s.hidden_size,
         qkv=s.linear_shapes()["self_attn.q_proj"][1] + 2 * s.linear_shapes()["self_attn.k_proj"][1],
@@ -174,7 +175,7 @@ def fit(rows: list[dict]) -> dict:
     from scipy.optimize import least_squares
 
     mode = "fast" if cpu_kernels.enabled() else "default"
-    table = memory.FACTORS[mode]
+    table = memory_factors.FACTORS[mode]
     out = {}
     for ckpt in (False, True):
         sel = [r for r in rows if r["ckpt"] == ckpt and r["logps"] == "lean" and not r["quantize"]]
@@ -191,7 +192,7 @@ def fit(rows: list[dict]) -> dict:
             for r in sel:
                 a = arch_of(r["spec"], False)
                 lora = sum(8 * (i + o) for _, i, o in a.adapted)
-                parts, _ = memory.estimate(
+                parts, _ = memory_factors.estimate(
                     a, rows=r["rows"], T=r["T"], C=r["C"], ckpt=ckpt, lean=True, act=4,
                     lora_params=lora, n_states=2, weights=0, fast=mode == "fast",
                 )  # fmt: skip

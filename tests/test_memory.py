@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mlx_lm.models import qwen2
 
-from mlx_dpo import cpu_kernels, data, memory, trainer
+from mlx_dpo import cpu_kernels, data, memory, memory_os, trainer
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import ConfigError, TrainConfig
 
@@ -107,7 +107,7 @@ def test_plan_for_pairs_takes_the_longest_row():
 def test_check_fits_raises_with_numbers_and_suggestions():
     model = small_model(8192, layers=8)  # deep enough for checkpointing to pay
     plan = memory.plan(model, TrainConfig(num_layers=-1, batch_size=4), 1024, 8)
-    memory.check_fits(plan, available=plan.total_bytes + memory.RUNTIME_OVERHEAD + 1)
+    memory.check_fits(plan, available=plan.total_bytes + memory_os.RUNTIME_OVERHEAD + 1)
     with pytest.raises(ConfigError) as err:
         memory.check_fits(plan, available=plan.total_bytes // 2)
     msg = str(err.value)
@@ -156,12 +156,12 @@ def test_resident_plan_says_what_the_os_sees(tiny_model_path):
     arrays = plan.total_bytes
     active, cached = mx.get_active_memory(), mx.get_cache_memory()
     rss = active + cached + (300 << 20)
-    memory.resident(plan, rss_bytes=rss)
+    memory_os.resident(plan, rss_bytes=rss)
     assert plan.total_bytes == arrays  # the arrays' plan is unchanged
     assert abs(plan.os_parts["runtime"] - (300 << 20)) <= 1 << 20  # RSS less MLX's buffers
     assert plan.os_parts["allocator cache"] == pytest.approx(cached, abs=1 << 20)
     slack = plan.os_parts["allocator slack"]
-    assert slack == int(memory._ALLOCATOR_SLACK * (arrays - plan.parts["weights"]))
+    assert slack == int(memory_os.ALLOCATOR_SLACK * (arrays - plan.parts["weights"]))
     assert plan.resident_bytes == arrays + sum(plan.os_parts.values())
     assert "process RSS" in str(plan) and "allocator cache" in str(plan)
     # check_fits counts the measured parts instead of the fixed runtime allowance

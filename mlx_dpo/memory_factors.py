@@ -1,0 +1,169 @@
+"""The memory of one training step from an architecture's numbers: `estimate` and its fitted
+factors (the planner, `mlx_dpo.memory`, reads the numbers off a loaded model).
+
+The parts: the weights as stored; the LoRA parameters with their gradients and optimizer state;
+the activations the backward keeps per block per token (every adapted block, or only block
+inputs with --grad-checkpoint) and the attention probabilities (rows x heads x T^2; with
+mlx_dpo.cpu_kernels' flash attention only a logsumexp per query, linear in T); a quantized
+base's dequantized weights kept for the backward; and the transient peak, the larger of one
+block's backward and the log-prob head's working set.
+
+The per-token and per-tile factors are not all derivable by hand: MLX's scheduler keeps ~10
+ops in flight, and the order it evaluates a lazy backward graph in keeps some gradient inputs
+alive longer. They were fitted against `mx.get_peak_memory()` of the compiled trainer step on
+MLX 0.32's CPU backend over 160 configurations (hidden 128-768, 1-8 blocks, vocab 1k-152k,
+T 128-2048, with and without checkpointing, fp32 and 4-bit) and land within ~20% of the
+measured peak; the CPU kernels' factors over 30 lean fp32 ones, within 25% (benchmarks/
+memory_calibration.py --grid full --fit). On Metal and CUDA the structure is the same; the
+factors were not re-measured there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlx_dpo import cpu_kernels
+
+# Fitted factors, indexed by --grad-checkpoint (see the module docstring). Per-token factors
+# multiply tokens x a width (qkv: q+k+v outputs, inter: MLP intermediate, hidden: model
+# width); "scores" multiplies rows x heads x T^2; "tiles" the lean head's tiles in flight.
+FACTORS = {
+    "default": {
+        "saved": {  # kept from the forward for the backward, per differentiated block
+            False: {"qkv": 2.126, "inter": 3.536, "hidden": 3.261, "scores": 0.635},
+            True: {"qkv": 0.58, "inter": 1.03, "hidden": 2.539, "scores": 0.061},
+        },
+        "retained": {  # gradient inputs held until the LoRA gradients run (backward only)
+            False: {"qkv": 0.752, "inter": 0.231, "hidden": 1.74, "scores": 0.736},
+            True: {"qkv": 0.598, "inter": 0.05, "hidden": 0.115, "scores": 0.057},
+        },
+        "layer": {  # one block's forward + backward working set (with its recompute)
+            False: {"qkv": 1.132, "inter": 5.495, "hidden": 8.897, "scores": 1.043},
+            True: {"qkv": 6.239, "inter": 9.493, "hidden": 14.285, "scores": 2.743},
+        },
+        "head": {
+            False: {"tiles": 0.976, "hidden": 23.898},
+            True: {"tiles": 0.583, "hidden": 50.82},
+        },
+    },
+}
+# With mlx_dpo.cpu_kernels (x86 CPU): flash attention ("scores" is then rows x heads x 64 x T,
+# one query block), 2048-wide head tiles. Fitted by benchmarks/memory_calibration.py --fit.
+FACTORS["fast"] = {
+    "saved": {
+        False: {"qkv": 2.572, "inter": 3.628, "hidden": 2.315, "scores": 1.022},
+        True: {"qkv": 0.712, "inter": 0.309, "hidden": 0.489, "scores": 0.433},
+    },
+    "retained": {
+        False: {"qkv": 0.28, "inter": 0.911, "hidden": 1.25, "scores": 0.725},
+        True: {"qkv": 0.931, "inter": 0.794, "hidden": 2.308, "scores": 2.366},
+    },
+    "layer": {
+        False: {"qkv": 1.241, "inter": 5.052, "hidden": 2.907, "scores": 1.485},
+        True: {"qkv": 2.155, "inter": 13.205, "hidden": 6.97, "scores": 4.14},
+    },
+    "head": {
+        False: {"tiles": 2.874, "hidden": 3.851},
+        True: {"tiles": 2.471, "hidden": 0.328},
+    },
+    "vocab_tile": 2048,
+}
+_FULL_LOGITS = 2.62  # plain path: rows x T x vocab fp32 arrays alive at its peak
+_DEQUANT_SAVED = 1.9  # dequantized fp32 weights (and their transposes) kept per block
+_TOKEN_TILE, _VOCAB_TILE, _TILES_IN_FLIGHT = 256, 8192, 12  # logps.lean_token_logps
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The numbers of a model the estimate needs."""
+
+    blocks: int
+    hidden: int
+    qkv: int  # q + k + v output width (queries + keys + values)
+    inter: int  # MLP intermediate width
+    heads: int
+    vocab: int
+    adapted: list  # [(block index, in, out)] of the linears LoRA goes on
+    block_linear_params: int  # weights of one block's linears (for dequantized copies)
+    quantized: bool
+
+
+def estimate(
+    arch: Arch,
+    *,
+    rows,
+    T,
+    C,
+    ckpt,
+    lean,
+    act,
+    lora_params,
+    n_states,
+    weights,
+    fast=False,
+    head_quantized=False,
+) -> tuple[dict[str, int], dict[str, str]]:
+    """The plan's parts (bytes) and notes, from the architecture's numbers alone."""
+    n_tok = rows * (T - 1)
+    # Attention scores: the whole T x T square, or with the CPU kernels' flash attention one
+    # block of queries against the keys at a time (linear in T).
+    scores = rows * arch.heads * T * (min(T, cpu_kernels.ATTENTION_BLOCK) if fast else T)
+    # Blocks from the lowest adapted one up are differentiated through; those below are not.
+    deep = arch.blocks - min(i for i, _, _ in arch.adapted) if arch.adapted else 0
+
+    def per_token(f: dict) -> float:
+        widths = {"qkv": arch.qkv, "inter": arch.inter, "hidden": arch.hidden}
+        return n_tok * sum(f[k] * widths[k] for k in widths) + f["scores"] * scores
+
+    parts: dict[str, int] = {"weights": weights}
+    notes = {"weights": "quantized storage" if arch.quantized else "as stored"}
+    parts["adapters + optimizer"] = 4 * lora_params * (2 + n_states)
+    notes["adapters + optimizer"] = (
+        f"{lora_params / 1e6:.2f}M LoRA params, their grads, {n_states} optimizer states"
+    )
+    f = FACTORS["fast" if fast else "default"]
+    parts["saved activations"] = int(deep * act * per_token(f["saved"][ckpt]))
+    notes["saved activations"] = f"{deep} blocks" + (
+        ", block inputs (--grad-checkpoint)"
+        if ckpt
+        else ", per-token tensors + " + ("attention row sums" if fast else "T^2 scores")
+    )
+    if arch.quantized:
+        kept = 1 if ckpt else deep
+        parts["dequantized weights"] = int(_DEQUANT_SAVED * kept * 4 * arch.block_linear_params)
+        notes["dequantized weights"] = f"fp32 copies of {kept} block(s) kept for the backward"
+    if head_quantized:
+        # the lean head dequantizes each vocabulary tile once for all token tiles (the compiled
+        # step shares the identical dequantize), so the whole head is alive in fp32
+        parts["dequantized output layer"] = 4 * arch.vocab * arch.hidden
+        notes["dequantized output layer"] = f"fp32 copy of the {arch.vocab} x {arch.hidden} head"
+    # The backward's gradient inputs MLX keeps until the LoRA gradients are evaluated grow
+    # block by block on the way down, on top of one block's working set.
+    layer = act * (deep * per_token(f["retained"][ckpt]) + per_token(f["layer"][ckpt]))
+    head, head_note = _head_working_set(arch, f, ckpt=ckpt, lean=lean, rows=rows, T=T, C=C)
+    parts["transient"] = int(max(layer, head))
+    layer_note = f"the backward's working set ({gb(layer)})"
+    head_note += f" ({gb(head)})"
+    notes["transient"] = "the larger of " + (
+        f"{layer_note} and {head_note}" if layer >= head else f"{head_note} and {layer_note}"
+    )
+    return parts, notes
+
+
+def _head_working_set(arch: Arch, f: dict, *, ckpt, lean, rows, T, C) -> tuple[float, str]:
+    """Bytes and note of the log-prob head's peak: the lean head's vocabulary tiles in flight
+    (and its hidden-state copies), or the full rows x T x vocab logits."""
+    n_tok, n_scored = rows * (T - 1), rows * C
+    if not lean:
+        return 4 * _FULL_LOGITS * n_tok * arch.vocab, f"full logits ({rows} x {T} x {arch.vocab})"
+    vocab_tile = f.get("vocab_tile", _VOCAB_TILE)
+    tile = min(n_scored, _TOKEN_TILE) * min(arch.vocab, vocab_tile)
+    n_tiles = -(-n_scored // _TOKEN_TILE) * -(-arch.vocab // vocab_tile)
+    h = f["head"][ckpt]
+    head = 4 * (h["tiles"] * tile * min(2 * n_tiles + 1, _TILES_IN_FLIGHT))
+    head += 4 * h["hidden"] * n_scored * arch.hidden
+    return head, f"lean log-probs ({n_scored} scored tokens, {n_tiles} tiles)"
+
+
+def gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"

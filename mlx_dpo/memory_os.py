@@ -1,0 +1,75 @@
+"""Memory as the machine and the operating system see it, around the planner's MLX arrays:
+`available_bytes` (what MLX may use on a platform) and `resident` (a plan's parts the OS sees
+besides the arrays: the runtime, the allocator's cache and slack, measured in this process).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+
+from mlx_dpo.platform import Platform, detect
+
+if TYPE_CHECKING:
+    from mlx_dpo.memory import MemoryPlan
+
+RUNTIME_OVERHEAD = 512 << 20  # Python, MLX, mlx-lm, tokenizer: resident but not in the plan
+# RSS above (runtime + MLX's peak), as a fraction of the step's arrays above the weights:
+# 0.18-0.40 measured with MLX's ops at 4 grid points (benchmarks/RESULTS.md, section 4)
+ALLOCATOR_SLACK = 0.35
+OS_NOTES = {
+    "runtime": "Python, MLX, mlx-lm, the BLAS: resident memory that is not an MLX array",
+    "allocator cache": "freed MLX buffers kept for reuse (e.g. fp32 weights replaced by 4-bit "
+    "ones at load)",
+    "allocator slack": f"buffers the allocator cannot reuse at the peak: {ALLOCATOR_SLACK:.0%} "
+    "of the step's arrays",
+}
+
+
+def resident(plan: MemoryPlan, rss_bytes: int | None = None) -> MemoryPlan:
+    """`plan` with what the OS will see besides the step's arrays, measured in this process
+    now (call it after the model is loaded): the runtime's resident memory (RSS less MLX's
+    arrays and cache), the allocator's cached buffers, and a slack for buffers the allocator
+    cannot reuse at the peak."""
+    rss = _rss_bytes() if rss_bytes is None else rss_bytes
+    active, cached = mx.get_active_memory(), mx.get_cache_memory()
+    # weights are in the plan already: the runtime is what RSS holds beyond MLX's buffers
+    plan.os_parts = {
+        "runtime": max(rss - active - cached, 0),
+        "allocator cache": cached,
+        "allocator slack": int(ALLOCATOR_SLACK * (plan.total_bytes - plan.parts["weights"])),
+    }
+    return plan
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes
+
+
+def available_bytes(plat: Platform | None = None) -> tuple[int, str]:
+    """(bytes MLX may use, where the number comes from) on `plat` (default: this machine).
+
+    Metal: the recommended working set (~75% of unified memory; more gets paged out or fails);
+    CUDA: the GPU's total memory when the device reports it; a CPU: the machine's RAM. Keys of
+    `mx.device_info()` differ per backend, so each is read only where it exists."""
+    plat = plat or detect()
+    info = plat.device_info
+    if plat.backend == "metal" and info.get("max_recommended_working_set_size"):
+        return int(info["max_recommended_working_set_size"]), "Metal's recommended working set"
+    if plat.backend == "cuda" and info.get("total_memory"):
+        return int(info["total_memory"]), "the CUDA device's memory"
+    if plat.memory_bytes > 0:
+        return plat.memory_bytes, "unified memory" if plat.backend == "metal" else "total RAM"
+    return 0, "unknown"
