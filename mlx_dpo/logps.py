@@ -162,9 +162,10 @@ def lean_token_logps(
             more tiles in flight); HEAD_OPTIONS are the measured choices' settings.
 
     Returns:
-        (N,) float32, or ((N,), (N,)) with ``with_sum_sq``. Differentiable w.r.t. ``hidden`` (and a float head's weight; a quantized
-        head gets zero gradients) by a VJP that recomputes the softmax tile by tile. Works under
-        ``mx.compile`` and ``nn.value_and_grad``.
+        (N,) float32, or ((N,), (N,)) with ``with_sum_sq``. Differentiable w.r.t. ``hidden``
+        (and a float head's weight; a quantized head gets zero gradients) by a VJP that
+        recomputes the softmax tile by tile. Works under ``mx.compile`` and
+        ``nn.value_and_grad``.
     """
     if hidden.ndim != 2 or tuple(targets.shape) != tuple(hidden.shape[:1]):
         raise ValueError(
@@ -177,29 +178,8 @@ def lean_token_logps(
     if cpu_kernels.enabled() if fast_exp is None else fast_exp:  # ~6x faster exp on x86 CPUs
         exp, logsumexp = cpu_kernels.exp, cpu_kernels.logsumexp
         vocab_chunk = min(vocab_chunk, exp_tile)
-    token_tiles = _tiles(hidden.shape[0], token_chunk)
-    vocab_tiles = _tiles(head.vocab_size, vocab_chunk)
-
-    def forward(hidden: mx.array, targets: mx.array, arrays: dict):
-        w, h = replace(head, arrays=arrays), hidden.astype(mx.float32)
-        lse, lse2, lse_rows, lse2_rows = None, None, [], []
-        for t in token_tiles:
-            for v in vocab_tiles:
-                # Online logsumexp: fold each tile's logsumexp into the running one.
-                logits = _after(h[t], lse) @ w.rows(v).T
-                tile = logsumexp(logits)
-                lse = tile if v.start == 0 else mx.logaddexp(lse, tile)
-                if with_sum_sq:
-                    tile2 = logsumexp(2.0 * logits)
-                    lse2 = tile2 if v.start == 0 else mx.logaddexp(lse2, tile2)
-            lse_rows.append(lse)
-            lse2_rows.append(lse2)
-        lse = mx.concatenate(lse_rows)
-        # The target logit is one dot product per token with its weight row.
-        logp = (h * w.rows(targets)).sum(-1) - lse
-        # log Σ p² = logsumexp(2 z) - 2 logsumexp(z)
-        return logp, (mx.concatenate(lse2_rows) - 2.0 * lse) if with_sum_sq else None
-
+    tiles = (_tiles(hidden.shape[0], token_chunk), _tiles(head.vocab_size, vocab_chunk))
+    forward = partial(_tiled_logps, head, tiles, logsumexp, with_sum_sq)
     if with_sum_sq:
 
         @mx.custom_function
@@ -216,31 +196,62 @@ def lean_token_logps(
     def token_logps_vjp(primals: tuple, cotangent: mx.array, output: mx.array) -> tuple:
         if with_sum_sq:  # log Σ p² is a detached weight: only log p's cotangent counts
             cotangent, output = cotangent[0], output[0]
-        hidden, targets, arrays = primals
-        w, h, g = replace(head, arrays=arrays), hidden.astype(mx.float32), cotangent[:, None]
-        w_target = w.rows(targets)
-        # lse recovered from the output (logp = target_logit - lse): no second logsumexp pass.
-        lse = (h * w_target).sum(-1) - output
-        grad_h, grad_w, expected = [], [0.0] * len(vocab_tiles), None
-        for t in token_tiles:
-            for k, v in enumerate(vocab_tiles):
-                rows = w.rows(v)
-                p = exp(_after(h[t], expected) @ rows.T - lse[t, None])  # a softmax tile
-                # E_p[W row] = softmax @ W, summed over the vocab tiles.
-                expected = p @ rows if v.start == 0 else expected + p @ rows
-                # d logp / dW_v = (1[v = target] - p_v) h: the -p part. MLX is lazy, so this is
-                # only computed when a float head is trained; a frozen head never asks for it.
-                grad_w[k] = grad_w[k] - p.T @ (g[t] * h[t])
-            grad_h.append(g[t] * (w_target[t] - expected))  # d logp / dh = W[target] - E_p[W]
-        grads = {k: mx.zeros_like(a) for k, a in arrays.items()}
-        if not w.quantized:  # a quantized head cannot be trained: its gradients stay zero
-            dw = mx.concatenate(grad_w).at[targets].add(g * h)
-            grads["weight"] = dw.astype(arrays["weight"].dtype)
-        grad_hidden = mx.concatenate(grad_h).astype(hidden.dtype)
-        return grad_hidden, mx.zeros_like(targets), grads
+        return _tiled_logps_vjp(head, tiles, exp, primals, cotangent, output)
 
     out = token_logps(hidden, targets.astype(mx.int32), head.arrays)
     return (out[0], mx.stop_gradient(out[1])) if with_sum_sq else out
+
+
+def _tiled_logps(head: LMHead, tiles, logsumexp, with_sum_sq: bool, hidden, targets, arrays):
+    """lean_token_logps' forward: (log p(target) (N,), log Σ_v p_v² (N,) or None), by an
+    online logsumexp over the vocabulary tiles of each token tile."""
+    token_tiles, vocab_tiles = tiles
+    w, h = replace(head, arrays=arrays), hidden.astype(mx.float32)
+    lse, lse2, lse_rows, lse2_rows = None, None, [], []
+    for t in token_tiles:
+        for v in vocab_tiles:
+            # Online logsumexp: fold each tile's logsumexp into the running one.
+            logits = _after(h[t], lse) @ w.rows(v).T
+            tile = logsumexp(logits)
+            lse = tile if v.start == 0 else mx.logaddexp(lse, tile)
+            if with_sum_sq:
+                tile2 = logsumexp(2.0 * logits)
+                lse2 = tile2 if v.start == 0 else mx.logaddexp(lse2, tile2)
+        lse_rows.append(lse)
+        lse2_rows.append(lse2)
+    lse = mx.concatenate(lse_rows)
+    # The target logit is one dot product per token with its weight row.
+    logp = (h * w.rows(targets)).sum(-1) - lse
+    # log Σ p² = logsumexp(2 z) - 2 logsumexp(z)
+    return logp, (mx.concatenate(lse2_rows) - 2.0 * lse) if with_sum_sq else None
+
+
+def _tiled_logps_vjp(head: LMHead, tiles, exp, primals: tuple, cotangent, output) -> tuple:
+    """The gradient of log p(target) w.r.t. (hidden, targets, the head's arrays), the softmax
+    recomputed tile by tile."""
+    token_tiles, vocab_tiles = tiles
+    hidden, targets, arrays = primals
+    w, h, g = replace(head, arrays=arrays), hidden.astype(mx.float32), cotangent[:, None]
+    w_target = w.rows(targets)
+    # lse recovered from the output (logp = target_logit - lse): no second logsumexp pass.
+    lse = (h * w_target).sum(-1) - output
+    grad_h, grad_w, expected = [], [0.0] * len(vocab_tiles), None
+    for t in token_tiles:
+        for k, v in enumerate(vocab_tiles):
+            rows = w.rows(v)
+            p = exp(_after(h[t], expected) @ rows.T - lse[t, None])  # a softmax tile
+            # E_p[W row] = softmax @ W, summed over the vocab tiles.
+            expected = p @ rows if v.start == 0 else expected + p @ rows
+            # d logp / dW_v = (1[v = target] - p_v) h: the -p part. MLX is lazy, so this is
+            # only computed when a float head is trained; a frozen head never asks for it.
+            grad_w[k] = grad_w[k] - p.T @ (g[t] * h[t])
+        grad_h.append(g[t] * (w_target[t] - expected))  # d logp / dh = W[target] - E_p[W]
+    grads = {k: mx.zeros_like(a) for k, a in arrays.items()}
+    if not w.quantized:  # a quantized head cannot be trained: its gradients stay zero
+        dw = mx.concatenate(grad_w).at[targets].add(g * h)
+        grads["weight"] = dw.astype(arrays["weight"].dtype)
+    grad_hidden = mx.concatenate(grad_h).astype(hidden.dtype)
+    return grad_hidden, mx.zeros_like(targets), grads
 
 
 # The lean head's candidates for mlx_dpo.kernel_choice ("head"): which exp, how wide the tiles.

@@ -89,92 +89,83 @@ def dpo_loss(
     ld_alpha: float | None = None,
     sft_chosen_logps: Any = None,
 ) -> DPOOutput:
-    """Preference loss of a batch of pairs from per-sequence log-probs.
+    """Preference loss of a batch of pairs from (B,) float32 summed log-probs.
 
-    Args:
-        policy_chosen_logps, policy_rejected_logps: (B,) summed log-probs under the policy.
-        reference_chosen_logps, reference_rejected_logps: (B,) under the reference; both None
-            (or ``reference_free=True``) means a reference log-ratio of 0.
-        beta: β (> 0); also ORPO's λ.
-        loss_type: a name in ``LOSSES`` or a list of them, combined as
-            loss = Σ_k w_k · mean_i l_k[i] and losses[i] = Σ_k w_k · l_k[i] (MPO style).
-        loss_weights: w_k, one per loss type (default 1.0 each).
-        label_smoothing: ε in [0, 0.5): cDPO on sigmoid/aot*/simpo, robust, exo_pair (needs ε > 0).
-        f_divergence_type, f_alpha_divergence_coef: see ``loss_types.F_DIVERGENCES``; only with the
-            losses in ``F_DIVERGENCE_LOSSES``.
-        discopop_tau: τ of discopop.
-        chosen_lengths, rejected_lengths: (B,) completion token counts, needed by ipo (unless
-            ``ipo_length_normalize=False``), sigmoid_norm, sft, simpo, orpo and ``rpo_alpha``.
-        ipo_length_normalize: False gives IPO on summed log-probs (the DPO paper code).
-        rpo_alpha: RPO (Pang et al. 2024): adds ``sft`` with weight alpha.
-        simpo_gamma: γ, SimPO's target margin.
-        use_weighting: WPO: multiply each example's loss (of every loss type) by
-            ``chosen_weights * rejected_weights``, (B,) each, detached: the sequence weights
-            exp(mean_t(log p_t - log Σ_v p_v²)) from ``logps.forward_pair_logps``.
-        ld_alpha: LD-DPO's α in [0, 1]; the log-probs passed in are then LD-DPO's sums (the
-            first min(|yw|, |yl|) tokens plus α times the rest; ``forward_pair_logps``).
-        sft_chosen_logps: (B,) plain summed chosen log-probs for ``sft`` when the inputs are
-            LD-DPO sums (default: policy_chosen_logps).
+    Reference log-probs: both or neither (neither, or ``reference_free``: a log-ratio of 0).
+    ``loss_type``: a name in ``LOSSES`` or a list, weighted by ``loss_weights`` and summed.
+    ``*_lengths``: completion token counts (length-normalised losses); ``*_weights``: WPO's
+    sequence weights; ``sft_chosen_logps``: the plain sums ``sft`` reads under LD-DPO. Every
+    option, the losses it applies to and where it differs from TRL: docs/losses.md.
 
-    Returns:
-        DPOOutput(loss (), losses (B,), chosen_rewards (B,), rejected_rewards (B,)) with rewards
-        β·(policy - reference) logps, detached, also with ``reference_free`` (β·policy logps
-        when no reference is given).
+    Returns DPOOutput(loss, losses, chosen_rewards, rejected_rewards); the rewards are
+    β·(policy - reference), detached, also with ``reference_free`` (β·policy with no reference).
     """
     names, weights = check_loss_options(
         loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing,
         f_divergence_type=f_divergence_type, rpo_alpha=rpo_alpha,
         use_weighting=use_weighting, ld_alpha=ld_alpha,
     )  # fmt: skip
-
-    policy_chosen = _vector(policy_chosen_logps, "policy_chosen_logps")
-    policy_rejected = _vector(policy_rejected_logps, "policy_rejected_logps")
-    if (reference_chosen_logps is None) != (reference_rejected_logps is None):
-        raise ValueError("pass both reference_chosen_logps and reference_rejected_logps, or none")
-    zeros = mx.zeros_like(policy_chosen)
-    if reference_chosen_logps is None:
-        reference_chosen = reference_rejected = zeros
-    else:
-        reference_chosen = _vector(reference_chosen_logps, "reference_chosen_logps")
-        reference_rejected = _vector(reference_rejected_logps, "reference_rejected_logps")
-    given = {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
-    lengths = {k: None if v is None else _vector(v, k) for k, v in given.items()}
-    extra = {"chosen_weights": chosen_weights, "rejected_weights": rejected_weights}
-    extra["sft_chosen_logps"] = sft_chosen_logps
-    extra = {k: None if v is None else _vector(v, k) for k, v in extra.items()}
-    if use_weighting and (extra["chosen_weights"] is None or extra["rejected_weights"] is None):
+    v = _loss_inputs(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps, chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths, chosen_weights=chosen_weights,
+        rejected_weights=rejected_weights, sft_chosen_logps=sft_chosen_logps,
+    )  # fmt: skip
+    if use_weighting and (v["chosen_weights"] is None or v["rejected_weights"] is None):
         raise ValueError("use_weighting needs chosen_weights and rejected_weights (WPO weights)")
-    arrays = [policy_chosen, policy_rejected, reference_chosen, reference_rejected]
-    arrays += [v for v in (*lengths.values(), *extra.values()) if v is not None]
-    shapes = {tuple(a.shape) for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"all inputs must be (B,) with the same B, got shapes {sorted(shapes)}")
-
+    zeros = mx.zeros_like(v["policy_chosen"])
     pairs = PairLogps(
-        policy_chosen, policy_rejected,
-        zeros if reference_free else reference_chosen,
-        zeros if reference_free else reference_rejected,
-        **lengths, beta=beta, label_smoothing=label_smoothing,
+        v["policy_chosen"], v["policy_rejected"],
+        zeros if reference_free else v["reference_chosen"],
+        zeros if reference_free else v["reference_rejected"],
+        v["chosen_lengths"], v["rejected_lengths"], beta=beta, label_smoothing=label_smoothing,
         f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
         discopop_tau=discopop_tau, ipo_length_normalize=ipo_length_normalize,
         simpo_gamma=simpo_gamma,
     )  # fmt: skip
+    losses = _weighted_sum(names, weights, pairs, v["sft_chosen_logps"])
+    if use_weighting:  # WPO (Zhou et al. 2024, Eq. 2): a detached per-pair weight
+        losses = losses * mx.stop_gradient(v["chosen_weights"] * v["rejected_weights"])
+    # The implicit reward r = β log π/π_ref (DPO §5), never differentiated; reference_free
+    # changes the loss only (the paper code keeps the rewards as a measure of drift).
+    chosen_rewards = mx.stop_gradient(beta * (v["policy_chosen"] - v["reference_chosen"]))
+    rejected_rewards = mx.stop_gradient(beta * (v["policy_rejected"] - v["reference_rejected"]))
+    return DPOOutput(losses.mean(), losses, chosen_rewards, rejected_rewards)
+
+
+def _weighted_sum(names, weights, pairs: PairLogps, sft_chosen_logps) -> mx.array:
+    """Per example Σ_k w_k · l_k over the loss types (MPO style)."""
     sft_pairs = pairs
-    if extra["sft_chosen_logps"] is not None:  # LD-DPO: the NLL term reads the plain sums
-        sft_pairs = replace(pairs, policy_chosen_logps=extra["sft_chosen_logps"])
+    if sft_chosen_logps is not None:  # LD-DPO: the NLL term reads the plain sums
+        sft_pairs = replace(pairs, policy_chosen_logps=sft_chosen_logps)
     per_type = [
         w * LOSSES[name](sft_pairs if name == "sft" else pairs)
         for name, w in zip(names, weights, strict=True)
     ]
-    losses = sum(per_type[1:], per_type[0])
-    if use_weighting:  # WPO (Zhou et al. 2024, Eq. 2): a detached per-pair weight
-        losses = losses * mx.stop_gradient(extra["chosen_weights"] * extra["rejected_weights"])
-    # Rewards are the implicit reward model r = β log π/π_ref (DPO §5), never differentiated;
-    # reference_free changes the loss only (the paper code keeps the rewards against the
-    # reference, as a measure of drift).
-    chosen_rewards = mx.stop_gradient(beta * (policy_chosen - reference_chosen))
-    rejected_rewards = mx.stop_gradient(beta * (policy_rejected - reference_rejected))
-    return DPOOutput(losses.mean(), losses, chosen_rewards, rejected_rewards)
+    return sum(per_type[1:], per_type[0])
+
+
+def _loss_inputs(
+    policy_chosen, policy_rejected, reference_chosen, reference_rejected, **optional
+) -> dict[str, mx.array | None]:
+    """dpo_loss's array inputs as float32 (B,) vectors, checked to agree on B; the reference
+    log-probs are zeros when neither is given, an optional input that is not given None."""
+    if (reference_chosen is None) != (reference_rejected is None):
+        raise ValueError("pass both reference_chosen_logps and reference_rejected_logps, or none")
+    out = {
+        "policy_chosen": _vector(policy_chosen, "policy_chosen_logps"),
+        "policy_rejected": _vector(policy_rejected, "policy_rejected_logps"),
+    }
+    if reference_chosen is None:
+        out["reference_chosen"] = out["reference_rejected"] = mx.zeros_like(out["policy_chosen"])
+    else:
+        out["reference_chosen"] = _vector(reference_chosen, "reference_chosen_logps")
+        out["reference_rejected"] = _vector(reference_rejected, "reference_rejected_logps")
+    out.update({k: None if x is None else _vector(x, k) for k, x in optional.items()})
+    shapes = {tuple(a.shape) for a in out.values() if a is not None}
+    if len(shapes) != 1:
+        raise ValueError(f"all inputs must be (B,) with the same B, got shapes {sorted(shapes)}")
+    return out
 
 
 def pair_extras(forward: Any, b: int) -> dict[str, Any]:

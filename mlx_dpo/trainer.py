@@ -219,71 +219,62 @@ def train(
     on_save=None,
     stop: StopSignals | None = None,
 ) -> TrainResult:
-    """Run updates start_step+1 .. total. `*_refs` are (chosen, rejected) numpy arrays.
-
-    A checkpoint is saved every `save_every` updates, at the end, and when `stop` (the run's
-    signal handler; one is installed here when None) asks to stop; then `Interrupted` is raised.
-    """
+    """Run updates start_step+1 .. `total_updates` of `make_step`; `*_refs` are the pairs'
+    (chosen, rejected) reference log-probs (numpy). Each update: validation when due
+    (`steps_per_eval`), the step, a report every `steps_per_report`, a checkpoint every
+    `save_every` and at the end (then `on_save(step)`). NaN/inf raises NonFiniteLoss at the next
+    report or save; a signal (`stop`: the run's handler, or one installed here) saves the work
+    so far and raises `Interrupted`. Distributed (`group`): each rank steps on its share of
+    every update, rank 0 saves. Returns the last step and train and validation metrics."""
     world, rank = (group.size(), group.rank()) if group else (1, 0)
     total = total_updates(cfg, len(train_pairs), world)
     step_fn = make_step(model, optimizer, cfg, group=group)
     updates = iterate_batches(
-        train_pairs,
-        cfg.batch_size,
-        grad_accumulation_steps=cfg.grad_accumulation_steps,
-        seed=cfg.seed,
-        start_step=start_step,
-        rank=rank,
-        world_size=world,
-        ref_chosen=train_refs[0],
-        ref_rejected=train_refs[1],
-    )
+        train_pairs, cfg.batch_size, grad_accumulation_steps=cfg.grad_accumulation_steps,
+        seed=cfg.seed, start_step=start_step, rank=rank, world_size=world,
+        ref_chosen=train_refs[0], ref_rejected=train_refs[1],
+    )  # fmt: skip
+    validate = partial(_validate, model, valid_pairs, valid_refs, cfg, group, reporter)
     window = _Window()
     step, last_train, last_valid = start_step, {}, {}
-    finite = mx.array(True)
     with stop or StopSignals() as stop:
         stop.graceful = True  # from here on a signal saves the work done so far
         for update in updates:
             if step >= total:
                 break
-            if (
-                cfg.steps_per_eval
-                and step > start_step
-                and step % cfg.steps_per_eval == 0
-                and valid_pairs
-            ):
-                last_valid = evaluate(
-                    model, valid_pairs, valid_refs, cfg, max_batches=cfg.val_batches, group=group
-                )
-                reporter.log("valid", step, last_valid)
+            if cfg.steps_per_eval and step > start_step and step % cfg.steps_per_eval == 0:
+                last_valid = validate(step)
             # dropout's randomness is a function of (seed, step): a resumed run replays it exactly
             mx.random.seed(cfg.seed * 1_000_003 + update.step)
             metrics, norm = step_fn(update.micro_batches)
-            window.tokens += sum(batch.n_tokens for batch in update.micro_batches)
-            window.pairs += sum(batch.size for batch in update.micro_batches)
-            # the norm is of the rank-averaged gradient, so every rank takes the same decision
-            finite = finite & mx.isfinite(norm)
-            window.add(metrics, norm)
-            mx.eval(step_fn.state, window.sums, finite)
+            window.add(metrics, norm, update.micro_batches)
+            mx.eval(step_fn.state, window.sums, window.finite)
             step = update.step + 1  # updates done (Update.step counts from 0)
             _testhooks.point("update", step)
             reporter.progress(step)
             if step % cfg.steps_per_report == 0 or step == total:
-                _check_finite(finite, step)
+                _check_finite(window.finite, step)
                 last_train = window.flush(optimizer, world, group)
                 reporter.log("train", step, last_train)
             if step % cfg.save_every == 0 or step == total or stop.requested:
-                _check_finite(finite, step)
+                _check_finite(window.finite, step)
                 meta = {"epoch": update.epoch, "total": total}
                 _save(run_dir, step, model, optimizer, meta, rank, on_save)
             if stop.requested:
                 raise Interrupted(_stopped_message(stop.signum, step, run_dir), stop.signum)
-    if valid_pairs and cfg.steps_per_eval:
-        last_valid = evaluate(
-            model, valid_pairs, valid_refs, cfg, max_batches=cfg.val_batches, group=group
-        )
-        reporter.log("valid", step, last_valid)
+    if cfg.steps_per_eval:
+        last_valid = validate(step)
     return TrainResult(step, last_train, last_valid)
+
+
+def _validate(model, pairs, refs, cfg, group, reporter, step: int) -> dict[str, float]:
+    """The validation pass (`evaluate` on `cfg.val_batches` batches), logged; {} without
+    validation pairs."""
+    if not pairs:
+        return {}
+    metrics = evaluate(model, pairs, refs, cfg, max_batches=cfg.val_batches, group=group)
+    reporter.log("valid", step, metrics)
+    return metrics
 
 
 def _eval_loss(model, loss_kwargs):
@@ -353,9 +344,11 @@ def _stopped_message(signum, step: int, run_dir) -> str:
 
 
 class _Window:
-    """Metrics accumulated between two reports, as lazy arrays (no host sync per step)."""
+    """Metrics accumulated between two reports, as lazy arrays (no host sync per step), and
+    whether every gradient norm so far was finite."""
 
     def __init__(self):
+        self.finite = mx.array(True)
         self.reset()
 
     def reset(self):
@@ -364,10 +357,14 @@ class _Window:
         self.t0 = time.perf_counter()
         mx.reset_peak_memory()
 
-    def add(self, metrics: dict, norm: mx.array) -> None:
+    def add(self, metrics: dict, norm: mx.array, micro_batches: list[Batch]) -> None:
         for k, v in {**metrics, "grad_norm": norm}.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.steps += 1
+        # the norm is of the rank-averaged gradient, so every rank takes the same decision
+        self.finite = self.finite & mx.isfinite(norm)
+        self.tokens += sum(batch.n_tokens for batch in micro_batches)
+        self.pairs += sum(batch.size for batch in micro_batches)
 
     def flush(self, optimizer, world: int, group) -> dict[str, float]:
         keys = sorted(self.sums)
