@@ -245,17 +245,7 @@ def compare(
 
     loaded = model_lib.load(cfg.model, **cfg.model_kwargs())
     tokenizer = loaded.tokenizer
-    if prompts:
-        todo = lib.prompts_from_file(
-            tokenizer,
-            prompts,
-            prompt_field=cfg.prompt_field,
-            use_template=not no_chat_template,
-            chat_template=cfg.chat_template,
-        )
-    else:
-        todo = lib.prompts_from_data(cfg, tokenizer, split, log=click.echo)
-    todo = todo[: num_prompts or (len(todo) if prompts else 8)]
+    todo = _compare_prompts(cfg, tokenizer, prompts, split, not no_chat_template, num_prompts)
     model_lib.load_adapter_dir(loaded.model, adapter_path)
     results = lib.generate_both(
         loaded.model,
@@ -278,6 +268,23 @@ def compare(
         }
         lib.write_output(results, output, settings)
         click.echo(f"\nwrote {len(results)} comparisons to {output}")
+
+
+def _compare_prompts(cfg, tokenizer, prompts, split, use_template, num_prompts) -> list:
+    """compare's prompts: from --prompts (all by default), or the first 8 of the run's data."""
+    from mlx_dpo import compare as lib
+
+    if prompts:
+        todo = lib.prompts_from_file(
+            tokenizer,
+            prompts,
+            prompt_field=cfg.prompt_field,
+            use_template=use_template,
+            chat_template=cfg.chat_template,
+        )
+    else:
+        todo = lib.prompts_from_data(cfg, tokenizer, split, log=click.echo)
+    return todo[: num_prompts or (len(todo) if prompts else 8)]
 
 
 @main.command()

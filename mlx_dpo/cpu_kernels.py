@@ -150,47 +150,13 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
         return original(queries, keys, values, cache, scale, mask, sinks)
     blocks = _causal_blocks(T)
 
-    def probs(q, k, a, b, kb, lse=None, after=None):
-        # `after` chains the blocks: without it MLX runs every block's matmul first and holds
-        # all their scores at once (T^2 again)
-        qa = q[..., a:b, :] if after is None else mx.depends(q[..., a:b, :], after)
-        scores = qa @ k[..., :kb, :].swapaxes(-1, -2)  # (B, Hkv, rep, b - a, kb)
-        visible = mx.arange(a, b)[:, None] >= mx.arange(kb)[None]
-        scores = mx.where(visible, scores, -mx.inf)
-        if lse is None:
-            m = scores.max(axis=-1, keepdims=True)
-            e = exp(scores - m)
-            total = e.sum(axis=-1, keepdims=True)
-            return e * (1.0 / total), m + mx.log(total)
-        return exp(scores - lse[..., a:b, :]), None
-
     @mx.custom_function
     def attention(q, k, v):
-        outs, lses = [], []
-        for a, b, kb in blocks:
-            p, lse = probs(q, k, a, b, kb, after=outs[-1] if outs else None)
-            outs.append(p @ v[..., :kb, :])
-            lses.append(lse)
-        return mx.concatenate(outs, axis=-2), mx.concatenate(lses, axis=-2)
+        return _flash_forward(blocks, q, k, v)
 
     @attention.vjp
     def attention_vjp(primals, cotangents, outputs):
-        q, k, v = primals
-        d_out, (out, lse) = cotangents[0], outputs
-        delta = (d_out * out).sum(axis=-1, keepdims=True)  # rowsum(dP * P) = rowsum(dO * O)
-        dq, dk, dv = [], 0.0, 0.0
-        for a, b, kb in blocks:
-            # after the previous block's dq, dk and dv: they consume its p and ds, which are
-            # then freed (without dk and dv in the chain every block's p stays alive: T^2)
-            p, _ = probs(q, k, a, b, kb, lse, after=[dq[-1], dk, dv] if dq else None)
-            g = d_out[..., a:b, :]
-            ds = p * (g @ v[..., :kb, :].swapaxes(-1, -2) - delta[..., a:b, :])
-            dq.append(ds @ k[..., :kb, :])
-            # grouped heads: sum the group's contributions into the shared K/V
-            dk_b = (ds.swapaxes(-1, -2) @ q[..., a:b, :]).sum(2, keepdims=True)
-            dk = dk + _pad_keys(dk_b, k.shape[-2])
-            dv = dv + _pad_keys((p.swapaxes(-1, -2) @ g).sum(2, keepdims=True), k.shape[-2])
-        return mx.concatenate(dq, axis=-2), dk, dv
+        return _flash_backward(blocks, primals, cotangents, outputs)
 
     Hkv, end = keys.shape[1], blocks[-1][2]
     q = (queries * scale).reshape(B, Hkv, H // Hkv, T, D).astype(mx.float32)
@@ -198,6 +164,53 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
     v = _pad_keys(mx.expand_dims(values, 2), end).astype(mx.float32)
     out, _ = attention(q, k, v)
     return out.reshape(B, H, T, -1).astype(values.dtype)
+
+
+def _block_probs(q, k, a, b, kb, lse=None, after=None):
+    """Softmax probabilities of queries a..b over keys 0..kb (causal), and with `lse` None
+    their logsumexp; given `lse` (the backward), recomputed from it."""
+    # `after` chains the blocks: without it MLX runs every block's matmul first and holds all
+    # their scores at once (T^2 again)
+    qa = q[..., a:b, :] if after is None else mx.depends(q[..., a:b, :], after)
+    scores = qa @ k[..., :kb, :].swapaxes(-1, -2)  # (B, Hkv, rep, b - a, kb)
+    visible = mx.arange(a, b)[:, None] >= mx.arange(kb)[None]
+    scores = mx.where(visible, scores, -mx.inf)
+    if lse is None:
+        m = scores.max(axis=-1, keepdims=True)
+        e = exp(scores - m)
+        total = e.sum(axis=-1, keepdims=True)
+        return e * (1.0 / total), m + mx.log(total)
+    return exp(scores - lse[..., a:b, :]), None
+
+
+def _flash_forward(blocks, q, k, v):
+    """(attention output, logsumexp per query), one query block at a time."""
+    outs, lses = [], []
+    for a, b, kb in blocks:
+        p, lse = _block_probs(q, k, a, b, kb, after=outs[-1] if outs else None)
+        outs.append(p @ v[..., :kb, :])
+        lses.append(lse)
+    return mx.concatenate(outs, axis=-2), mx.concatenate(lses, axis=-2)
+
+
+def _flash_backward(blocks, primals, cotangents, outputs):
+    """(dq, dk, dv), each query block's probabilities recomputed from the saved logsumexp."""
+    q, k, v = primals
+    d_out, (out, lse) = cotangents[0], outputs
+    delta = (d_out * out).sum(axis=-1, keepdims=True)  # rowsum(dP * P) = rowsum(dO * O)
+    dq, dk, dv = [], 0.0, 0.0
+    for a, b, kb in blocks:
+        # after the previous block's dq, dk and dv: they consume its p and ds, which are then
+        # freed (without dk and dv in the chain every block's p stays alive: T^2)
+        p, _ = _block_probs(q, k, a, b, kb, lse, after=[dq[-1], dk, dv] if dq else None)
+        g = d_out[..., a:b, :]
+        ds = p * (g @ v[..., :kb, :].swapaxes(-1, -2) - delta[..., a:b, :])
+        dq.append(ds @ k[..., :kb, :])
+        # grouped heads: sum the group's contributions into the shared K/V
+        dk_b = (ds.swapaxes(-1, -2) @ q[..., a:b, :]).sum(2, keepdims=True)
+        dk = dk + _pad_keys(dk_b, k.shape[-2])
+        dv = dv + _pad_keys((p.swapaxes(-1, -2) @ g).sum(2, keepdims=True), k.shape[-2])
+    return mx.concatenate(dq, axis=-2), dk, dv
 
 
 def auto_swiglu(gate: mx.array, x: mx.array) -> mx.array:

@@ -219,14 +219,7 @@ def load_splits(
     records, problems = read_split_records(
         data, keywords, config=data_config, data_dir=data_dir, revision=data_revision
     )
-    for split, words in keywords.items():
-        named = words != SPLIT_KEYWORDS.get(split)  # given with --data-split: must exist
-        if split in splits and split not in records and (split == "train" or named):
-            raise DataError(
-                f"{data}: no files for the {split} split; looked for {words[0]}.jsonl (or .json/"
-                f".parquet), data/{words[0]}-*.parquet, a {words[0]}/ folder or a file name "
-                f"containing '{words[0]}' (name it with --data-split)"
-            )
+    _check_splits_found(data, splits, keywords, records)
     n_unparsed = sum(p.reason != "unreadable file" for p in problems)
     fields = (prompt_field, chosen_field, rejected_field)
     wanted = {s: records[s] for s in splits if s in records}
@@ -235,13 +228,7 @@ def load_splits(
         hh_as_messages = bool(formats) and set(formats) == {"hh"}
     out = Splits(formats=formats, hh_messages=hh_as_messages)
     for split, split_records in wanted.items():
-        out[split] = []
-        for source, record in split_records:
-            row, problem = normalize_row(record, source, fields, hh_messages=hh_as_messages)
-            if problem:
-                problems.append(problem)
-            else:
-                out[split].append(row)
+        out[split] = _normalize_rows(split_records, fields, hh_as_messages, problems)
     problems += _filter_margin(out, min_score_margin)
     # every row: the records read, and the lines that could not be read as one
     n_records = sum(len(r) for r in wanted.values()) + n_unparsed
@@ -252,6 +239,30 @@ def load_splits(
         if valid:
             out["train"], out["valid"] = train, valid
     return out
+
+
+def _check_splits_found(data: str, splits, keywords: dict, records: dict) -> None:
+    """DataError when the train split, or a split named with --data-split, has no files."""
+    for split, words in keywords.items():
+        named = words != SPLIT_KEYWORDS.get(split)  # given with --data-split: must exist
+        if split in splits and split not in records and (split == "train" or named):
+            raise DataError(
+                f"{data}: no files for the {split} split; looked for {words[0]}.jsonl (or .json/"
+                f".parquet), data/{words[0]}-*.parquet, a {words[0]}/ folder or a file name "
+                f"containing '{words[0]}' (name it with --data-split)"
+            )
+
+
+def _normalize_rows(records, fields, hh_messages: bool, problems: list[Problem]) -> list:
+    """The split's rows in the one internal form; the rows that fail go to `problems`."""
+    rows = []
+    for source, record in records:
+        row, problem = normalize_row(record, source, fields, hh_messages=hh_messages)
+        if problem:
+            problems.append(problem)
+        else:
+            rows.append(row)
+    return rows
 
 
 def _filter_margin(out: Splits, min_score_margin: float | None) -> list[Problem]:

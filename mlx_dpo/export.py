@@ -61,6 +61,33 @@ def fuse(
     )
     net = loaded.model
     model_lib.load_adapter_dir(net, adapter_path)
+    n_fused = _fuse_layers(net, adapter_path, dequantize)
+    config = dict(loaded.config)
+    if dequantize:
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(net)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    elif "quantization" not in config and (q := quantization_config(net)) is not None:
+        config["quantization"] = q  # quantized at load time (--quantize): record how
+    log(f"fused {n_fused} adapter layers from {adapter_path} into {loaded.path}")
+    card = model_card(model, adapter_path, dequantize=dequantize)
+    save(output, net, loaded.tokenizer, config, loaded.path, card=card)
+    log(
+        f"wrote the fused model to {output} (the base model is unchanged); "
+        f"load it with mlx_lm.load('{output}')"
+    )
+    if upload_repo:
+        from mlx_lm.utils import upload_to_hub
+
+        upload_to_hub(str(output), upload_repo)
+    return output
+
+
+def _fuse_layers(net: nn.Module, adapter_path, dequantize: bool) -> int:
+    """Replace every adapter layer of `net` by its fused linear, one layer at a time; returns
+    how many. ModelError when the adapters put none in."""
     adapted = [
         (name, m) for name, m in net.named_modules() if isinstance(m, model_lib.ADAPTER_LAYERS)
     ]
@@ -76,27 +103,7 @@ def fuse(
             fused.append((name, layer))
             progress.update(1)
     net.update_modules(tree_unflatten(fused))
-    config = dict(loaded.config)
-    if dequantize:
-        from mlx_lm.utils import dequantize_model
-
-        dequantize_model(net)
-        config.pop("quantization", None)
-        config.pop("quantization_config", None)
-    elif "quantization" not in config and (q := quantization_config(net)) is not None:
-        config["quantization"] = q  # quantized at load time (--quantize): record how
-    log(f"fused {len(fused)} adapter layers from {adapter_path} into {loaded.path}")
-    card = model_card(model, adapter_path, dequantize=dequantize)
-    save(output, net, loaded.tokenizer, config, loaded.path, card=card)
-    log(
-        f"wrote the fused model to {output} (the base model is unchanged); "
-        f"load it with mlx_lm.load('{output}')"
-    )
-    if upload_repo:
-        from mlx_lm.utils import upload_to_hub
-
-        upload_to_hub(str(output), upload_repo)
-    return output
+    return len(fused)
 
 
 def quantization_config(model: nn.Module) -> dict | None:

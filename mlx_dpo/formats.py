@@ -275,14 +275,7 @@ def normalize_row(
     if isinstance(chosen, str) != isinstance(rejected, str):
         message = f"'{names[1]}' and '{names[2]}' must both be strings or both be lists of messages"
         return None, Problem(source, "wrong type", message)
-    if isinstance(prompt, list) and isinstance(chosen, str):
-        # A chat prompt with plain-text answers: the answers are the assistant's turn.
-        chosen, rejected = _turn(chosen), _turn(rejected)
-    if isinstance(prompt, str) and isinstance(chosen, list):
-        # A text prompt beside conversations. UltraFeedback-style rows repeat it inside them
-        # (TRL's maybe_extract_prompt then infers the prompt); otherwise it is the user's turn.
-        shared = common_prefix_length(chosen, rejected) > 0
-        prompt = None if shared else [{"role": "user", "content": prompt}]
+    prompt, chosen, rejected = _same_shape(prompt, chosen, rejected)
     if prompt is None:
         split = split_implicit_prompt(chosen, rejected)
         if isinstance(split, Problem):
@@ -306,6 +299,20 @@ def normalize_row(
     if isinstance(tools, list) and tools and isinstance(prompt, list):
         row["tools"] = tools
     return row, None
+
+
+def _same_shape(prompt, chosen, rejected) -> tuple:
+    """A text prompt with conversations, or a chat prompt with text answers, put in one form
+    (prompt None: to be split off the conversations)."""
+    if isinstance(prompt, list) and isinstance(chosen, str):
+        # A chat prompt with plain-text answers: the answers are the assistant's turn.
+        chosen, rejected = _turn(chosen), _turn(rejected)
+    if isinstance(prompt, str) and isinstance(chosen, list):
+        # A text prompt beside conversations. UltraFeedback-style rows repeat it inside them
+        # (TRL's maybe_extract_prompt then infers the prompt); otherwise it is the user's turn.
+        shared = common_prefix_length(chosen, rejected) > 0
+        prompt = None if shared else [{"role": "user", "content": prompt}]
+    return prompt, chosen, rejected
 
 
 def _check_value(value: Any, field: str, is_prompt: bool) -> tuple[str, str] | None:

@@ -199,10 +199,16 @@ def cli_options() -> list[tuple]:
     """(flag, click type, help) of iterate's own flags (the training flags come from TrainConfig)."""
     import click
 
-    def demo(name):
-        return f" (demo: {DEMO_ITERATE[name]})" if name in DEMO_ITERATE else ""
+    return _prompt_and_reward_options(click) + _round_options(click)
 
-    options = [
+
+def _demo(name: str) -> str:
+    return f" (demo: {DEMO_ITERATE[name]})" if name in DEMO_ITERATE else ""
+
+
+def _prompt_and_reward_options(click) -> list[tuple]:
+    """Where the prompts come from and how the answers are scored."""
+    return [
         (
             "--prompts",
             click.Path(dir_okay=False),
@@ -216,13 +222,13 @@ def cli_options() -> list[tuple]:
         (
             "--num-prompts",
             click.IntRange(min=1),
-            "Use the first N prompts [default: all]" + demo("num_prompts") + ".",
+            "Use the first N prompts [default: all]" + _demo("num_prompts") + ".",
         ),
         (
             "--reward",
             str,
             "Reward function module:function, importable from the working directory: (prompts, completions, **row_fields) -> list[float], as in TRL"
-            + demo("reward")
+            + _demo("reward")
             + ".",
         ),
         (
@@ -235,6 +241,12 @@ def cli_options() -> list[tuple]:
             click.Path(dir_okay=False),
             "File with the judge's prompt, with {prompt} and {completion} placeholders [default: a 0-10 rating prompt].",
         ),
+    ]
+
+
+def _round_options(click) -> list[tuple]:
+    """How each round samples, pairs and picks its reference."""
+    return [
         (
             "--rounds",
             click.IntRange(min=1),
@@ -246,7 +258,7 @@ def cli_options() -> list[tuple]:
         (
             "--max-tokens",
             click.IntRange(min=1),
-            "Tokens per sampled answer [default: 128]" + demo("max_tokens") + ".",
+            "Tokens per sampled answer [default: 128]" + _demo("max_tokens") + ".",
         ),
         (
             "--min-margin",
@@ -257,7 +269,7 @@ def cli_options() -> list[tuple]:
             "--target",
             float,
             "Report the share of prompts whose best sample's reward reaches this"
-            + demo("target")
+            + _demo("target")
             + ".",
         ),
         (
@@ -271,4 +283,3 @@ def cli_options() -> list[tuple]:
             "Prompts per generation batch and reward call [default: 16].",
         ),
     ]
-    return options

@@ -116,28 +116,15 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     if is_main:  # the first writes into the run directory, after every check has passed
         lifecycle.start_writing(cfg, run, resume, identity, adapter_config(cfg, loaded.model), say)
         write_skipped_rows(rows, run.path)
-    sinks = [JsonlSink(run.path / "metrics.jsonl", append=True)] if is_main else []
-    if is_main:
-        sinks += make_sinks(cfg.report_to, run.path, cfg.to_dict())
-    reporter = Reporter(total, sinks, enabled=is_main, interactive=interactive, out=None)
+    reporter = _reporter(cfg, run, total, is_main, interactive)
     say(
         f"training {total} updates of {cfg.batch_size * cfg.grad_accumulation_steps * world} pairs on {len(train_pairs)} pairs ({len(valid_pairs)} held out)"
     )
     try:
         result = trainer.train(
-            loaded.model,
-            optimizer,
-            train_pairs,
-            valid_pairs,
-            train_refs,
-            valid_refs,
-            cfg,
-            run_dir=run.path,
-            reporter=reporter,
-            start_step=start_step,
-            group=group,
-            stop=stop,
-        )
+            loaded.model, optimizer, train_pairs, valid_pairs, train_refs, valid_refs, cfg,
+            run_dir=run.path, reporter=reporter, start_step=start_step, group=group, stop=stop,
+        )  # fmt: skip
     finally:
         reporter.close()
     say(
@@ -145,6 +132,14 @@ def _run(cfg, run: RunDir, group, say, stop, interactive) -> RunResult:
     )
     summary = _report_end(cfg, run, loaded, valid_pairs, valid_refs, say) if is_main else None
     return RunResult(run.path, result.step, result.train_metrics, result.valid_metrics, summary)
+
+
+def _reporter(cfg: TrainConfig, run: RunDir, total: int, is_main: bool, interactive) -> Reporter:
+    """Metrics lines, RUN/metrics.jsonl and the --report-to sinks, on the main process only."""
+    sinks = [JsonlSink(run.path / "metrics.jsonl", append=True)] if is_main else []
+    if is_main:
+        sinks += make_sinks(cfg.report_to, run.path, cfg.to_dict())
+    return Reporter(total, sinks, enabled=is_main, interactive=interactive, out=None)
 
 
 def _adopt_adapter_shape(cfg: TrainConfig, loaded, say) -> TrainConfig:
