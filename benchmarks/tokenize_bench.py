@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
 
+    from mlx_dpo import token_ids
     from mlx_dpo.data import load_splits, tokenize_rows
 
     texts = corpus()
@@ -126,7 +127,8 @@ def main() -> None:
     )
     print(
         f"corpus: {len(texts)} docstrings, {len(words)} words; cores: {os.cpu_count()}; "
-        f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}"
+        f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}; "
+        f"encoding processes: {token_ids.workers(args.pairs)} ({token_ids.WORKERS_ENV})"
     )
     figures = {"pairs": args.pairs}
     for kind in ("conversational", "standard"):

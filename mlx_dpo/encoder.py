@@ -3,12 +3,10 @@ a time, the same way for prompts and whole rows (see `Encoder`)."""
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 from mlx_dpo.data_files import DataError
-from mlx_dpo.formats import common_prefix_length
+from mlx_dpo.token_ids import RowEncoder
 
 CHATML = (
     "{% for message in messages %}"
@@ -61,37 +59,15 @@ class Encoder:
             self.template is None and getattr(tokenizer, "_chat_template", None) is not None
         )
         self.eos_text = getattr(hf, "eos_token", None)
-        # BOS only where the tokenizer adds one on its own (Llama, Gemma; not Qwen/ChatML).
-        bos = getattr(hf, "bos_token_id", None)
-        default = hf.encode("a") if bos is not None else []
-        self.bos_id = bos if default and default[0] == bos else None
-        self.fast = getattr(hf, "_tokenizer", None)  # the Rust tokenizer of a fast HF one
-        if not hasattr(self.fast, "encode_batch"):
-            self.fast = None
-        specials = [
-            t.content for t in getattr(hf, "added_tokens_decoder", {}).values() if t.special
-        ]
-        specials = sorted(filter(None, specials), key=len, reverse=True)
-        cuts = [re.escape(t) for t in specials]
-        if _splits_at_newlines(self.fast):
-            cuts.append(r"\n(?=\S)")  # a newline before a word: always a pre-token boundary
-        self.cut = re.compile("|".join(cuts)) if cuts else None
-        self.split_checked = 0  # rows whose split encoding matched whole-row encoding
-        self.split_ok = self.cut is not None
+        self.direct = None if self.per_row else DirectRender.of(hf, self.template)
+        self.rows = RowEncoder.for_tokenizer(hf)
+        self.bos_id = self.rows.bos_id
 
     def text(self, text: str) -> list[int]:
-        return self.with_bos(self.encode([text])[0])
-
-    def with_bos(self, ids: list[int]) -> list[int]:
-        if self.bos_id is not None and ids[:1] != [self.bos_id]:
-            ids = [self.bos_id, *ids]  # unless the text already starts with it
-        return ids
+        return self.rows.with_bos(self.rows.encode([text])[0])
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        # Templates write their own special tokens (BOS included), as HF tokenizes them.
-        if self.fast is not None:
-            return [e.ids for e in self.fast.encode_batch_fast(texts, add_special_tokens=False)]
-        return [list(self.hf.encode(t, add_special_tokens=False)) for t in texts]
+        return self.rows.encode(texts)
 
     def render(
         self, conversations: list[list[dict]], add_generation_prompt: bool, tools=None
@@ -102,6 +78,18 @@ class Encoder:
             kwargs["tools"] = tools
         if self.per_row:
             return [self.tokenizer.apply_chat_template(c, **kwargs) for c in conversations]
+        if self.direct is not None and not tools and all(map(_plain, conversations)):
+            out = self.direct.render(conversations, add_generation_prompt, self.template_kwargs)
+            if self.direct.checked[add_generation_prompt] < 32:  # against transformers itself
+                n = min(len(out), 32 - self.direct.checked[add_generation_prompt])
+                self.direct.checked[add_generation_prompt] += n
+                if out[:n] != self._render(conversations[:n], kwargs):
+                    self.direct = None
+                    return self._render(conversations, kwargs)
+            return out
+        return self._render(conversations, kwargs)
+
+    def _render(self, conversations: list[list[dict]], kwargs: dict) -> list[str]:
         if self.template is not None:
             kwargs["chat_template"] = self.template
         out = self.hf.apply_chat_template(conversations, **kwargs, **self.template_kwargs)
@@ -125,60 +113,45 @@ class Encoder:
             return text + self.eos_text
         return text
 
-    def split_point(self, prompt: str, rows: tuple[str, str]) -> int:
-        """The last place in the text the prompt and both rows share where each side can be
-        encoded alone (after a special token, or a newline before a word); 0 when none."""
-        if not self.split_ok:
-            return 0
-        chosen, rejected = rows
-        shared = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
-        # Search the chosen row one character past the shared text, so that a newline that
-        # ends the prompt is seen with the answer's first character after it.
-        ends = [m.end() for m in self.cut.finditer(chosen, 0, shared + 1) if m.end() <= shared]
-        for s in reversed(ends):
-            after = rejected[s : s + 1]
-            if s < shared or chosen[s - 1] != "\n" or (after and not after.isspace()):
-                return s
-        return 0
 
-    def encode_rows(self, texts: list[tuple[str, str, str]], chat: list[bool]) -> list[tuple]:
-        """(prompt_ids, chosen_row_ids, rejected_row_ids) of each (prompt, chosen row,
-        rejected row) text triple; chat rows get no BOS (their template writes it)."""
-        cuts = [self.split_point(t[0], t[1:]) for t in texts]
-        pieces = []
-        for (prompt, chosen, rejected), s in zip(texts, cuts, strict=True):
-            pieces += [prompt[:s], prompt[s:], chosen[s:], rejected[s:]]
-        ids = self.encode(pieces)
-        raw = []
-        for i in range(len(texts)):
-            head, prompt, chosen, rejected = ids[4 * i : 4 * i + 4]
-            raw.append((head + prompt, head + chosen, head + rejected))
-        if self.split_ok and self.split_checked < 16 and any(cuts):
-            self._check_split(texts, cuts, raw)
-            if not self.split_ok:
-                return self.encode_rows(texts, chat)
-        return [r if c else tuple(map(self.with_bos, r)) for r, c in zip(raw, chat, strict=True)]
-
-    def _check_split(self, texts, cuts, out) -> None:
-        for text, s, triple in zip(texts, cuts, out, strict=True):
-            if s and self.split_checked < 16:
-                self.split_checked += 1
-                if self.encode(list(text)) != list(triple):
-                    self.split_ok = False  # this tokenizer does not encode segments alone
-                    return
-
-
-def _splits_at_newlines(fast) -> bool:
-    """Whether a tokenizer is a regex byte-level one (GPT-2, Llama 3, Qwen, ...): no normalizer
-    that sees across the text, and a pre-tokenizer that cuts before a word after a newline."""
-    if fast is None or fast.normalizer is not None:
-        return False
-    try:
-        state = json.loads(fast.pre_tokenizer.__getstate__())
-    except (AttributeError, TypeError, ValueError):
-        return False
-    parts = state.get("pretokenizers", [state])
-    return any(p.get("type") == "ByteLevel" and p.get("use_regex") for p in parts) or (
-        any(p.get("type") == "Split" for p in parts)
-        and any(p.get("type") == "ByteLevel" for p in parts)
+def _plain(conversation: list[dict]) -> bool:
+    return all(
+        type(m) is dict and m.keys() <= {"role", "content"} and type(m.get("content")) is str
+        for m in conversation
     )
+
+
+class DirectRender:
+    """Renders conversations of plain messages (a role and a text content, nothing else)
+    straight through the compiled Jinja template: what transformers' `apply_chat_template`
+    does with them once its per-message conversions (which cost about half of a render, and
+    change nothing in such messages) are done. `Encoder` checks it against
+    `apply_chat_template` on the first conversations of each kind and stops using it if they
+    ever differ."""
+
+    def __init__(self, compiled, context: dict):
+        self.compiled, self.context = compiled, context
+        self.checked = {True: 0, False: 0}  # conversations checked, per add_generation_prompt
+
+    @classmethod
+    def of(cls, hf, template: str | None) -> DirectRender | None:
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            source = hf.get_chat_template(template)
+            return cls(_compile_jinja_template(source), dict(hf.special_tokens_map))
+        except Exception:  # noqa: BLE001 - no template, or another transformers: the usual way
+            return None
+
+    def render(self, conversations, add_generation_prompt: bool, kwargs: dict) -> list[str]:
+        context = {**self.context, **kwargs}
+        return [
+            self.compiled.render(
+                messages=[dict(m) for m in c],
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **context,
+            )
+            for c in conversations
+        ]

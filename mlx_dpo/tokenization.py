@@ -18,11 +18,13 @@ and each completion is cut at its end to fit `prompt + completion <= max_length`
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from jinja2 import TemplateError
 
+from mlx_dpo import token_ids
 from mlx_dpo.data_sources import DataError, capped
 from mlx_dpo.encoder import CHATML, Encoder, resolve_chat_template
 from mlx_dpo.formats import Problem, common_prefix_length
@@ -138,13 +140,22 @@ def tokenize_rows(
     )
     pairs, problems = [], []
     bar = Progress("tokenizing", len(rows), unit="pairs", enabled=progress and len(rows) > chunk)
-    with bar:
+    rendered: deque = deque()  # (rows, their ids' places, template problems) of each chunk
+
+    def texts_of_chunks():  # rendered here, while workers encode the chunks before
         for start in range(0, len(rows), chunk):
             part = rows[start : start + chunk]
-            encoded = _encode_chunk(part, enc, problems)
-            for row, ids in zip(part, encoded, strict=True):
-                if ids is not None:
-                    _add_pair(row, ids, limits, stats, pairs, problems)
+            texts, good, bad = _render_chunk(part, enc)
+            rendered.append((part, good, bad))
+            yield [texts[i] for i in good], [isinstance(part[i]["prompt"], list) for i in good]
+
+    with bar:
+        n_workers = token_ids.workers(len(rows))
+        for encoded in token_ids.encode_chunks(enc.rows, texts_of_chunks(), n_workers):
+            part, good, bad = rendered.popleft()
+            problems += bad
+            for i, ids in zip(good, encoded, strict=True):
+                _add_pair(part[i], ids, limits, stats, pairs, problems)
             bar.update(len(part))
     invalid = [p for p in problems if p.structural]
     if invalid and not skip_invalid_rows:
@@ -202,18 +213,16 @@ def _row_texts(rows: Sequence[dict], enc: Encoder) -> list[tuple[str, str, str] 
     return out
 
 
-def _encode_chunk(rows: Sequence[dict], enc: Encoder, problems: list) -> list:
+def _render_chunk(rows: Sequence[dict], enc: Encoder) -> tuple[list, list[int], list]:
+    """The rows' texts, the places of those that rendered, and a problem for each that did not."""
     texts = _row_texts(rows, enc)
     good = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    for i, t in enumerate(texts):
-        if isinstance(t, str):
-            problems.append(Problem(rows[i]["source"], "template error", t))
-    chat = [isinstance(rows[i]["prompt"], list) for i in good]
-    encoded = enc.encode_rows([texts[i] for i in good], chat)
-    out: list = [None] * len(rows)
-    for i, ids in zip(good, encoded, strict=True):
-        out[i] = ids
-    return out
+    bad = [
+        Problem(rows[i]["source"], "template error", t)
+        for i, t in enumerate(texts)
+        if isinstance(t, str)
+    ]
+    return texts, good, bad
 
 
 def _add_pair(row: dict, ids: tuple, limits: dict, stats: TokenizeStats, pairs, problems) -> None:
@@ -257,10 +266,10 @@ def _add_pair(row: dict, ids: tuple, limits: dict, stats: TokenizeStats, pairs, 
 def tokenize_pair(row: dict, enc: Encoder) -> tuple[list[int], list[int], list[int], int]:
     """(prompt_ids, chosen_ids, rejected_ids, merged) of one row before truncation; raises
     ValueError. The single-row form of `tokenize_rows`, for tests and tools."""
-    problems: list = []
-    (ids,) = _encode_chunk([{**row, "source": "row"}], enc, problems)
-    if ids is None:
+    texts, good, problems = _render_chunk([{**row, "source": "row"}], enc)
+    if problems:
         raise ValueError(problems[0].message)
+    (ids,) = enc.rows.encode_rows(texts, [isinstance(row["prompt"], list)])
     stats, pairs = TokenizeStats(), []
     limits = dict(
         max_length=None, max_prompt_length=None, truncation_mode="keep_start", bos_id=None
