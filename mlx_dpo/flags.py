@@ -19,7 +19,8 @@ from pathlib import Path
 
 import click
 
-from mlx_dpo.config import LOSS_FIELDS, ConfigError, TrainConfig, coerce, field_kind, read_yaml
+from mlx_dpo.config import LOSS_FIELDS, ConfigError, TrainConfig, read_yaml
+from mlx_dpo.config_values import coerce, field_kind
 
 
 class FieldValue(click.ParamType):

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_dpo.data import collate
+from mlx_dpo.data import collate, rank_share
 from mlx_dpo.logps import forward_logps
 from mlx_dpo.progress import Progress
 
@@ -117,20 +117,22 @@ def pair_logps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed completion log-probs of every pair under `model` (no gradient), float32 (LD-DPO's
     sums with `ld_alpha`).
-    Distributed: each rank scores every world-th batch and the shards are summed together.
+    Distributed: each global batch (`batch_size` per rank) is shared as training shares one
+    (`data.rank_share`), and the ranks' values are summed together.
     Shows a progress bar (or periodic lines) on the main process."""
     world, rank = (group.size(), group.rank()) if group else (1, 0)
     chosen = np.zeros(len(pairs), np.float32)
     rejected = np.zeros(len(pairs), np.float32)
     with Progress(label, len(pairs), unit="pairs", enabled=rank == 0) as progress:
-        for i, index in enumerate(length_batches(pairs, batch_size)):
-            if i % world == rank:
+        for global_index in length_batches(pairs, batch_size * world):
+            index = rank_share(global_index, rank, world)
+            if len(index):
                 batch = collate([pairs[j] for j in index], index=index, pad_to=PAD_TO)
                 logps, _ = forward_logps(model, batch, ld_alpha=ld_alpha)
                 logps = np.array(mx.stop_gradient(logps).astype(mx.float32))
                 chosen[index] = logps[: len(index)]
                 rejected[index] = logps[len(index) :]
-            progress.update(len(index))  # the other ranks keep pace with this one
+            progress.update(len(global_index))  # the other ranks keep pace with this one
     if world > 1:
         both = mx.distributed.all_sum(mx.array(np.stack([chosen, rejected])), group=group)
         chosen, rejected = np.array(both[0]), np.array(both[1])
