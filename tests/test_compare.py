@@ -10,7 +10,7 @@ import mlx_lm
 import pytest
 from click.testing import CliRunner
 from mlx_lm.sample_utils import make_sampler
-from test_export import make_adapter
+from tiny import make_adapter
 
 from mlx_dpo.cli import main
 from mlx_dpo.compare import Comparison, format_one, read_prompts, to_markdown

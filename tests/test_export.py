@@ -15,37 +15,13 @@ import mlx_lm
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tiny import build_tiny_model
+from tiny import build_tiny_model, make_adapter, quiet
 
 from mlx_dpo import model as model_lib
 from mlx_dpo.cli import main
-from mlx_dpo.config import TrainConfig
 from mlx_dpo.export import fuse, quantization_config
 
 TOKENS = mx.array([[5, 17, 33, 2, 90, 120, 7, 250, 64, 3]])
-
-
-def make_adapter(base: Path, out: Path, *, seed: int = 0, std: float = 0.02, **settings) -> Path:
-    """An adapter directory as a run writes it, with random (non-zero) lora_b so it matters."""
-    cfg = TrainConfig(**{"model": str(base), "num_layers": -1, "lora_rank": 4, **settings})
-    loaded = model_lib.load(str(base), quantize=cfg.quantize, q_group_size=cfg.q_group_size)
-    model_lib.apply_adapters(loaded.model, cfg, seed=seed)
-    rng = np.random.default_rng(seed)
-    weights = {
-        k: mx.array((rng.standard_normal(v.shape) * std).astype(np.float32))
-        if k.endswith("lora_b")
-        else v
-        for k, v in model_lib.adapter_weights(loaded.model).items()
-    }
-    out.mkdir(parents=True)
-    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
-    config = model_lib.adapter_config(cfg, loaded.model)
-    (out / "adapter_config.json").write_text(json.dumps(config))
-    return out
-
-
-def quiet(*_):
-    pass
 
 
 def logits(model) -> np.ndarray:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from click.testing import CliRunner
-from test_export import make_adapter
+from tiny import make_adapter
 
 from mlx_dpo import cli, demo, export, progress, reference
 from mlx_dpo.config import TrainConfig

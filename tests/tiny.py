@@ -171,3 +171,26 @@ def plain_pair_logps(model, pairs) -> tuple[np.ndarray, np.ndarray]:
         out.append(sums)
     both = np.array(out, dtype=np.float64)
     return both[:, 0], both[:, 1]
+
+
+def make_adapter(base: Path, out: Path, *, seed: int = 0, std: float = 0.02, **settings) -> Path:
+    """An adapter directory as a run writes it, with random (non-zero) lora_b so it matters."""
+    import mlx.core as mx
+
+    from mlx_dpo import model as model_lib
+
+    cfg = TrainConfig(**{"model": str(base), "num_layers": -1, "lora_rank": 4, **settings})
+    loaded = model_lib.load(str(base), quantize=cfg.quantize, q_group_size=cfg.q_group_size)
+    model_lib.apply_adapters(loaded.model, cfg, seed=seed)
+    rng = np.random.default_rng(seed)
+    weights = {
+        k: mx.array((rng.standard_normal(v.shape) * std).astype(np.float32))
+        if k.endswith("lora_b")
+        else v
+        for k, v in model_lib.adapter_weights(loaded.model).items()
+    }
+    out.mkdir(parents=True)
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    config = model_lib.adapter_config(cfg, loaded.model)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
