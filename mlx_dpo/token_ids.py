@@ -175,7 +175,7 @@ class WordCache:
     `edge` says whether it starts (1) or ends (2) with whitespace, or is empty (4).
     """
 
-    LIMIT = 1 << 24  # tokens kept; the cache starts over beyond it
+    LIMIT = 1 << 24  # tokens kept; the next call starts the cache over beyond it
 
     def __init__(self, fast):
         self.fast = fast
@@ -195,6 +195,12 @@ class WordCache:
         return not any(" " in t.content or t.lstrip or t.rstrip for t in added)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        if self.n_tokens > self.LIMIT:  # start over between calls: a call's entries stay valid
+            self.later.clear()
+            self.first.clear()
+            self.n_entries = self.n_tokens = 0
         words = [t.split(" ") for t in texts]
         counts = np.fromiter(map(len, words), np.int64, len(words))
         firsts = np.cumsum(counts) - counts
@@ -235,10 +241,6 @@ class WordCache:
     def _learn(self, table: dict[str, int], words: list[str], prefix: str) -> None:
         ids = self._encode([prefix + w for w in words])
         sizes = np.fromiter(map(len, ids), np.int64, len(ids))
-        if self.n_tokens + int(sizes.sum()) > self.LIMIT:
-            self.later.clear()
-            self.first.clear()
-            self.n_entries = self.n_tokens = 0
         e, t = self.n_entries, self.n_tokens
         self.start = _room(self.start, e + len(words))
         self.size = _room(self.size, e + len(words))

@@ -83,6 +83,18 @@ def test_word_cache_encodes_exactly_like_the_tokenizer(split, nfc):
     assert len(cache.later) > 100 and cache.n_whole < len(sample) / 2  # prose used the cache
 
 
+def test_a_full_cache_starts_over_without_mixing_up_words():
+    tok = byte_level(LLAMA3)
+    cache = WordCache(tok)
+    cache.LIMIT = 200  # tokens: every call below overflows it
+    for seed in range(4):
+        sample = texts(80, seed=20 + seed, gaps=PROSE, words=WORDS[:-8])
+        expected = [e.ids for e in tok.encode_batch(sample, add_special_tokens=False)]
+        assert cache.encode(sample) == expected
+        assert cache.n_tokens > cache.LIMIT
+    assert cache.encode([]) == []
+
+
 def test_a_tokenizer_whose_pieces_cross_spaces_is_caught_and_encoded_whole():
     lines = byte_level(r"[^\n]+\n?")  # one piece per line: merges learned across spaces
     sample = texts(200, seed=3)
