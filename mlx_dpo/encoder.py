@@ -33,13 +33,10 @@ def resolve_chat_template(chat_template: str | None) -> str | None:
 class Encoder:
     """Text -> token ids the same way for prompts and whole rows, many rows at a time.
 
-    Speed (50k pairs in seconds, not minutes) comes from three things: templates rendered a
-    batch of conversations per call, the fast tokenizer's batch encoding, and encoding the
-    text a prompt and its two rows share only once. That last step cuts the text where the
-    tokenizer itself always cuts, so each side encodes alone to the same tokens: after a
-    special token (`<|im_start|>`, ...), and, for regex byte-level tokenizers, after a newline
-    before a word. It is checked against whole-row encoding on the first rows and turned off
-    for good if they differ.
+    Chat templates are rendered a batch of conversations per call (plain conversations
+    straight through the compiled template: `DirectRender`); texts are encoded by
+    `token_ids.RowEncoder`, which encodes what a prompt and its rows share once and each
+    distinct word once, both checked against the tokenizer itself.
     """
 
     def __init__(self, tokenizer, chat_template: str | None):
