@@ -217,11 +217,25 @@ def auto_swiglu(gate: mx.array, x: mx.array) -> mx.array:
     """mlx-lm's `swiglu` or the fused one above, whichever kernel_choice measured faster for
     these shapes (decided when first traced: under mx.compile, once per shape)."""
     width = gate.shape[-1]
-    shape = kernel_choice.shape_class("swiglu", N=max(1, gate.size // width), I=width)
-    bench = partial(_swiglu_bench, gate.shape, gate.dtype)
-    if kernel_choice.chooser().choose("swiglu", shape, bench) == "fused":
+    if swiglu_choice(max(1, gate.size // width), width, gate.dtype) == "fused":
         return swiglu(gate, x)
     return _mlx_swiglu(gate, x)
+
+
+def swiglu_choice(n_tokens: int, width: int, dtype=mx.float32) -> str:
+    """The SwiGLU for `n_tokens` x `width` (the MLP's intermediate size). Where the model's
+    hidden size is known (`install`) the candidates are timed inside their MLP block, the
+    gate/up and down projections around them: timed alone the fused kernel wins 3-4x, but it
+    is a boundary the step's compilation cannot fuse across, and at 16k-row activations it
+    lost in the block (benchmarks/swiglu_in_mlp.py)."""
+    hidden = _MLP_HIDDEN.get(width)
+    if hidden:
+        shape = kernel_choice.shape_class("swiglu", N=n_tokens, I=width, H=hidden)
+        bench = partial(_mlp_bench, n_tokens, hidden, width, dtype)
+    else:
+        shape = kernel_choice.shape_class("swiglu", N=n_tokens, I=width)
+        bench = partial(_swiglu_bench, (n_tokens, width), dtype)
+    return kernel_choice.chooser().choose("swiglu", shape, bench)
 
 
 def auto_attention(queries, keys, values, cache, scale: float, mask, sinks=None):
@@ -233,12 +247,17 @@ def auto_attention(queries, keys, values, cache, scale: float, mask, sinks=None)
     causal = isinstance(mask, str) and mask == "causal"
     if cache is not None or sinks is not None or not causal or T != keys.shape[2]:
         return original(queries, keys, values, cache, scale, mask, sinks)
-    Hkv = keys.shape[1]
-    shape = kernel_choice.shape_class("attention", B=B, H=H, K=Hkv, T=T, D=D)
-    bench = partial(_attention_bench, (B, H, Hkv, T, D), scale, queries.dtype)
-    if kernel_choice.chooser().choose("attention", shape, bench) == "flash":
+    if attention_choice((B, H, keys.shape[1], T, D), queries.dtype) == "flash":
         return scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks)
     return original(queries, keys, values, cache, scale, mask, sinks)
+
+
+def attention_choice(dims: tuple[int, int, int, int, int], dtype=mx.float32) -> str:
+    """The causal self-attention kernel for (rows, heads, kv heads, length, head dim)."""
+    B, H, Hkv, T, D = dims
+    shape = kernel_choice.shape_class("attention", B=B, H=H, K=Hkv, T=T, D=D)
+    bench = partial(_attention_bench, dims, D**-0.5, dtype)
+    return kernel_choice.chooser().choose("attention", shape, bench)
 
 
 def head_options(n_tokens: int, dim: int, vocab: int) -> dict:
@@ -246,9 +265,37 @@ def head_options(n_tokens: int, dim: int, vocab: int) -> dict:
     hidden, a vocab-row head), as measured for this shape class."""
     from mlx_dpo import logps
 
+    return logps.HEAD_OPTIONS[head_choice(n_tokens, dim, vocab)]
+
+
+def head_choice(n_tokens: int, dim: int, vocab: int) -> str:
     shape = kernel_choice.shape_class("head", N=n_tokens, D=dim, V=vocab)
     bench = partial(_head_bench, n_tokens, dim, vocab)
-    return logps.HEAD_OPTIONS[kernel_choice.chooser().choose("head", shape, bench)]
+    return kernel_choice.chooser().choose("head", shape, bench)
+
+
+def step_choices(model, rows: int, T: int, C: int) -> dict[str, str]:
+    """The kernels a training step of `rows` rows x `T` tokens (`C` scored per row) will run,
+    decided now (timed if no cached decision: what its first step would do), for the memory
+    planner; {} where they are not installed or the model's dimensions are not known."""
+    from mlx_dpo.logps import LMHead
+
+    args = getattr(model, "args", None)
+    H = getattr(args, "num_attention_heads", None)
+    hidden, inter = getattr(args, "hidden_size", None), getattr(args, "intermediate_size", None)
+    if not installed(model) or not enabled() or not (H and hidden and inter):
+        return {}
+    Hkv = getattr(args, "num_key_value_heads", None) or H
+    D = getattr(args, "head_dim", None) or hidden // H
+    n = T - 1  # the step's inputs: tokens[:, :-1]
+    out = {
+        "attention": attention_choice((rows, H, Hkv, n, D)),
+        "swiglu": swiglu_choice(rows * n, inter),
+    }
+    head = LMHead.from_model(model)
+    if head is not None:
+        out["head"] = head_choice(rows * C, hidden, head.vocab_size)
+    return out
 
 
 def _mlx_swiglu(gate, x):
@@ -277,6 +324,20 @@ def _swiglu_bench(shape, dtype) -> dict:
     return {"mlx": _grad_timer(_mlx_swiglu, gate, x), "fused": _grad_timer(swiglu, gate, x)}
 
 
+def _mlp_bench(n: int, hidden: int, width: int, dtype) -> dict:
+    """Each SwiGLU inside its MLP block, forward + backward to the block's input (the frozen
+    base's projections: no weight gradients, as in the LoRA step)."""
+    x = _normal((n, hidden), 0).astype(dtype)
+    w_gate, w_up = (_normal((width, hidden), i).astype(dtype) * 0.05 for i in (1, 2))
+    w_down = _normal((hidden, width), 3).astype(dtype) * 0.05
+    mx.eval(w_gate, w_up, w_down)
+
+    def block(act):
+        return lambda x: act(x @ w_gate.T, x @ w_up.T) @ w_down.T
+
+    return {"mlx": _grad_timer(block(_mlx_swiglu), x), "fused": _grad_timer(block(swiglu), x)}
+
+
 def _attention_bench(dims, scale, dtype) -> dict:
     from mlx_lm.models.base import scaled_dot_product_attention as original
 
@@ -289,9 +350,15 @@ def _attention_bench(dims, scale, dtype) -> dict:
     }
 
 
+# The head is timed on a slice of at most this many tokens x vocabulary rows: its cost is
+# linear in both and the slice runs the same tiles (Qwen's 152k vocabulary took > 1 min whole).
+HEAD_BENCH_TOKENS, HEAD_BENCH_VOCAB = 1024, 32768
+
+
 def _head_bench(n_tokens: int, dim: int, vocab: int) -> dict:
     from mlx_dpo import logps
 
+    n_tokens, vocab = min(n_tokens, HEAD_BENCH_TOKENS), min(vocab, HEAD_BENCH_VOCAB)
     h = _normal((n_tokens, dim), 0) * 0.5
     head = logps.LMHead({"weight": _normal((vocab, dim), 1) * 0.02})
     targets = mx.random.randint(0, vocab, (n_tokens,), key=mx.random.key(2))
@@ -316,6 +383,10 @@ def install(model, plat: Platform | None = None, *, allowed: bool = True) -> lis
     use = allowed and enabled(plat)
     if use:
         kernel_choice.chooser()  # a malformed MLX_DPO_KERNELS fails here, at load (ConfigError)
+        args = getattr(model, "args", None)
+        inter, hidden = (getattr(args, k, None) for k in ("intermediate_size", "hidden_size"))
+        if isinstance(inter, int) and isinstance(hidden, int):
+            _MLP_HIDDEN[inter] = hidden
     swapped = []
     for name, fast in (("scaled_dot_product_attention", auto_attention), ("swiglu", auto_swiglu)):
         if module is None or not hasattr(module, name):
@@ -335,3 +406,5 @@ def install(model, plat: Platform | None = None, *, allowed: bool = True) -> lis
 
 # (module, name) -> mlx-lm's function, kept so that opting out restores it
 _ORIGINALS: dict[tuple[str, str], object] = {}
+# MLP intermediate size -> the hidden size of the model installed with it (for swiglu_choice)
+_MLP_HIDDEN: dict[int, int] = {}

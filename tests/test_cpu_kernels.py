@@ -227,11 +227,44 @@ def test_kernel_benches_run_every_candidate_on_the_real_shapes():
         cpu_kernels._attention_bench((1, 4, 2, 70, 16), 0.25, mx.float32),
         cpu_kernels._swiglu_bench((1, 70, 24), mx.float32),
         cpu_kernels._head_bench(40, 16, 300),
+        cpu_kernels._mlp_bench(70, 16, 24, mx.float32),
     ]
     for fns in benches:
         for fn in fns.values():
             fn()  # raises if a candidate cannot run on these shapes
     assert sorted(benches[2]) == ["exp", "exp-wide", "mlx"]
+
+
+def test_swiglu_is_timed_inside_the_mlp_of_the_installed_model(tmp_path):
+    """Once a model is installed its MLP's hidden size is known: the SwiGLU's shape class
+    holds it and its candidates are timed inside the block (a new measurement, not the
+    activation-alone one)."""
+    from mlx_lm.models import qwen2
+
+    from mlx_dpo import kernel_choice as kc
+
+    if not cpu_kernels.enabled():
+        pytest.skip("the CPU kernels run on the x86 CPU build only")
+    args = qwen2.ModelArgs(
+        model_type="qwen2", hidden_size=48, num_hidden_layers=1, intermediate_size=136,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=64,
+    )  # fmt: skip
+    benches = []
+
+    def fake_measure(fns):
+        benches.append(fns)
+        return {name: [1.0] for name in fns}
+
+    kc.reset(kc.Chooser(None, report=lambda _: None, measure_fn=fake_measure))
+    try:
+        assert cpu_kernels.swiglu_choice(100, 136) == "mlx"
+        cpu_kernels.install(qwen2.Model(args))
+        assert cpu_kernels.swiglu_choice(100, 136) == "mlx"
+        shapes = list(kc.chooser().decisions)
+    finally:
+        kc.reset()
+    assert shapes == ["swiglu I136 N128", "swiglu H48 I136 N128"]
+    assert len(benches) == 2 and all(sorted(b) == ["fused", "mlx"] for b in benches)
 
 
 def test_bad_kernel_override_fails_at_load_and_doctor_reports_it(tiny_model_path, monkeypatch):
