@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from common import Geometry  # noqa: E402
 from mlx_worker import BIG_CACHE, VARIANTS, Step, load_model, make_batch  # noqa: E402
 
-from mlx_dpo import kernel_choice, memory, memory_os  # noqa: E402
+from mlx_dpo import kernel_choice, memory  # noqa: E402
 from mlx_dpo import model as model_lib  # noqa: E402
 from mlx_dpo.config import TrainConfig  # noqa: E402
 
@@ -73,13 +73,14 @@ def main(argv=None) -> dict:
     half = args.length // 2
     geo = Geometry(args.pairs, half, args.length - half)
     vocab = net.args.vocab_size
-    plan = memory.plan(net, cfg, args.length, 2 * args.pairs, completion_tokens_per_row=half)
-    plan = memory_os.resident(plan)  # as memory.plan_for_pairs: what the OS will see
+    pairs, _ = make_batch(geo, vocab, 0)
+    plan = memory.plan_for_pairs(net, cfg, pairs)  # as `mlx_dpo train` plans (and picks kernels)
     out["plan"] = {
         "total": plan.resident_bytes,
         "arrays": plan.total_bytes,
         "parts": {**plan.parts, **plan.os_parts},
         "notes": plan.notes,
+        "peak_so_far": plan.peak_so_far,
     }
     _, batch = make_batch(geo, vocab, 0)
     from mlx_worker import reference_logps

@@ -29,7 +29,7 @@ import mlx_worker as W  # noqa: E402  (imports mlx_dpo first: the BLAS preload)
 import numpy as np  # noqa: E402
 from common import Geometry, Spec, write_checkpoint  # noqa: E402
 
-from mlx_dpo import cpu_kernels, memory, memory_factors  # noqa: E402
+from mlx_dpo import cpu_kernels, kernel_choice, memory, memory_factors  # noqa: E402
 from mlx_dpo import model as model_lib  # noqa: E402
 
 G = Geometry
@@ -132,6 +132,9 @@ def main(argv=None) -> None:
     p.add_argument("--fit", action="store_true", help="re-fit the factors (needs scipy)")
     args = p.parse_args(argv)
     mx.set_cache_limit(W.BIG_CACHE)
+    # the factors describe a fixed set of kernels: every CPU kernel on (where they run), not
+    # the per-shape choice a run makes
+    kernel_choice.reset(kernel_choice.Chooser(None, kernel_choice.parse_override("all=on")))
     rows = []
     for spec, geos, paths, quantize in QUICK if args.grid == "quick" else FULL:
         rows += measure(spec, geos, paths, quantize)
@@ -151,6 +154,8 @@ def main(argv=None) -> None:
 
 
 KEYS = ("qkv", "inter", "hidden", "scores")
+# the kernels each factor set was measured with (every CPU kernel on, or MLX's ops)
+KERNELS = {"fast": {"attention": "flash", "head": "exp"}, "default": {}}
 
 
 def arch_of(spec: dict, quantized: bool) -> memory_factors.Arch:
@@ -194,7 +199,7 @@ def fit(rows: list[dict]) -> dict:
                 lora = sum(8 * (i + o) for _, i, o in a.adapted)
                 parts, _ = memory_factors.estimate(
                     a, rows=r["rows"], T=r["T"], C=r["C"], ckpt=ckpt, lean=True, act=4,
-                    lora_params=lora, n_states=2, weights=0, fast=mode == "fast",
+                    lora_params=lora, n_states=2, weights=0, **KERNELS[mode],
                 )  # fmt: skip
                 pred.append(sum(parts.values()) - 4 * lora * 3)  # above weights/adapters/state
             return np.array(pred) / y - 1

@@ -32,7 +32,7 @@ from mlx.utils import tree_flatten
 
 from mlx_dpo import cpu_kernels
 from mlx_dpo.config import ConfigError
-from mlx_dpo.memory_factors import Arch, estimate, gb
+from mlx_dpo.memory_factors import Arch, attention_tile_bytes, estimate, gb
 from mlx_dpo.memory_os import OS_NOTES, RUNTIME_OVERHEAD, available_bytes, resident
 from mlx_dpo.platform import Platform
 
@@ -54,11 +54,22 @@ class MemoryPlan:
     # (Python, MLX, the BLAS, the tokenizer) and buffers MLX's allocator keeps cached after
     # they were freed. Empty for a what-if plan; `resident()` measures them in this process.
     os_parts: dict[str, int] = field(default_factory=dict)
+    # The process's peak RSS when the plan was made: loading (a quantized model's fp32 weights)
+    # and the kernels' timing (MLX's attention keeps T^2 scores) can top the step itself.
+    peak_so_far: int = 0
+    # Bytes of the flash attention's score tiles over all blocks, one copy: each query block's
+    # tile has its own size, so freed tiles stay in MLX's size-keyed cache unused (memory_os).
+    attention_tiles: int = 0
+
+    @property
+    def step_resident_bytes(self) -> int:
+        """The step's peak RSS: its MLX arrays plus the os_parts."""
+        return self.total_bytes + sum(self.os_parts.values())
 
     @property
     def resident_bytes(self) -> int:
-        """Planned peak RSS: the MLX arrays at the step's peak plus the os_parts."""
-        return self.total_bytes + sum(self.os_parts.values())
+        """Planned peak RSS of the run: the step's, or the peak the process already reached."""
+        return max(self.step_resident_bytes, self.peak_so_far)
 
     @property
     def grad_checkpoint(self) -> bool:
@@ -78,9 +89,14 @@ class MemoryPlan:
         for name, n in self.parts.items():
             lines.append(f"  {name:<{width}} {gb(n):>9}  {self.notes.get(name, '')}".rstrip())
         if self.os_parts:
-            lines.append(f"  process (RSS) ~{gb(self.resident_bytes)}: the above plus")
+            lines.append(f"  process (RSS) ~{gb(self.step_resident_bytes)}: the above plus")
             for name, n in self.os_parts.items():
                 lines.append(f"    {name} {gb(n)}  {OS_NOTES.get(name, '')}".rstrip())
+        if self.peak_so_far > self.step_resident_bytes:
+            lines.append(
+                f"  the process already peaked at {gb(self.peak_so_far)} RSS before training "
+                "(loading the model, timing the CPU kernels)"
+            )
         return "\n".join(lines)
 
 
@@ -138,19 +154,20 @@ def _arch(model: nn.Module, cfg) -> Arch:
     )
 
 
-def _planned_kernels(model) -> str:
-    """ "fast" (flash attention, the head's 2048-wide fast-exp tiles: the fitted "fast"
-    factors), "default" (MLX's ops) or "either" (chosen by timing on the first step)."""
+def _planned_kernels(model, kernels: dict | None) -> dict[str, list[str]]:
+    """Per kernel that changes the step's memory, the candidates the plan covers: the one
+    chosen (`kernels`, from cpu_kernels.step_choices, or forced by MLX_DPO_KERNELS), MLX's
+    own where the CPU kernels are not installed, or every candidate where the choice is still
+    to be made by timing on the first step (the plan then takes each part's largest)."""
     if not cpu_kernels.installed(model):
-        return "default"
+        return {"attention": ["mlx"], "head": ["mlx"]}
     from mlx_dpo import kernel_choice
 
-    forced = kernel_choice.chooser().override
-    if forced.get("attention") == "flash" and forced.get("head") == "exp":
-        return "fast"
-    if forced.get("attention") == "mlx" and forced.get("head") == "mlx":
-        return "default"
-    return "either"
+    known = {**kernel_choice.chooser().override, **(kernels or {})}
+    return {
+        k: [known[k]] if k in known else list(kernel_choice.CANDIDATES[k])
+        for k in ("attention", "head")
+    }
 
 
 def _head_quantized(model) -> bool:
@@ -174,6 +191,7 @@ def plan(
     *,
     completion_tokens_per_row: int | None = None,
     lean: bool | None = None,
+    kernels: dict[str, str] | None = None,
 ) -> MemoryPlan:
     """Estimated peak memory of one training step.
 
@@ -184,12 +202,14 @@ def plan(
         rows: rows per micro-batch (2 x batch_size: chosen and rejected).
         completion_tokens_per_row: scored tokens per row (default: the whole row, worst case).
         lean: whether the completion-only log-prob head runs (default: when the model has one).
+        kernels: the CPU kernels the step will run (cpu_kernels.step_choices); those not
+            given are covered whichever way their timing goes.
     """
     arch = _arch(model, cfg)
     lean = _lean_head(model) if lean is None else lean
     params = dict(tree_flatten(model.parameters()))
-    T = PAD_TO * -(-max_tokens_per_row // PAD_TO)
-    C = T if completion_tokens_per_row is None else PAD_TO * -(-completion_tokens_per_row // PAD_TO)
+    T = _padded(max_tokens_per_row)
+    C = T if completion_tokens_per_row is None else _padded(completion_tokens_per_row)
     common = dict(
         rows=rows,
         T=T,
@@ -202,25 +222,26 @@ def plan(
         weights=sum(v.nbytes for k, v in params.items() if "lora_" not in k),
         head_quantized=_head_quantized(model) if lean else False,
     )
-    kernels = _planned_kernels(model)
-    parts, notes = estimate(arch, **common, fast=kernels == "fast")
-    if kernels == "either":
-        # The kernels are chosen per shape class on the first step (kernel_choice), each one
-        # or MLX's own: plan for the larger of the two, part by part.
-        fast_parts, fast_notes = estimate(arch, **common, fast=True)
-        for k, v in fast_parts.items():
-            if v > parts.get(k, 0):
-                parts[k], notes[k] = v, fast_notes[k]
+    parts: dict[str, int] = {}
+    notes: dict[str, str] = {}
+    options = _planned_kernels(model, kernels)
+    for attention in options["attention"]:
+        for head in options["head"]:
+            p, n = estimate(arch, **common, attention=attention, head=head)
+            for k, v in p.items():
+                if v > parts.get(k, -1):
+                    parts[k], notes[k] = v, n[k]
 
     def replan(**changes) -> MemoryPlan:
         new_rows = changes.pop("rows", rows)
         new_len = changes.pop("max_tokens_per_row", max_tokens_per_row)
         return plan(
             model, _Override(cfg, changes), new_len, new_rows,
-            completion_tokens_per_row=completion_tokens_per_row, lean=lean,
+            completion_tokens_per_row=completion_tokens_per_row, lean=lean, kernels=kernels,
         )  # fmt: skip
 
-    return MemoryPlan(parts, notes, rows, T, replan)
+    tiles = attention_tile_bytes(arch, rows, T) if "flash" in options["attention"] else 0
+    return MemoryPlan(parts, notes, rows, T, replan, attention_tiles=tiles)
 
 
 # Each block's forward runs again in the backward: measured x1.2-1.35 the step time
@@ -245,13 +266,21 @@ def checkpoint_tradeoff(plan: MemoryPlan) -> str | None:
 
 def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
     """`plan` for the longest row and longest completion of tokenized `PreferencePair`s, at
-    2 x cfg.batch_size rows (chosen and rejected)."""
+    2 x cfg.batch_size rows (chosen and rejected), with the CPU kernels that step will run
+    chosen now (timed where no decision is cached: the first step would do it anyway)."""
     longest = max(
         (len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1
     )
     completion = max((max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1)
-    step = plan(model, cfg, longest, 2 * cfg.batch_size, completion_tokens_per_row=completion)
+    rows = 2 * cfg.batch_size
+    T, C = _padded(longest), min(_padded(completion), _padded(longest))
+    kernels = cpu_kernels.step_choices(model, rows, T, C)
+    step = plan(model, cfg, longest, rows, completion_tokens_per_row=completion, kernels=kernels)
     return resident(step)  # this process, the model loaded: what the OS will see
+
+
+def _padded(n: int) -> int:
+    return PAD_TO * -(-n // PAD_TO)
 
 
 class _Override:

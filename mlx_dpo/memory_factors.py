@@ -48,7 +48,10 @@ FACTORS = {
     },
 }
 # With mlx_dpo.cpu_kernels (x86 CPU): flash attention ("scores" is then rows x heads x 64 x T,
-# one query block), 2048-wide head tiles. Fitted by benchmarks/memory_calibration.py --fit.
+# one query block), the fast exp in 2048-wide head tiles. Fitted by
+# benchmarks/memory_calibration.py --fit with every kernel on; a step that mixes them (the
+# kernels are chosen one by one) takes the blocks' factors from its attention and the head's
+# from its head tiles.
 FACTORS["fast"] = {
     "saved": {
         False: {"qkv": 2.572, "inter": 3.628, "hidden": 2.315, "scores": 1.022},
@@ -66,11 +69,16 @@ FACTORS["fast"] = {
         False: {"tiles": 2.874, "hidden": 3.851},
         True: {"tiles": 2.471, "hidden": 0.328},
     },
-    "vocab_tile": 2048,
 }
+# The head's candidates (mlx_dpo.logps.HEAD_OPTIONS): factor set and vocabulary tile width.
+HEAD_TILES = {"mlx": ("default", 8192), "exp": ("fast", 2048), "exp-wide": ("fast", 8192)}
 _FULL_LOGITS = 2.62  # plain path: rows x T x vocab fp32 arrays alive at its peak
-_DEQUANT_SAVED = 1.9  # dequantized fp32 weights (and their transposes) kept per block
-_TOKEN_TILE, _VOCAB_TILE, _TILES_IN_FLIGHT = 256, 8192, 12  # logps.lean_token_logps
+# Dequantized fp32 weights kept per block for the backward, in block weights: with MLX's ops
+# (fitted) they and their transposes; with the CPU kernels' step about one copy (40M Qwen2-style,
+# 4-bit, 2 pairs x 256/512 tokens: 145/94 MB above the fp32 run's peak, 90 MB of fp32 blocks and
+# a 62 MB head; benchmarks/RESULTS.md section 4)
+_DEQUANT_SAVED = {"default": 1.9, "fast": 1.0}
+_TOKEN_TILE, _TILES_IN_FLIGHT = 256, 12  # logps.lean_token_logps
 
 
 @dataclass(frozen=True)
@@ -100,11 +108,14 @@ def estimate(
     lora_params,
     n_states,
     weights,
-    fast=False,
+    attention="mlx",
+    head="mlx",
     head_quantized=False,
 ) -> tuple[dict[str, int], dict[str, str]]:
-    """The plan's parts (bytes) and notes, from the architecture's numbers alone."""
+    """The plan's parts (bytes) and notes, from the architecture's numbers alone, for the
+    step's `attention` ("mlx" or "flash") and `head` tiles (a key of HEAD_TILES)."""
     n_tok = rows * (T - 1)
+    fast = attention == "flash"
     # Attention scores: the whole T x T square, or with the CPU kernels' flash attention one
     # block of queries against the keys at a time (linear in T).
     scores = rows * arch.heads * T * (min(T, cpu_kernels.ATTENTION_BLOCK) if fast else T)
@@ -121,7 +132,8 @@ def estimate(
     notes["adapters + optimizer"] = (
         f"{lora_params / 1e6:.2f}M LoRA params, their grads, {n_states} optimizer states"
     )
-    f = FACTORS["fast" if fast else "default"]
+    blocks = "fast" if fast else "default"
+    f = FACTORS[blocks]
     parts["saved activations"] = int(deep * act * per_token(f["saved"][ckpt]))
     notes["saved activations"] = f"{deep} blocks" + (
         ", block inputs (--grad-checkpoint)"
@@ -130,7 +142,9 @@ def estimate(
     )
     if arch.quantized:
         kept = 1 if ckpt else deep
-        parts["dequantized weights"] = int(_DEQUANT_SAVED * kept * 4 * arch.block_linear_params)
+        parts["dequantized weights"] = int(
+            _DEQUANT_SAVED[blocks] * kept * 4 * arch.block_linear_params
+        )
         notes["dequantized weights"] = f"fp32 copies of {kept} block(s) kept for the backward"
     if head_quantized:
         # the lean head dequantizes each vocabulary tile once for all token tiles (the compiled
@@ -140,7 +154,10 @@ def estimate(
     # The backward's gradient inputs MLX keeps until the LoRA gradients are evaluated grow
     # block by block on the way down, on top of one block's working set.
     layer = act * (deep * per_token(f["retained"][ckpt]) + per_token(f["layer"][ckpt]))
-    head, head_note = _head_working_set(arch, f, ckpt=ckpt, lean=lean, rows=rows, T=T, C=C)
+    head_factors, vocab_tile = HEAD_TILES[head]
+    head, head_note = _head_working_set(
+        arch, FACTORS[head_factors]["head"][ckpt], vocab_tile, lean=lean, rows=rows, T=T, C=C
+    )
     parts["transient"] = int(max(layer, head))
     layer_note = f"the backward's working set ({gb(layer)})"
     head_note += f" ({gb(head)})"
@@ -150,16 +167,23 @@ def estimate(
     return parts, notes
 
 
-def _head_working_set(arch: Arch, f: dict, *, ckpt, lean, rows, T, C) -> tuple[float, str]:
+def attention_tile_bytes(arch: Arch, rows: int, T: int) -> int:
+    """fp32 bytes of the flash attention's score tiles, every query block's once, over the
+    blocks: block b (of ATTENTION_BLOCK queries) against the b * ATTENTION_BLOCK keys before
+    it, so about half a T x T square per row and head."""
+    q = cpu_kernels.ATTENTION_BLOCK
+    scores = sum(min(q, T - a) * min(a + q, T) for a in range(0, T, q))  # queries x keys
+    return 4 * arch.blocks * rows * arch.heads * scores
+
+
+def _head_working_set(arch: Arch, h: dict, vocab_tile, *, lean, rows, T, C) -> tuple[float, str]:
     """Bytes and note of the log-prob head's peak: the lean head's vocabulary tiles in flight
     (and its hidden-state copies), or the full rows x T x vocab logits."""
     n_tok, n_scored = rows * (T - 1), rows * C
     if not lean:
         return 4 * _FULL_LOGITS * n_tok * arch.vocab, f"full logits ({rows} x {T} x {arch.vocab})"
-    vocab_tile = f.get("vocab_tile", _VOCAB_TILE)
     tile = min(n_scored, _TOKEN_TILE) * min(arch.vocab, vocab_tile)
     n_tiles = -(-n_scored // _TOKEN_TILE) * -(-arch.vocab // vocab_tile)
-    h = f["head"][ckpt]
     head = 4 * (h["tiles"] * tile * min(2 * n_tiles + 1, _TILES_IN_FLIGHT))
     head += 4 * h["hidden"] * n_scored * arch.hidden
     return head, f"lean log-probs ({n_scored} scored tokens, {n_tiles} tiles)"

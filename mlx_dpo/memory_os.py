@@ -15,15 +15,19 @@ if TYPE_CHECKING:
     from mlx_dpo.memory import MemoryPlan
 
 RUNTIME_OVERHEAD = 512 << 20  # Python, MLX, mlx-lm, tokenizer: resident but not in the plan
-# RSS above (runtime + MLX's peak), as a fraction of the step's arrays above the weights:
-# 0.18-0.40 measured with MLX's ops at 4 grid points (benchmarks/RESULTS.md, section 4)
-ALLOCATOR_SLACK = 0.35
+# RSS above (runtime + MLX's peak): a fraction of the step's arrays above the weights, plus,
+# with the flash attention, a multiple of its score tiles (each query block's tile has its own
+# size, and MLX's buffer cache reuses a freed buffer only for a request of about its size).
+# Fitted at 7 grid points (RSS - runtime - MLX peak: 0.13-0.58 of the arrays above the weights,
+# 1.3x at 8 rows x 1024 tokens, where the tiles are 1.1 GB; benchmarks/RESULTS.md section 4).
+ALLOCATOR_SLACK = 0.25
+TILE_SLACK = 1.25
 OS_NOTES = {
     "runtime": "Python, MLX, mlx-lm, the BLAS: resident memory that is not an MLX array",
     "allocator cache": "freed MLX buffers kept for reuse (e.g. fp32 weights replaced by 4-bit "
     "ones at load)",
-    "allocator slack": f"buffers the allocator cannot reuse at the peak: {ALLOCATOR_SLACK:.0%} "
-    "of the step's arrays",
+    "allocator slack": "buffers the allocator cannot reuse at the peak: "
+    f"{ALLOCATOR_SLACK:.0%} of the step's arrays, {TILE_SLACK}x the flash attention's tiles",
 }
 
 
@@ -38,9 +42,15 @@ def resident(plan: MemoryPlan, rss_bytes: int | None = None) -> MemoryPlan:
     plan.os_parts = {
         "runtime": max(rss - active - cached, 0),
         "allocator cache": cached,
-        "allocator slack": int(ALLOCATOR_SLACK * (plan.total_bytes - plan.parts["weights"])),
+        "allocator slack": allocator_slack(plan),
     }
+    plan.peak_so_far = max(_peak_rss_bytes(), rss) if rss_bytes is None else rss
     return plan
+
+
+def allocator_slack(plan: MemoryPlan) -> int:
+    above_weights = plan.total_bytes - plan.parts["weights"]
+    return int(ALLOCATOR_SLACK * above_weights + TILE_SLACK * plan.attention_tiles)
 
 
 def _rss_bytes() -> int:
@@ -51,6 +61,11 @@ def _rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return _peak_rss_bytes()
+
+
+def _peak_rss_bytes() -> int:
+    """The process's peak resident set so far (what `ru_maxrss` will report at the end)."""
     import resource
     import sys
 

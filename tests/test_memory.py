@@ -1,5 +1,7 @@
 """The memory planner against the allocator's measured peak of the trainer's compiled step."""
 
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -31,16 +33,20 @@ def small_model(vocab: int, hidden: int = 128, layers: int = 2) -> nn.Module:
     return model
 
 
-def make_batch(pairs: int, prompt: int, completion: int, vocab: int) -> data.Batch:
+def make_pairs(pairs: int, prompt: int, completion: int, vocab: int) -> list:
     rng = np.random.default_rng(0)
 
     def ids(n):
         return rng.integers(1, vocab, n).tolist()
 
-    rows = [data.PreferencePair(ids(prompt), ids(completion), ids(completion), "t", "")]
-    rows = rows * pairs
+    return [data.PreferencePair(ids(prompt), ids(completion), ids(completion), "t", "")] * pairs
+
+
+def make_batch(pairs: int, prompt: int, completion: int, vocab: int) -> data.Batch:
     zeros = np.zeros(pairs, np.float32)
-    return data.collate(rows, ref_chosen=zeros, ref_rejected=zeros)
+    return data.collate(
+        make_pairs(pairs, prompt, completion, vocab), ref_chosen=zeros, ref_rejected=zeros
+    )
 
 
 def measured_peak(model, cfg: TrainConfig, batch) -> int:
@@ -161,7 +167,10 @@ def test_resident_plan_says_what_the_os_sees(tiny_model_path):
     assert abs(plan.os_parts["runtime"] - (300 << 20)) <= 1 << 20  # RSS less MLX's buffers
     assert plan.os_parts["allocator cache"] == pytest.approx(cached, abs=1 << 20)
     slack = plan.os_parts["allocator slack"]
-    assert slack == int(memory_os.ALLOCATOR_SLACK * (arrays - plan.parts["weights"]))
+    tiles = plan.attention_tiles  # the flash attention's, where it may run
+    assert tiles == 0 or cpu_kernels.installed(loaded.model)
+    above_weights = arrays - plan.parts["weights"]
+    assert slack == int(memory_os.ALLOCATOR_SLACK * above_weights + memory_os.TILE_SLACK * tiles)
     assert plan.resident_bytes == arrays + sum(plan.os_parts.values())
     assert "process RSS" in str(plan) and "allocator cache" in str(plan)
     # check_fits counts the measured parts instead of the fixed runtime allowance
@@ -171,22 +180,81 @@ def test_resident_plan_says_what_the_os_sees(tiny_model_path):
 
 
 def test_plan_covers_either_kernel_when_they_are_chosen_by_timing():
-    """Without an override the kernels are picked on the first step: each part of the plan is
-    the larger of the kernels' and MLX's own (each checked against a forced plan)."""
+    """Without an override or known choices each kernel may still go either way: each part
+    of the plan is the largest over every combination of the candidates (each one forced)."""
     from mlx_dpo import kernel_choice as kc
 
     model = small_model(8192, layers=2)
     cfg = TrainConfig(num_layers=-1)
     plans = {}
-    for name, override in (("fast", "all=on"), ("default", "all=off"), ("either", "")):
+    combos = [(a, h) for a in kc.CANDIDATES["attention"] for h in kc.CANDIDATES["head"]]
+    for name, override in [("either", "")] + [(c, f"attention={c[0]},head={c[1]}") for c in combos]:
         kc.reset(kc.Chooser(None, kc.parse_override(override), report=lambda _: None))
         try:
             plans[name] = memory.plan(model, cfg, 512, 4)
         finally:
             kc.reset()
     if not cpu_kernels.installed(model):
-        assert plans["either"].parts == plans["default"].parts
+        assert all(p.parts == plans["either"].parts for p in plans.values())
         return
-    assert plans["fast"].parts != plans["default"].parts
+    assert plans[("flash", "exp")].parts != plans[("mlx", "mlx")].parts
     for part, n in plans["either"].parts.items():
-        assert n == max(plans["fast"].parts.get(part, 0), plans["default"].parts.get(part, 0))
+        assert n == max(plans[c].parts.get(part, 0) for c in combos)
+    # choices handed in are planned as if forced
+    known = memory.plan(model, cfg, 512, 4, kernels={"attention": "flash", "head": "exp-wide"})
+    assert known.parts == plans[("flash", "exp-wide")].parts
+
+
+def test_plan_for_pairs_decides_the_kernels_its_step_runs():
+    """plan_for_pairs takes the kernel decisions for the longest batch before planning (so the
+    plan is of what will run); the step on that batch then finds every decision made."""
+    from mlx_dpo import kernel_choice as kc
+
+    model = small_model(8192, layers=2)
+    if not cpu_kernels.installed(model):
+        pytest.skip("the CPU kernels are not installed on this platform")
+    timed = []
+
+    def fake_measure(fns):  # no timing: the fast candidates "win"
+        timed.append(tuple(fns))
+        return {k: [1.0 if i == 0 else 0.5] for i, k in enumerate(fns)}
+
+    kc.reset(kc.Chooser(None, report=lambda _: None, measure_fn=fake_measure))
+    try:
+        cfg = TrainConfig(num_layers=-1, batch_size=2)
+        pairs = make_pairs(2, prompt=100, completion=60, vocab=8192)
+        plan = memory.plan_for_pairs(model, cfg, pairs)
+        expected = [("mlx", "flash"), ("mlx", "fused"), ("mlx", "exp", "exp-wide")]
+        assert sorted(timed) == sorted(expected)
+        kernels = {"attention": "flash", "head": "exp"}  # what fake_measure made them pick
+        forced = memory.plan(model, cfg, 160, 4, completion_tokens_per_row=60, kernels=kernels)
+        assert plan.parts == forced.parts
+        measured_peak(model, cfg, make_batch(2, prompt=100, completion=60, vocab=8192))
+        assert len(timed) == 3, timed  # the step on the longest batch found every decision
+    finally:
+        kc.reset()
+
+
+def test_resident_plan_counts_the_peak_the_process_already_reached(tiny_model_path):
+    """Loading and the kernels' timing happen before the plan: the run's peak RSS is at least
+    the peak already reached, and the plan says so when that tops the step's."""
+    import resource
+
+    loaded = model_lib.load(str(tiny_model_path))
+    plan = memory_os.resident(memory.plan(loaded.model, TrainConfig(), 64, 4))
+    factor = 1 if sys.platform == "darwin" else 1024
+    assert plan.peak_so_far >= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * factor * 0.99
+    assert plan.resident_bytes == max(plan.step_resident_bytes, plan.peak_so_far)
+    plan.peak_so_far = plan.step_resident_bytes + (1 << 30)
+    assert plan.resident_bytes == plan.peak_so_far
+    assert "already peaked" in str(plan)
+
+
+def test_attention_tile_bytes_by_hand():
+    """Query blocks of 64 against the keys up to their end: T = 160 -> 64 x 64 + 64 x 128 +
+    32 x 160 = 17408 scores per row and head; T = 40 -> one 40 x 40 block."""
+    from mlx_dpo.memory_factors import Arch, attention_tile_bytes
+
+    arch = Arch(2, 8, 24, 16, 3, 100, [], 0, False)
+    assert attention_tile_bytes(arch, 4, 160) == 4 * 2 * 4 * 3 * 17408
+    assert attention_tile_bytes(arch, 4, 40) == 4 * 2 * 4 * 3 * 40 * 40
