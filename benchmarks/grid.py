@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from common import SPECS, Spec, load_average, write_checkpoint  # noqa: E402
+from common import SPECS, Spec, load_average, step_flops, write_checkpoint  # noqa: E402
 
 MLX_VARIANTS = {
     "mlx_dpo": "",
@@ -47,6 +47,7 @@ MLX_VARIANTS = {
 OTHER_VARIANTS = ("trl", "trl-precompute", "mlx-lm-lora")
 VARIANTS = (*MLX_VARIANTS, *OTHER_VARIANTS)
 MODELS = ("demo", "5m", "40m", "smollm2-135m", "qwen2.5-0.5b")
+LORA_RANK = 8  # every side: r=8 on q/k/v/o/gate/up/down of every block
 QUICK = [  # (model, length, pairs, dtype): the representative points run by --quick
     ("5m", 128, 2, "fp32"),
     ("5m", 512, 2, "fp32"),
@@ -137,7 +138,26 @@ def run_point(point, args, root: Path, tmp: Path) -> dict:
                 cell["plan_parts"] = runs[0]["plan"]["parts"]
             if "decisions" in runs[-1]:
                 cell["decisions"] = runs[-1]["decisions"]
-    return {"model": model, "length": length, "pairs": pairs, "dtype": dtype, "cells": cells}
+    point = {"model": model, "length": length, "pairs": pairs, "dtype": dtype, "cells": cells}
+    spec = model_spec(model, args.qwen_layers)
+    return {**point, "flops": flop_ratios(spec, length, pairs)} if spec else point
+
+
+def flop_ratios(spec: Spec, length: int, pairs: int) -> dict:
+    """Model FLOPs of the others' update over mlx_dpo's at a point: how much faster mlx_dpo
+    can be by doing less work, at equal GEMM efficiency. mlx_dpo: the policy's forward and
+    backward, the head at completion positions only (the reference is cached); mlx-lm-lora
+    and TRL's default: full logits, plus a reference forward every update; TRL with
+    precompute_ref_log_probs: full logits, no reference forward."""
+    rows, positions, half = 2 * pairs, length - 1, length // 2
+    ours = step_flops(spec, rows, positions, half, LORA_RANK)["step"]
+    full = step_flops(spec, rows, positions, positions, LORA_RANK)
+    with_reference = full["step"] + full["reference_forward"]
+    return {
+        "ours": ours,
+        "reference_every_update": with_reference / ours,
+        "full_logits": full["step"] / ours,
+    }
 
 
 def _s(cell: dict | None) -> str:
@@ -162,6 +182,7 @@ def _x(r: float | None) -> str:
 def markdown(points: list[dict], variants) -> str:
     head = ["model", "T", "pairs", "dtype", *variants]
     head += ["default vs best own", "TRL / default", "TRL-pre / default", "mlx-lm-lora / default"]
+    head += ["FLOPs mlx-lm-lora (and TRL) / ours", "FLOPs TRL-pre / ours"]
     head += ["RSS MiB", "plan MiB", "plan / RSS"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
@@ -179,6 +200,8 @@ def markdown(points: list[dict], variants) -> str:
             _x(ratio(d, c.get("trl"))),
             _x(ratio(d, c.get("trl-precompute"))),
             _x(ratio(d, c.get("mlx-lm-lora"))),
+            _x(p.get("flops", {}).get("reference_every_update")),
+            _x(p.get("flops", {}).get("full_logits")),
             "-" if not rss else f"{rss / 2**20:.0f}",
             "-" if not plan else f"{plan / 2**20:.0f}",
             "-" if not (rss and plan) else f"{plan / rss:.2f}",

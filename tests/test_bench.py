@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mlx_dpo import cpu_kernels
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
@@ -114,3 +116,27 @@ def test_grid_commands(tmp_path):
     assert "--quantize" not in grid.command("mlx-lm-lora", demo, 128, 2, "q4", args, m)
     args.bench_python = str(tmp_path / "missing")
     assert grid.command("mlx-lm-lora", m, 128, 2, "fp32", args, m) is None
+
+
+def test_grid_flop_ratios_by_hand():
+    """The others' model FLOPs over mlx_dpo's, hand-derived for a 1-block model (hidden 4, one
+    head, 7 linears of 4 x 4 = 112 weights, LoRA r=8: 448), 1 pair of 4 tokens: 2 rows x 3
+    positions = 6 tokens, 2 completion tokens per row scored by mlx_dpo, attention
+    4 x 2 rows x 1 head x 3^2 x 4 = 288.
+      mlx_dpo:  head 2*10*4*4 = 320; base 2*112*6 + 320 = 1664;
+                forward 1664 + 288 + 2*448*6 = 7328; backward 1664 + 576 + 4*448*6 = 12992
+      full logits: head 2*10*4*6 = 480; base 1824; step 7488 + 13152 = 20640
+      plus a reference forward: 1824 + 288 = 2112"""
+    sys.path.insert(0, str(BENCH.parent))
+    from common import Spec
+
+    grid = _grid()
+    spec = Spec(4, 1, 1, 1, 4, 10)
+    got = grid.flop_ratios(spec, 4, 1)
+    assert got["ours"] == 7328 + 12992
+    assert got["full_logits"] == pytest.approx(20640 / 20320)
+    assert got["reference_every_update"] == pytest.approx((20640 + 2112) / 20320)
+    point = {"model": "5m", "length": 4, "pairs": 1, "dtype": "fp32", "cells": {}, "flops": got}
+    header, _, row = grid.markdown([point], grid.VARIANTS).splitlines()
+    cells = dict(zip(header.split("|"), row.split("|"), strict=True))
+    assert cells[" FLOPs mlx-lm-lora (and TRL) / ours "].strip() == "1.12x"
