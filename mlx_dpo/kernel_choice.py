@@ -125,18 +125,23 @@ def parse_override(text: str | None) -> dict[str, str]:
     return out
 
 
-def bucket(n: int) -> int:
-    """Sequence lengths by power of two (>= 64): one measurement covers a length class."""
-    b = 64
+def bucket(n: int, smallest: int = 64) -> int:
+    """Sizes by power of two (>= `smallest`): one measurement covers a class."""
+    b = smallest
     while b < n:
         b *= 2
     return b
 
 
 def shape_class(kernel: str, **dims: int) -> str:
-    """A stable text key of a kernel's shapes; a `T` (sequence length) or `N` (tokens) dim is
-    bucketed, the others kept exact (they are the model's and the batch's)."""
-    parts = [f"{k}{bucket(v) if k in ('T', 'N') else v}" for k, v in sorted(dims.items())]
+    """A stable text key of a kernel's shapes: a `T` (sequence length) or `N` (tokens) dim is
+    bucketed by powers of two from 64, a `B` (rows) dim from 1 (the reference pass's batches
+    hold as many rows as fit a token budget: one timing per row count would be dozens), the
+    others kept exact (they are the model's)."""
+    smallest = {"T": 64, "N": 64, "B": 1}
+    parts = [
+        f"{k}{bucket(v, smallest[k]) if k in smallest else v}" for k, v in sorted(dims.items())
+    ]
     return f"{kernel} " + " ".join(parts)
 
 

@@ -86,11 +86,14 @@ def test_bad_env_is_a_config_error(monkeypatch):
         kc.reset()
 
 
-def test_shape_classes_bucket_lengths_only():
+def test_shape_classes_bucket_lengths_and_rows_only():
     a = kc.shape_class("attention", B=4, H=8, K=2, T=200, D=32)
     assert a == kc.shape_class("attention", D=32, T=256, K=2, H=8, B=4)
+    assert a == kc.shape_class("attention", D=32, T=256, K=2, H=8, B=3)
     assert a != kc.shape_class("attention", B=4, H=8, K=2, T=257, D=32)
     assert a != kc.shape_class("attention", B=2, H=8, K=2, T=200, D=32)
+    assert a != kc.shape_class("attention", B=5, H=8, K=2, T=200, D=32)
+    assert a != kc.shape_class("attention", B=4, H=4, K=2, T=200, D=32)
     assert [kc.bucket(n) for n in (1, 64, 65, 1000, 1024, 1025)] == [64, 64, 128, 1024, 1024, 2048]
 
 
