@@ -288,10 +288,9 @@ def step_choices(model, rows: int, T: int, C: int) -> dict[str, str]:
     Hkv = getattr(args, "num_key_value_heads", None) or H
     D = getattr(args, "head_dim", None) or hidden // H
     n = T - 1  # the step's inputs: tokens[:, :-1]
-    out = {
-        "attention": attention_choice((rows, H, Hkv, n, D)),
-        "swiglu": swiglu_choice(rows * n, inter),
-    }
+    out = {"attention": attention_choice((rows, H, Hkv, n, D))}
+    if getattr(sys.modules.get(type(model).__module__), "swiglu", None) is auto_swiglu:
+        out["swiglu"] = swiglu_choice(rows * n, inter)
     head = LMHead.from_model(model)
     if head is not None:
         out["head"] = head_choice(rows * C, hidden, head.vocab_size)
