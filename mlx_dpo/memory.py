@@ -57,8 +57,8 @@ class MemoryPlan:
     # The process's peak RSS when the plan was made: loading (a quantized model's fp32 weights)
     # and the kernels' timing (MLX's attention keeps T^2 scores) can top the step itself.
     peak_so_far: int = 0
-    # Bytes of the flash attention's score tiles over all blocks, one copy: each query block's
-    # tile has its own size, so freed tiles stay in MLX's size-keyed cache unused (memory_os).
+    # Bytes of one block's flash attention score tiles: each query block's tile has its own
+    # size, so freed tiles stay in MLX's size-keyed cache, unused by other sizes (memory_os).
     attention_tiles: int = 0
 
     @property

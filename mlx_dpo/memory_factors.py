@@ -168,12 +168,12 @@ def estimate(
 
 
 def attention_tile_bytes(arch: Arch, rows: int, T: int) -> int:
-    """fp32 bytes of the flash attention's score tiles, every query block's once, over the
-    blocks: block b (of ATTENTION_BLOCK queries) against the b * ATTENTION_BLOCK keys before
-    it, so about half a T x T square per row and head."""
+    """fp32 bytes of one transformer block's flash attention score tiles, every query block's
+    once: query block b (of ATTENTION_BLOCK queries) against the b * ATTENTION_BLOCK keys up to
+    its end, so about half a T x T square per row and head."""
     q = cpu_kernels.ATTENTION_BLOCK
     scores = sum(min(q, T - a) * min(a + q, T) for a in range(0, T, q))  # queries x keys
-    return 4 * arch.blocks * rows * arch.heads * scores
+    return 4 * rows * arch.heads * scores
 
 
 def _head_working_set(arch: Arch, h: dict, vocab_tile, *, lean, rows, T, C) -> tuple[float, str]:

@@ -16,18 +16,19 @@ if TYPE_CHECKING:
 
 RUNTIME_OVERHEAD = 512 << 20  # Python, MLX, mlx-lm, tokenizer: resident but not in the plan
 # RSS above (runtime + MLX's peak): a fraction of the step's arrays above the weights, plus,
-# with the flash attention, a multiple of its score tiles (each query block's tile has its own
-# size, and MLX's buffer cache reuses a freed buffer only for a request of about its size).
-# Fitted at 7 grid points (RSS - runtime - MLX peak: 0.13-0.58 of the arrays above the weights,
-# 1.3x at 8 rows x 1024 tokens, where the tiles are 1.1 GB; benchmarks/RESULTS.md section 4).
-ALLOCATOR_SLACK = 0.25
-TILE_SLACK = 1.25
+# with the flash attention, a multiple of one block's score tiles (each query block's tile has
+# its own size, and MLX's buffer cache reuses a freed buffer only for a request of about its
+# size; the next block's tiles reuse them). Fitted at 13 grid points (5M-135M, 128-1024 tokens,
+# 1-8 pairs, fp32 and 4-bit), where RSS - runtime - MLX's peak was 18 MB to 2.4 GB: within 7%
+# of the RSS at each (benchmarks/RESULTS.md section 4).
+ALLOCATOR_SLACK = 0.13
+TILE_SLACK = 7.5
 OS_NOTES = {
     "runtime": "Python, MLX, mlx-lm, the BLAS: resident memory that is not an MLX array",
     "allocator cache": "freed MLX buffers kept for reuse (e.g. fp32 weights replaced by 4-bit "
     "ones at load)",
     "allocator slack": "buffers the allocator cannot reuse at the peak: "
-    f"{ALLOCATOR_SLACK:.0%} of the step's arrays, {TILE_SLACK}x the flash attention's tiles",
+    f"{ALLOCATOR_SLACK:.0%} of the step's arrays, {TILE_SLACK}x a block's flash attention tiles",
 }
 
 

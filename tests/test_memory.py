@@ -251,10 +251,11 @@ def test_resident_plan_counts_the_peak_the_process_already_reached(tiny_model_pa
 
 
 def test_attention_tile_bytes_by_hand():
-    """Query blocks of 64 against the keys up to their end: T = 160 -> 64 x 64 + 64 x 128 +
-    32 x 160 = 17408 scores per row and head; T = 40 -> one 40 x 40 block."""
+    """One transformer block's tiles, query blocks of 64 against the keys up to their end:
+    T = 160 -> 64 x 64 + 64 x 128 + 32 x 160 = 17408 scores per row and head; T = 40 -> one
+    40 x 40 block."""
     from mlx_dpo.memory_factors import Arch, attention_tile_bytes
 
     arch = Arch(2, 8, 24, 16, 3, 100, [], 0, False)
-    assert attention_tile_bytes(arch, 4, 160) == 4 * 2 * 4 * 3 * 17408
-    assert attention_tile_bytes(arch, 4, 40) == 4 * 2 * 4 * 3 * 40 * 40
+    assert attention_tile_bytes(arch, 4, 160) == 4 * 4 * 3 * 17408  # 4 rows, 3 heads, fp32
+    assert attention_tile_bytes(arch, 4, 40) == 4 * 4 * 3 * 40 * 40
