@@ -18,7 +18,8 @@ Kernels and their candidates (the first is MLX's own, the baseline):
   attention  - "mlx": mlx-lm's scaled_dot_product_attention; "flash": cpu_kernels' blocked one
   swiglu     - "mlx": silu(gate) * x in MLX ops; "fused": cpu_kernels.swiglu
   head       - the lean head's vocabulary tiles: "mlx" (mx.exp, 8192-wide tiles), "exp"
-               (the fast exp, 2048-wide tiles), "exp-wide" (the fast exp, 8192-wide tiles)
+               (the fast exp, 2048-wide tiles), "exp-wide" (the fast exp, 8192-wide tiles:
+               twice the memory of "exp", so it must beat "exp" by MARGIN too)
 """
 
 from __future__ import annotations
@@ -62,17 +63,22 @@ class Decision:
 
 
 def decide(times: dict[str, list[float]], margin: float = MARGIN) -> str:
-    """The candidate to use given each one's timings (seconds; the first key is the baseline).
-    The fastest best time wins if it beats the baseline's by more than `margin`."""
+    """The candidate to use given each one's timings (seconds), the candidates in order of
+    preference (the first, MLX's own, is the baseline; then the ones holding less memory: the
+    head's `exp` before `exp-wide`, whose tiles hold twice as much): a later candidate takes
+    over only when its best time beats the current choice's by more than `margin`. The choice
+    is never more than `margin` slower than the fastest."""
     names = list(times)
     if not names:
         raise ValueError("no candidates")
-    baseline = names[0]
     best = {k: min(v) for k, v in times.items() if v}
-    if baseline not in best:
-        raise ValueError(f"no timing for the baseline {baseline!r}")
-    winner = min(best, key=best.get)
-    return winner if best[winner] < (1.0 - margin) * best[baseline] else baseline
+    if names[0] not in best:
+        raise ValueError(f"no timing for the baseline {names[0]!r}")
+    choice = names[0]
+    for name in names[1:]:
+        if name in best and best[name] < (1.0 - margin) * best[choice]:
+            choice = name
+    return choice
 
 
 def measure(

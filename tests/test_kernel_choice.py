@@ -19,6 +19,9 @@ def test_decide_takes_a_fast_kernel_only_when_it_wins_clearly():
     # three candidates: the fastest, if clear of the baseline
     assert kc.decide({"mlx": [1.0], "exp": [0.8], "exp-wide": [0.7]}) == "exp-wide"
     assert kc.decide({"mlx": [1.0], "exp": [0.8]}, margin=0.25) == "mlx"
+    # candidates in order of preference: exp-wide (twice the memory) must beat exp clearly too
+    assert kc.decide({"mlx": [1.0], "exp": [0.8], "exp-wide": [0.78]}) == "exp"
+    assert kc.decide({"mlx": [1.0], "exp": [0.97], "exp-wide": [0.9]}) == "exp-wide"
 
 
 @pytest.mark.parametrize("seed", range(20))
