@@ -76,7 +76,7 @@ _FULL_LOGITS = 2.62  # plain path: rows x T x vocab fp32 arrays alive at its pea
 # Dequantized fp32 weights kept per block for the backward, in block weights: with MLX's ops
 # (fitted) they and their transposes; with the CPU kernels' step about one copy (40M Qwen2-style,
 # 4-bit, 2 pairs x 256/512 tokens: 145/94 MB above the fp32 run's peak, 90 MB of fp32 blocks and
-# a 62 MB head; benchmarks/RESULTS.md section 4)
+# a 62 MB head; benchmarks/RESULTS.md section 4b)
 _DEQUANT_SAVED = {"default": 1.9, "fast": 1.0}
 _TOKEN_TILE, _TILES_IN_FLIGHT = 256, 12  # logps.lean_token_logps
 

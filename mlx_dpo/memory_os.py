@@ -20,7 +20,7 @@ RUNTIME_OVERHEAD = 512 << 20  # Python, MLX, mlx-lm, tokenizer: resident but not
 # its own size, and MLX's buffer cache reuses a freed buffer only for a request of about its
 # size; the next block's tiles reuse them). Fitted at 13 grid points (5M-135M, 128-1024 tokens,
 # 1-8 pairs, fp32 and 4-bit), where RSS - runtime - MLX's peak was 18 MB to 2.4 GB: within 7%
-# of the RSS at each (benchmarks/RESULTS.md section 4).
+# of the RSS at each (benchmarks/RESULTS.md section 4b).
 ALLOCATOR_SLACK = 0.13
 TILE_SLACK = 7.5
 OS_NOTES = {

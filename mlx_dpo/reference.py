@@ -15,14 +15,13 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 
 from mlx_dpo.data import collate, rank_share
-from mlx_dpo.logps import forward_logps
 from mlx_dpo.progress import Progress
+from mlx_dpo.trainer import compiled_logps
 
 CACHE_VERSION = 2  # 2: content-keyed model identity
 # Rows of a forward-only pass hold no activations for a backward, so short pairs go in bigger
@@ -107,22 +106,6 @@ def length_batches(pairs, batch_size: int) -> list[np.ndarray]:
     return batches
 
 
-_FIELDS = ("tokens", "positions", "targets", "target_mask")  # what forward_logps reads
-
-
-def compiled_forward(model, ld_alpha: float | None = None):
-    """`forward_logps`' summed log-probs (float32, no gradient) compiled: eagerly every op is
-    dispatched on its own and the CPU kernels' exp runs unfused (a forward took 2.5x as long in
-    benchmarks/RESULTS.md section 3). One per pass: the trace holds the model's modules as they
-    are (adapters on or off); its state is an input, not constants copied into the trace."""
-
-    def forward(arrays: dict) -> mx.array:
-        logps, _ = forward_logps(model, SimpleNamespace(**arrays), ld_alpha=ld_alpha)
-        return mx.stop_gradient(logps).astype(mx.float32)
-
-    return mx.compile(forward, inputs=[model.state])
-
-
 def pair_logps(
     model,
     pairs,
@@ -140,13 +123,13 @@ def pair_logps(
     world, rank = (group.size(), group.rank()) if group else (1, 0)
     chosen = np.zeros(len(pairs), np.float32)
     rejected = np.zeros(len(pairs), np.float32)
-    forward = compiled_forward(model, ld_alpha)
+    forward = compiled_logps(model, ld_alpha)
     with Progress(label, len(pairs), unit="pairs", enabled=rank == 0) as progress:
         for global_index in length_batches(pairs, batch_size * world):
             index = rank_share(global_index, rank, world)
             if len(index):
                 batch = collate([pairs[j] for j in index], index=index, pad_to=PAD_TO)
-                logps = np.array(forward({k: getattr(batch, k) for k in _FIELDS}))
+                logps = np.array(forward(batch))
                 chosen[index] = logps[: len(index)]
                 rejected[index] = logps[len(index) :]
             progress.update(len(global_index))  # the other ranks keep pace with this one

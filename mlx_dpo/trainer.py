@@ -294,6 +294,20 @@ def _eval_loss(model, loss_kwargs):
 _EVAL_LOSS: dict = {}
 
 
+def compiled_logps(model, ld_alpha: float | None = None):
+    """batch -> `forward_logps`' summed log-probs (float32, no gradient), compiled for the
+    reference pass: eagerly every op is dispatched on its own and the CPU kernels' exp runs
+    unfused. One per pass: the trace holds the model's modules as they are (adapters on or
+    off); its state is an input, not constants copied into the trace."""
+
+    def logps_of_arrays(arrays: dict) -> mx.array:
+        logps, _ = forward_logps(model, _traced(arrays), ld_alpha=ld_alpha)
+        return mx.stop_gradient(logps).astype(mx.float32)
+
+    compiled = mx.compile(logps_of_arrays, inputs=[model.state])
+    return lambda batch: compiled(_arrays(batch))
+
+
 def _loss_of_arrays(model, arrays: dict, loss_kwargs: dict):
     return batch_loss(model, _traced(arrays), loss_kwargs)
 
