@@ -274,9 +274,23 @@ def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
     completion = max((max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1)
     rows = 2 * cfg.batch_size
     T, C = _padded(longest), min(_padded(completion), _padded(longest))
-    kernels = cpu_kernels.step_choices(model, rows, T, C)
+    kernels = cpu_kernels.step_choices(model, rows, T, C, mlp_ranks=_mlp_ranks(model, cfg))
     step = plan(model, cfg, longest, rows, completion_tokens_per_row=completion, kernels=kernels)
     return resident(step)  # this process, the model loaded: what the OS will see
+
+
+def _mlp_ranks(model: nn.Module, cfg) -> dict[str, int]:
+    """LoRA rank per MLP projection of the last block once the run's adapters are in (the
+    plan comes before them): those already there (--init-adapter), else the configuration's."""
+    layers = getattr(model, "layers", None) or []
+    mlp = getattr(layers[-1], "mlp", None) if len(layers) else None
+    names = ("gate_proj", "up_proj", "down_proj")
+    present = {n: getattr(mlp, n) for n in names if hasattr(mlp, n)}
+    live = {n: m.lora_a.shape[-1] for n, m in present.items() if hasattr(m, "lora_a")}
+    if live or cfg.num_layers == 0:
+        return live
+    keys = cfg.lora_keys
+    return {n: cfg.lora_rank for n in present if keys is None or f"mlp.{n}" in keys}
 
 
 def _padded(n: int) -> int:

@@ -228,6 +228,7 @@ def test_kernel_benches_run_every_candidate_on_the_real_shapes():
         cpu_kernels._swiglu_bench((1, 70, 24), mx.float32),
         cpu_kernels._head_bench(40, 16, 300),
         cpu_kernels._mlp_bench(70, 16, 24, mx.float32),
+        cpu_kernels._mlp_bench(70, 16, 24, mx.float32, {"gate_proj": 4, "down_proj": 2}),
     ]
     for fns in benches:
         for fn in fns.values():
@@ -236,17 +237,18 @@ def test_kernel_benches_run_every_candidate_on_the_real_shapes():
 
 
 def test_swiglu_is_timed_inside_the_mlp_of_the_installed_model(tmp_path):
-    """Once a model is installed its MLP's hidden size is known: the SwiGLU's shape class
-    holds it and its candidates are timed inside the block (a new measurement, not the
-    activation-alone one)."""
+    """Once a model is installed its MLP is known: the SwiGLU's shape class holds the hidden
+    size and the LoRA rank its last block's MLP has (the adapters go in after `install`), and
+    the candidates are timed inside that block (each a new measurement)."""
     from mlx_lm.models import qwen2
+    from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from mlx_dpo import kernel_choice as kc
 
     if not cpu_kernels.enabled():
         pytest.skip("the CPU kernels run on the x86 CPU build only")
     args = qwen2.ModelArgs(
-        model_type="qwen2", hidden_size=48, num_hidden_layers=1, intermediate_size=136,
+        model_type="qwen2", hidden_size=48, num_hidden_layers=2, intermediate_size=136,
         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=64,
     )  # fmt: skip
     benches = []
@@ -256,15 +258,38 @@ def test_swiglu_is_timed_inside_the_mlp_of_the_installed_model(tmp_path):
         return {name: [1.0] for name in fns}
 
     kc.reset(kc.Chooser(None, report=lambda _: None, measure_fn=fake_measure))
+    model = qwen2.Model(args)
     try:
         assert cpu_kernels.swiglu_choice(100, 136) == "mlx"
-        cpu_kernels.install(qwen2.Model(args))
+        cpu_kernels.install(model)
+        assert cpu_kernels.swiglu_choice(100, 136) == "mlx"
+        model.freeze()
+        lora = {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["mlp.gate_proj", "mlp.up_proj"]}
+        linear_to_lora_layers(model, 1, lora)
+        assert cpu_kernels._mlp_of(136) == (48, {"gate_proj": 4, "up_proj": 4})
         assert cpu_kernels.swiglu_choice(100, 136) == "mlx"
         shapes = list(kc.chooser().decisions)
     finally:
         kc.reset()
-    assert shapes == ["swiglu I136 N128", "swiglu H48 I136 N128"]
-    assert len(benches) == 2 and all(sorted(b) == ["fused", "mlx"] for b in benches)
+    assert shapes == ["swiglu I136 N128", "swiglu H48 I136 N128 R0", "swiglu H48 I136 N128 R4"]
+    assert len(benches) == 3 and all(sorted(b) == ["fused", "mlx"] for b in benches)
+
+
+def test_mlp_block_adapts_its_projections_as_lora_linear_does():
+    """The block the SwiGLU is timed in computes what mlx-lm's MLP with LoRALinear layers
+    computes on the same weights: only the projections given adapters get them."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    x, w, adapters = cpu_kernels._mlp_arrays(8, 16, 24, mx.float32, {"up_proj": 4})
+    assert list(adapters) == ["up_proj"] and adapters["up_proj"][0].shape == (16, 4)
+    up = LoRALinear(16, 24, r=4, scale=20.0)
+    up.linear.weight, (up.lora_a, up.lora_b) = w["up_proj"], adapters["up_proj"]
+    want = (nn.silu(x @ w["gate_proj"].T) * up(x)) @ w["down_proj"].T
+    for act in (cpu_kernels._mlx_swiglu, cpu_kernels.swiglu):
+        got = cpu_kernels._mlp_block(w, adapters, act)(x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    bare = cpu_kernels._mlp_block(w, {}, cpu_kernels._mlx_swiglu)(x)
+    assert not np.allclose(bare, want, rtol=1e-3)  # the adapter changes the output
 
 
 def test_bad_kernel_override_fails_at_load_and_doctor_reports_it(tiny_model_path, monkeypatch):

@@ -231,8 +231,26 @@ def test_plan_for_pairs_decides_the_kernels_its_step_runs():
         assert plan.parts == forced.parts
         measured_peak(model, cfg, make_batch(2, prompt=100, completion=60, vocab=8192))
         assert len(timed) == 3, timed  # the step on the longest batch found every decision
+        swiglu = [k for k in kc.chooser().decisions if k.startswith("swiglu")]
+        assert swiglu == ["swiglu H128 I384 N1024 R8"]  # timed with the run's rank-8 adapters
     finally:
         kc.reset()
+
+
+def test_the_swiglu_is_planned_with_the_adapters_the_run_will_insert():
+    """The plan comes before the adapters: it times the SwiGLU with the ranks the
+    configuration will give the MLP (the shape class the step will look up), or with those
+    already in place."""
+    model = small_model(512, layers=2)
+    every = TrainConfig(num_layers=-1, lora_rank=16)
+    assert memory._mlp_ranks(model, every) == {"gate_proj": 16, "up_proj": 16, "down_proj": 16}
+    attention_only = TrainConfig(lora_keys=["self_attn.q_proj", "self_attn.v_proj"])
+    assert memory._mlp_ranks(model, attention_only) == {}
+    assert memory._mlp_ranks(model, TrainConfig(num_layers=0)) == {}
+    up = TrainConfig(lora_keys=["mlp.up_proj"], lora_rank=4)
+    assert memory._mlp_ranks(model, up) == {"up_proj": 4}
+    model_lib.apply_adapters(model, up)  # in place (an --init-adapter): read from the model
+    assert memory._mlp_ranks(model, every) == {"up_proj": 4}
 
 
 def test_resident_plan_counts_the_peak_the_process_already_reached(tiny_model_path):
