@@ -231,7 +231,7 @@ def swiglu_choice(
     projections around them, with the LoRA adapters the model's last block has there. Timed
     alone the fused kernel wins 3-4x, but it is a boundary the step's compilation cannot fuse
     across: MLX's silu(gate) * x fuses with the adapters' additions, and at 2,048 x 1,408
-    (a 40M model, 1,024 tokens) the fused kernel's 15% lead in the bare block was 4-7% with
+    (a 40M model, 1,024 tokens) the fused kernel's 12-15% lead in the bare block was 4-8% with
     rank-8 adapters on the three projections. `ranks` (projection -> LoRA rank) stands for
     the adapters a run will insert (the memory planner decides before they are in)."""
     mlp = _mlp_of(width)
@@ -248,20 +248,31 @@ def swiglu_choice(
 
 
 def _mlp_of(width: int) -> tuple[int, dict[str, int]] | None:
-    """(hidden size, LoRA rank per MLP projection of the last block) of the installed model
-    whose MLP is `width` wide, or None if there is none."""
+    """(hidden size, `mlp_lora_ranks`) of the installed model whose MLP is `width` wide, or
+    None if there is none."""
     entry = _MLP_MODELS.get(width)
     model = entry[1]() if entry else None
-    if model is None:
-        return None
-    ranks = {}
+    return None if model is None else (entry[0], mlp_lora_ranks(model))
+
+
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def last_mlp(model):
+    """The MLP module of the model's last block (None if it has no such thing)."""
     layers = getattr(model, "layers", None) or []
-    mlp = getattr(layers[-1], "mlp", None) if len(layers) else None
-    for name in ("gate_proj", "up_proj", "down_proj"):
+    return getattr(layers[-1], "mlp", None) if len(layers) else None
+
+
+def mlp_lora_ranks(model) -> dict[str, int]:
+    """LoRA rank per MLP projection of the model's last block: {} before adapters are in."""
+    mlp = last_mlp(model)
+    ranks = {}
+    for name in MLP_PROJECTIONS:
         lora_a = getattr(getattr(mlp, name, None), "lora_a", None)
         if lora_a is not None:
             ranks[name] = lora_a.shape[-1]
-    return entry[0], ranks
+    return ranks
 
 
 def auto_attention(queries, keys, values, cache, scale: float, mask, sinks=None):

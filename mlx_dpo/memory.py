@@ -282,15 +282,15 @@ def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
 def _mlp_ranks(model: nn.Module, cfg) -> dict[str, int]:
     """LoRA rank per MLP projection of the last block once the run's adapters are in (the
     plan comes before them): those already there (--init-adapter), else the configuration's."""
-    layers = getattr(model, "layers", None) or []
-    mlp = getattr(layers[-1], "mlp", None) if len(layers) else None
-    names = ("gate_proj", "up_proj", "down_proj")
-    present = {n: getattr(mlp, n) for n in names if hasattr(mlp, n)}
-    live = {n: m.lora_a.shape[-1] for n, m in present.items() if hasattr(m, "lora_a")}
+    live = cpu_kernels.mlp_lora_ranks(model)
     if live or cfg.num_layers == 0:
         return live
-    keys = cfg.lora_keys
-    return {n: cfg.lora_rank for n in present if keys is None or f"mlp.{n}" in keys}
+    mlp, keys = cpu_kernels.last_mlp(model), cfg.lora_keys
+    return {
+        n: cfg.lora_rank
+        for n in cpu_kernels.MLP_PROJECTIONS
+        if hasattr(mlp, n) and (keys is None or f"mlp.{n}" in keys)
+    }
 
 
 def _padded(n: int) -> int:
