@@ -248,11 +248,17 @@ def swiglu_choice(
 
 
 def _mlp_of(width: int) -> tuple[int, dict[str, int]] | None:
-    """(hidden size, `mlp_lora_ranks`) of the installed model whose MLP is `width` wide, or
-    None if there is none."""
+    """(hidden size, LoRA ranks) of the MLP `width` wide of the models installed, or None if
+    none was. The ranks are those of the first live model with adapters in its MLP ({} if
+    none): a separate reference model of the same shape, loaded (and freed) after the
+    policy, has none, and the policy's step must find the decision its plan took."""
     entry = _MLP_MODELS.get(width)
-    model = entry[1]() if entry else None
-    return None if model is None else (entry[0], mlp_lora_ranks(model))
+    if entry is None:
+        return None
+    hidden, models = entry
+    models[:] = [ref for ref in models if ref() is not None]  # drop the freed ones
+    live = [m for m in (ref() for ref in models) if m is not None]
+    return hidden, next((r for m in live if (r := mlp_lora_ranks(m))), {})
 
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -452,7 +458,9 @@ def install(model, plat: Platform | None = None, *, allowed: bool = True) -> lis
         args = getattr(model, "args", None)
         inter, hidden = (getattr(args, k, None) for k in ("intermediate_size", "hidden_size"))
         if isinstance(inter, int) and isinstance(hidden, int):
-            _MLP_MODELS[inter] = (hidden, weakref.ref(model))
+            if _MLP_MODELS.get(inter, (hidden,))[0] != hidden:
+                del _MLP_MODELS[inter]  # another architecture with this MLP width: the last wins
+            _MLP_MODELS.setdefault(inter, (hidden, []))[1].append(weakref.ref(model))
     swapped = []
     for name, fast in (("scaled_dot_product_attention", auto_attention), ("swiglu", auto_swiglu)):
         if module is None or not hasattr(module, name):
@@ -472,6 +480,6 @@ def install(model, plat: Platform | None = None, *, allowed: bool = True) -> lis
 
 # (module, name) -> mlx-lm's function, kept so that opting out restores it
 _ORIGINALS: dict[tuple[str, str], object] = {}
-# MLP intermediate size -> (hidden size, the model installed with it), for swiglu_choice: its
-# adapters are inserted after `install`, and looked up when the SwiGLU is first timed
-_MLP_MODELS: dict[int, tuple[int, weakref.ref]] = {}
+# MLP intermediate size -> (hidden size, the models installed with it), for swiglu_choice:
+# their adapters are inserted after `install`, and looked up when the SwiGLU is first timed
+_MLP_MODELS: dict[int, tuple[int, list[weakref.ref]]] = {}

@@ -3,6 +3,8 @@ CPU build, against float64 (numpy, torch) and against the mx ops they replace.""
 
 from __future__ import annotations
 
+import gc
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -266,6 +268,12 @@ def test_swiglu_is_timed_inside_the_mlp_of_the_installed_model(tmp_path):
         model.freeze()
         lora = {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["mlp.gate_proj", "mlp.up_proj"]}
         linear_to_lora_layers(model, 1, lora)
+        assert cpu_kernels._mlp_of(136) == (48, {"gate_proj": 4, "up_proj": 4})
+        reference = qwen2.Model(args)  # a --ref-model of the same shape, installed after it
+        cpu_kernels.install(reference)
+        assert cpu_kernels._mlp_of(136) == (48, {"gate_proj": 4, "up_proj": 4})
+        del reference
+        gc.collect()  # freed after the reference pass: the policy's adapters still count
         assert cpu_kernels._mlp_of(136) == (48, {"gate_proj": 4, "up_proj": 4})
         assert cpu_kernels.swiglu_choice(100, 136) == "mlx"
         shapes = list(kc.chooser().decisions)
