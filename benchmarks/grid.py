@@ -143,20 +143,30 @@ def run_point(point, args, root: Path, tmp: Path) -> dict:
     return {**point, "flops": flop_ratios(spec, length, pairs)} if spec else point
 
 
-def flop_ratios(spec: Spec, length: int, pairs: int) -> dict:
-    """Model FLOPs of the others' update over mlx_dpo's at a point: how much faster mlx_dpo
-    can be by doing less work, at equal GEMM efficiency. mlx_dpo: the policy's forward and
+def side_flops(spec: Spec, length: int, pairs: int) -> dict:
+    """Model FLOPs of one update per side at a point. mlx_dpo: the policy's forward and
     backward, the head at completion positions only (the reference is cached); mlx-lm-lora
     and TRL's default: full logits, plus a reference forward every update; TRL with
     precompute_ref_log_probs: full logits, no reference forward."""
     rows, positions, half = 2 * pairs, length - 1, length // 2
-    ours = step_flops(spec, rows, positions, half, LORA_RANK)["step"]
     full = step_flops(spec, rows, positions, positions, LORA_RANK)
     with_reference = full["step"] + full["reference_forward"]
     return {
-        "ours": ours,
-        "reference_every_update": with_reference / ours,
-        "full_logits": full["step"] / ours,
+        "mlx_dpo": step_flops(spec, rows, positions, half, LORA_RANK)["step"],
+        "mlx-lm-lora": with_reference,
+        "trl": with_reference,
+        "trl-precompute": full["step"],
+    }
+
+
+def flop_ratios(spec: Spec, length: int, pairs: int) -> dict:
+    """The others' model FLOPs per update over mlx_dpo's (`side_flops`): how much faster
+    mlx_dpo can be by doing less work, at equal GEMM efficiency."""
+    f = side_flops(spec, length, pairs)
+    return {
+        "ours": f["mlx_dpo"],
+        "reference_every_update": f["trl"] / f["mlx_dpo"],
+        "full_logits": f["trl-precompute"] / f["mlx_dpo"],
     }
 
 

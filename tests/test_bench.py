@@ -140,3 +140,31 @@ def test_grid_flop_ratios_by_hand():
     header, _, row = grid.markdown([point], grid.VARIANTS).splitlines()
     cells = dict(zip(header.split("|"), row.split("|"), strict=True))
     assert cells[" FLOPs mlx-lm-lora (and TRL) / ours "].strip() == "1.12x"
+
+
+def test_profile_point_groups_and_per_update_seconds():
+    """The profile's shared objects go to the groups the table names (names as `perf report`
+    prints them), and the steady seconds per update are the long run's samples less the short
+    run's, at 999 samples per CPU second, over the updates only the long run did."""
+    _grid()
+    import profile_point as pp
+
+    names = {
+        "libmkl_def.so.3": "blas",
+        "libscipy_openblas.so": "blas",
+        "libFf4IBroadcastBGf4ISubtractAFH_VVCCC_f4f4_9890204067157363224_strided_2.so": (
+            "mlx fused kernels"
+        ),
+        "libDi4IAsTypeAEi4IBroadcastBFi4OLeftShiftFG_VCC_f4_8610265000885327642_contiguous.so": (
+            "mlx fused kernels"
+        ),
+        "libmlx.so": "mlx library",
+        "libtorch_cpu.so": "torch",
+        "libpython3.11.so.1.0": "python",
+        "libc.so.6": "c runtime",
+        "[kernel.kallsyms]": "os",
+        "libz.so.1": "other",
+    }
+    assert {n: pp.group_of(n) for n in names} == names
+    got = pp.per_update({"blas": 999 * 12, "python": 500}, {"blas": 999 * 2, "os": 99}, 10)
+    assert got == pytest.approx({"blas": 1.0, "python": 500 / 999 / 10, "os": -99 / 999 / 10})
