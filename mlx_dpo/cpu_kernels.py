@@ -427,17 +427,41 @@ def _attention_bench(dims, scale, dtype) -> dict:
 HEAD_BENCH_TOKENS, HEAD_BENCH_VOCAB = 1024, 32768
 
 
+def head_candidates(n_tokens: int, vocab: int) -> list[str]:
+    """The head's candidates for `n_tokens` scored tokens: "exp-kept" only where the kept
+    logits of the largest shape of its class fit in logps.KEEP_LOGITS_MAX_BYTES."""
+    from mlx_dpo import logps
+
+    fits = 4 * kernel_choice.bucket(n_tokens) * vocab <= logps.KEEP_LOGITS_MAX_BYTES
+    return [k for k, o in logps.HEAD_OPTIONS.items() if fits or not o.get("keep_logits")]
+
+
 def _head_bench(n_tokens: int, dim: int, vocab: int) -> dict:
+    """The head's candidates (`head_candidates`), timed on a slice of the shape."""
+    from mlx_dpo import logps
+
+    h, head, targets = _head_arrays(n_tokens, dim, vocab)
+    return {
+        name: _grad_timer(
+            lambda h, o=logps.HEAD_OPTIONS[name]: logps.lean_token_logps(h, head, targets, **o), h
+        )
+        for name in head_candidates(n_tokens, vocab)
+    }
+
+
+def _head_arrays(n_tokens: int, dim: int, vocab: int) -> tuple:
+    """Hidden states, head and targets of the head's timing slice, evaluated: the compiled
+    timer captures the head and targets as constants, and unevaluated they would carry their
+    random draws into every timed call (16M normals for a 32k x 512 head took more time than
+    the head itself and hid the candidates' differences)."""
     from mlx_dpo import logps
 
     n_tokens, vocab = min(n_tokens, HEAD_BENCH_TOKENS), min(vocab, HEAD_BENCH_VOCAB)
     h = _normal((n_tokens, dim), 0) * 0.5
     head = logps.LMHead({"weight": _normal((vocab, dim), 1) * 0.02})
     targets = mx.random.randint(0, vocab, (n_tokens,), key=mx.random.key(2))
-    return {
-        name: _grad_timer(lambda h, o=opts: logps.lean_token_logps(h, head, targets, **o), h)
-        for name, opts in logps.HEAD_OPTIONS.items()
-    }
+    mx.eval(h, head.arrays, targets)
+    return h, head, targets
 
 
 def installed(model) -> bool:

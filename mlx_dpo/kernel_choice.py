@@ -19,7 +19,10 @@ Kernels and their candidates (the first is MLX's own, the baseline):
   swiglu     - "mlx": silu(gate) * x in MLX ops; "fused": cpu_kernels.swiglu
   head       - the lean head's vocabulary tiles: "mlx" (mx.exp, 8192-wide tiles), "exp"
                (the fast exp, 2048-wide tiles), "exp-wide" (the fast exp, 8192-wide tiles:
-               twice the memory of "exp", so it must beat "exp" by MARGIN too)
+               twice the memory of "exp", so it must beat "exp" by MARGIN too), "exp-kept"
+               ("exp" whose backward reuses the forward's logits instead of recomputing them:
+               one matmul of three less, the scored tokens' N x V logits held; last, and
+               only where they fit in logps.KEEP_LOGITS_MAX_BYTES)
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ BUDGET_S = 20.0  # stop timing after this long (a huge shape); at least 2 rounds
 CANDIDATES = {
     "attention": ("mlx", "flash"),
     "swiglu": ("mlx", "fused"),
-    "head": ("mlx", "exp", "exp-wide"),
+    "head": ("mlx", "exp", "exp-wide", "exp-kept"),
 }
 KERNELS = tuple(CANDIDATES)
 # what "on" means in an override: the fast candidate to use without timing

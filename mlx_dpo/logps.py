@@ -146,6 +146,7 @@ def lean_token_logps(
     with_sum_sq: bool = False,
     fast_exp: bool | None = None,
     exp_tile: int = 2048,
+    keep_logits: bool = False,
 ) -> mx.array | tuple[mx.array, mx.array]:
     """log p(target | hidden) through ``head`` without materialising the N x V logits.
 
@@ -160,11 +161,14 @@ def lean_token_logps(
         fast_exp: use mlx_dpo.cpu_kernels' exp (default: when enabled on this platform).
         exp_tile: with the fast exp, vocab tiles at most this wide (its fused kernel holds ~2
             more tiles in flight); HEAD_OPTIONS are the measured choices' settings.
+        keep_logits: keep the forward's logit tiles (N x V fp32 in all) for the backward
+            instead of recomputing them there: one of the head's three N x D x V matmuls
+            less, for N x V x 4 bytes held from the head's forward to its backward.
 
     Returns:
         (N,) float32, or ((N,), (N,)) with ``with_sum_sq``. Differentiable w.r.t. ``hidden``
         (and a float head's weight; a quantized head gets zero gradients) by a VJP that
-        recomputes the softmax tile by tile. Works under ``mx.compile`` and
+        recomputes the softmax tile by tile (from the kept logits with ``keep_logits``). Works under ``mx.compile`` and
         ``nn.value_and_grad``.
     """
     if hidden.ndim != 2 or tuple(targets.shape) != tuple(hidden.shape[:1]):
@@ -179,39 +183,37 @@ def lean_token_logps(
         exp, logsumexp = cpu_kernels.exp, cpu_kernels.logsumexp
         vocab_chunk = min(vocab_chunk, exp_tile)
     tiles = (_tiles(hidden.shape[0], token_chunk), _tiles(head.vocab_size, vocab_chunk))
-    forward = partial(_tiled_logps, head, tiles, logsumexp, with_sum_sq)
-    if with_sum_sq:
+    forward = partial(_tiled_logps, head, tiles, logsumexp, with_sum_sq, keep_logits)
 
-        @mx.custom_function
-        def token_logps(hidden: mx.array, targets: mx.array, arrays: dict):
-            return forward(hidden, targets, arrays)
-
-    else:
-
-        @mx.custom_function
-        def token_logps(hidden: mx.array, targets: mx.array, arrays: dict) -> mx.array:
-            return forward(hidden, targets, arrays)[0]
+    # Outputs: (log p, log Σ p² or nothing, the kept logit tiles or nothing); the VJP reads
+    # the kept tiles from the outputs, so they live until the head's backward has run.
+    @mx.custom_function
+    def token_logps(hidden: mx.array, targets: mx.array, arrays: dict):
+        return forward(hidden, targets, arrays)
 
     @token_logps.vjp
-    def token_logps_vjp(primals: tuple, cotangent: mx.array, output: mx.array) -> tuple:
-        if with_sum_sq:  # log Σ p² is a detached weight: only log p's cotangent counts
-            cotangent, output = cotangent[0], output[0]
-        return _tiled_logps_vjp(head, tiles, exp, primals, cotangent, output)
+    def token_logps_vjp(primals: tuple, cotangents, outputs) -> tuple:
+        # log Σ p² is a detached weight: only log p's cotangent counts
+        kept = outputs[2] if keep_logits else None
+        return _tiled_logps_vjp(head, tiles, exp, primals, cotangents[0], outputs[0], kept)
 
     out = token_logps(hidden, targets.astype(mx.int32), head.arrays)
-    return (out[0], mx.stop_gradient(out[1])) if with_sum_sq else out
+    return (out[0], mx.stop_gradient(out[1][0])) if with_sum_sq else out[0]
 
 
-def _tiled_logps(head: LMHead, tiles, logsumexp, with_sum_sq: bool, hidden, targets, arrays):
-    """lean_token_logps' forward: (log p(target) (N,), log Σ_v p_v² (N,) or None), by an
-    online logsumexp over the vocabulary tiles of each token tile."""
+def _tiled_logps(head: LMHead, tiles, logsumexp, with_sum_sq: bool, keep: bool, h, targets, arrays):
+    """lean_token_logps' forward: (log p(target) (N,), [log Σ_v p_v² (N,)] or [], the logit
+    tiles in token-tile-major order if `keep` else []), by an online logsumexp over the
+    vocabulary tiles of each token tile."""
     token_tiles, vocab_tiles = tiles
-    w, h = replace(head, arrays=arrays), hidden.astype(mx.float32)
-    lse, lse2, lse_rows, lse2_rows = None, None, [], []
+    w, h = replace(head, arrays=arrays), h.astype(mx.float32)
+    lse, lse2, lse_rows, lse2_rows, kept = None, None, [], [], []
     for t in token_tiles:
         for v in vocab_tiles:
             # Online logsumexp: fold each tile's logsumexp into the running one.
             logits = _after(h[t], lse) @ w.rows(v).T
+            if keep:
+                kept.append(logits)
             tile = logsumexp(logits)
             lse = tile if v.start == 0 else mx.logaddexp(lse, tile)
             if with_sum_sq:
@@ -223,12 +225,14 @@ def _tiled_logps(head: LMHead, tiles, logsumexp, with_sum_sq: bool, hidden, targ
     # The target logit is one dot product per token with its weight row.
     logp = (h * w.rows(targets)).sum(-1) - lse
     # log Σ p² = logsumexp(2 z) - 2 logsumexp(z)
-    return logp, (mx.concatenate(lse2_rows) - 2.0 * lse) if with_sum_sq else None
+    sum_sq = [mx.concatenate(lse2_rows) - 2.0 * lse] if with_sum_sq else []
+    return logp, sum_sq, kept
 
 
-def _tiled_logps_vjp(head: LMHead, tiles, exp, primals: tuple, cotangent, output) -> tuple:
+def _tiled_logps_vjp(head: LMHead, tiles, exp, primals: tuple, cotangent, output, kept) -> tuple:
     """The gradient of log p(target) w.r.t. (hidden, targets, the head's arrays), the softmax
-    recomputed tile by tile."""
+    recomputed tile by tile: from the logits the forward `kept` (a list in its order), or from
+    the hidden states again."""
     token_tiles, vocab_tiles = tiles
     hidden, targets, arrays = primals
     w, h, g = replace(head, arrays=arrays), hidden.astype(mx.float32), cotangent[:, None]
@@ -236,10 +240,14 @@ def _tiled_logps_vjp(head: LMHead, tiles, exp, primals: tuple, cotangent, output
     # lse recovered from the output (logp = target_logit - lse): no second logsumexp pass.
     lse = (h * w_target).sum(-1) - output
     grad_h, grad_w, expected = [], [0.0] * len(vocab_tiles), None
-    for t in token_tiles:
+    for i, t in enumerate(token_tiles):
         for k, v in enumerate(vocab_tiles):
             rows = w.rows(v)
-            p = exp(_after(h[t], expected) @ rows.T - lse[t, None])  # a softmax tile
+            if kept is None:
+                logits = _after(h[t], expected) @ rows.T
+            else:  # in order too: a softmax tile per kept tile would otherwise be in flight
+                logits = _after(kept[i * len(vocab_tiles) + k], expected)
+            p = exp(logits - lse[t, None])  # a softmax tile
             # E_p[W row] = softmax @ W, summed over the vocab tiles.
             expected = p @ rows if v.start == 0 else expected + p @ rows
             # d logp / dW_v = (1[v = target] - p_v) h: the -p part. MLX is lazy, so this is
@@ -254,12 +262,17 @@ def _tiled_logps_vjp(head: LMHead, tiles, exp, primals: tuple, cotangent, output
     return grad_hidden, mx.zeros_like(targets), grads
 
 
-# The lean head's candidates for mlx_dpo.kernel_choice ("head"): which exp, how wide the tiles.
+# The lean head's candidates for mlx_dpo.kernel_choice ("head"): which exp, how wide the
+# tiles, whether the backward reuses the forward's logits.
 HEAD_OPTIONS = {
     "mlx": {"fast_exp": False},
     "exp": {"fast_exp": True, "exp_tile": 2048},
     "exp-wide": {"fast_exp": True, "exp_tile": 8192},
+    "exp-kept": {"fast_exp": True, "exp_tile": 2048, "keep_logits": True},
 }
+# "exp-kept" holds the scored tokens' N x V fp32 logits through the head's backward; it is a
+# candidate only while they fit in this many bytes (Qwen's 152k vocabulary: ~1,700 tokens).
+KEEP_LOGITS_MAX_BYTES = 2**30
 
 
 def _head_options(model, n_tokens: int, dim: int, vocab: int) -> dict:

@@ -225,8 +225,9 @@ def plan(
     parts: dict[str, int] = {}
     notes: dict[str, str] = {}
     options = _planned_kernels(model, kernels)
+    heads = [h for h in options["head"] if h in cpu_kernels.head_candidates(rows * C, arch.vocab)]
     for attention in options["attention"]:
-        for head in options["head"]:
+        for head in heads or options["head"]:
             p, n = estimate(arch, **common, attention=attention, head=head)
             for k, v in p.items():
                 if v > parts.get(k, -1):

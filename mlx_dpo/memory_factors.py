@@ -70,8 +70,14 @@ FACTORS["fast"] = {
         True: {"tiles": 2.471, "hidden": 0.328},
     },
 }
-# The head's candidates (mlx_dpo.logps.HEAD_OPTIONS): factor set and vocabulary tile width.
-HEAD_TILES = {"mlx": ("default", 8192), "exp": ("fast", 2048), "exp-wide": ("fast", 8192)}
+# The head's candidates (mlx_dpo.logps.HEAD_OPTIONS): factor set, vocabulary tile width and
+# whether the scored tokens' N x V fp32 logits are kept from the forward for the backward.
+HEAD_TILES = {
+    "mlx": ("default", 8192, False),
+    "exp": ("fast", 2048, False),
+    "exp-wide": ("fast", 8192, False),
+    "exp-kept": ("fast", 2048, True),
+}
 _FULL_LOGITS = 2.62  # plain path: rows x T x vocab fp32 arrays alive at its peak
 # Dequantized fp32 weights kept per block for the backward, in block weights: with MLX's ops
 # (fitted) they and their transposes; with the CPU kernels' step about one copy (40M Qwen2-style,
@@ -154,10 +160,13 @@ def estimate(
     # The backward's gradient inputs MLX keeps until the LoRA gradients are evaluated grow
     # block by block on the way down, on top of one block's working set.
     layer = act * (deep * per_token(f["retained"][ckpt]) + per_token(f["layer"][ckpt]))
-    head_factors, vocab_tile = HEAD_TILES[head]
+    head_factors, vocab_tile, kept = HEAD_TILES[head]
     head, head_note = _head_working_set(
         arch, FACTORS[head_factors]["head"][ckpt], vocab_tile, lean=lean, rows=rows, T=T, C=C
     )
+    if kept and lean:  # held from the head's forward to its backward, on top of its tiles
+        head += 4 * rows * C * arch.vocab
+        head_note += ", their logits kept for the backward"
     parts["transient"] = int(max(layer, head))
     layer_note = f"the backward's working set ({gb(layer)})"
     head_note += f" ({gb(head)})"

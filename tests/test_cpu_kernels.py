@@ -220,7 +220,7 @@ def test_dispatchers_run_what_was_measured_faster(winner, tmp_path):
         want_swiglu, want_opts = cpu_kernels.swiglu(gate, x), {"fast_exp": True, "exp_tile": 2048}
     assert mx.array_equal(got, want) and mx.array_equal(got_swiglu, want_swiglu)
     assert opts == want_opts
-    assert seen == [["flash", "mlx"], ["fused", "mlx"], ["exp", "exp-wide", "mlx"]]
+    assert seen == [["flash", "mlx"], ["fused", "mlx"], ["exp", "exp-kept", "exp-wide", "mlx"]]
 
 
 def test_kernel_benches_run_every_candidate_on_the_real_shapes():
@@ -235,7 +235,30 @@ def test_kernel_benches_run_every_candidate_on_the_real_shapes():
     for fns in benches:
         for fn in fns.values():
             fn()  # raises if a candidate cannot run on these shapes
-    assert sorted(benches[2]) == ["exp", "exp-wide", "mlx"]
+    assert sorted(benches[2]) == ["exp", "exp-kept", "exp-wide", "mlx"]
+
+
+def test_head_keeps_its_logits_only_where_the_class_fits_the_cap():
+    """At Qwen's 151,936 vocabulary 1 GiB of fp32 logits is 1,766 tokens: 1,024 scored tokens
+    (4 x 1,024 x 151,936 = 0.62 GB) may keep them; 1,100 are in the class up to 2,048 (1.24 GB),
+    which may not; a small vocabulary keeps them at 16,384 tokens (4 x 16,384 x 8,192 = 0.5 GB)."""
+    every = ["mlx", "exp", "exp-wide", "exp-kept"]
+    assert cpu_kernels.head_candidates(1024, 151936) == every
+    assert cpu_kernels.head_candidates(1100, 151936) == every[:3]
+    assert cpu_kernels.head_candidates(16384, 8192) == every
+
+
+def test_head_timing_slice_holds_no_pending_random_draws(tmp_path):
+    """The compiled timer captures the head and targets as constants: they must be evaluated
+    arrays, or every timed call would draw them again (the draws then outweighed the head)."""
+    _, head, targets = cpu_kernels._head_arrays(40, 16, 300)
+    for a in [*head.arrays.values(), targets]:
+        dot = tmp_path / "graph.dot"
+        mx.export_to_dot(str(dot), a)
+        assert "shape=rectangle" not in dot.read_text()  # no operation left to run
+    lazy = tmp_path / "lazy.dot"
+    mx.export_to_dot(str(lazy), mx.random.normal((3,), key=mx.random.key(0)))
+    assert "shape=rectangle" in lazy.read_text()  # the check does see a pending draw
 
 
 def test_swiglu_is_timed_inside_the_mlp_of_the_installed_model(tmp_path):

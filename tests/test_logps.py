@@ -206,19 +206,19 @@ def _full_logps(hidden, weight, targets):
     [(64, 7, False), (100, 50, False), (1000, 1000, False), (100, 20, True)],
 )
 @pytest.mark.parametrize("fast_exp", [True, False], ids=["cpu_kernels", "mx.exp"])
+@pytest.mark.parametrize("keep_logits", [False, True], ids=["recomputed", "kept"])
 def test_lean_token_logps_matches_full_softmax(
-    vocab_chunk, token_chunk, compiled, fast_exp, monkeypatch
+    vocab_chunk, token_chunk, compiled, fast_exp, keep_logits, monkeypatch
 ):
     # cpu_kernels' exp where it is enabled (x86 CPU), and mx.exp when opted out
     monkeypatch.setenv("MLX_DPO_NO_FAST_EXP", "0" if fast_exp else "1")
     hidden, weight, targets = _dense(37, 16, 333)  # ragged: 37 tokens, 333 vocab
     cotangent = mx.random.normal((37,))
+    options = dict(vocab_chunk=vocab_chunk, token_chunk=token_chunk, keep_logits=keep_logits)
 
     def loss(h, w, lean):
         logps = (
-            lean_token_logps(
-                h, LMHead({"weight": w}), targets, vocab_chunk=vocab_chunk, token_chunk=token_chunk
-            )
+            lean_token_logps(h, LMHead({"weight": w}), targets, **options)
             if lean
             else _full_logps(h, w, targets)
         )
@@ -451,3 +451,53 @@ def test_training_with_ld_alpha_and_wpo_end_to_end(tiny_model_path, tmp_path):
     first = logs["wpo"][0][0]
     # at random init the data is far off-policy: tiny WPO weights, a loss far below ln 2
     assert math.isfinite(first["loss"]) and first["loss"] < 0.5 * math.log(2)
+
+
+def test_kept_logits_give_the_same_weights_and_gradients_as_recomputed():
+    """With WPO's log Σ p² as well (the custom function's extra outputs), keeping the forward's
+    logits for the backward changes nothing but where the softmax tiles come from."""
+    hidden, weight, targets = _dense(37, 16, 333)
+    cotangent = mx.random.normal((37,))
+
+    def loss(h, w, keep):
+        head = LMHead({"weight": w})
+        logps, log_sum_sq = lean_token_logps(
+            h, head, targets, vocab_chunk=100, token_chunk=20, with_sum_sq=True,
+            keep_logits=keep,
+        )  # fmt: skip
+        return (logps * cotangent).sum() + log_sum_sq.sum(), (logps, log_sum_sq)
+
+    got = {}
+    for keep in (False, True):
+        (_, outs), grads = mx.value_and_grad(partial(loss, keep=keep), argnums=(0, 1))(
+            hidden, weight
+        )
+        got[keep] = [*outs, *grads]
+    for a, b in zip(got[False], got[True], strict=True):
+        np.testing.assert_allclose(_np(b), _np(a), rtol=1e-6, atol=1e-6)
+    full = _full_logps(hidden, weight, targets)  # and both are the softmax's log-probs
+    np.testing.assert_allclose(_np(got[True][0]), _np(full), rtol=1e-5, atol=1e-5)
+
+
+def test_kept_logits_hold_one_n_by_v_array_in_the_backward():
+    """keep_logits trades memory for a matmul: the backward's peak holds the N x V fp32
+    logits once (not the tiles in flight only, nor a second copy of softmax tiles)."""
+    n, v, d = 512, 32768, 64
+    hidden, weight, targets = _dense(n, d, v)
+    naive = n * v * 4
+    previous = mx.set_cache_limit(0)
+    try:
+        peaks = {}
+        for keep in (False, True):
+            lean = partial(
+                lean_token_logps, head=LMHead({"weight": weight}), targets=targets,
+                vocab_chunk=1024, token_chunk=128, keep_logits=keep,
+            )  # fmt: skip
+            mx.reset_peak_memory()
+            base = mx.get_active_memory()
+            mx.eval(mx.grad(lambda h, f=lean: f(h).sum())(hidden))
+            peaks[keep] = mx.get_peak_memory() - base
+    finally:
+        mx.set_cache_limit(previous)
+    assert naive <= peaks[True] - peaks[False] + 0.25 * naive  # the logits are held
+    assert peaks[True] < 1.5 * naive, (peaks, naive)  # but once

@@ -224,7 +224,7 @@ def test_plan_for_pairs_decides_the_kernels_its_step_runs():
         cfg = TrainConfig(num_layers=-1, batch_size=2)
         pairs = make_pairs(2, prompt=100, completion=60, vocab=8192)
         plan = memory.plan_for_pairs(model, cfg, pairs)
-        expected = [("mlx", "flash"), ("mlx", "fused"), ("mlx", "exp", "exp-wide")]
+        expected = [("mlx", "flash"), ("mlx", "fused"), ("mlx", "exp", "exp-wide", "exp-kept")]
         assert sorted(timed) == sorted(expected)
         kernels = {"attention": "flash", "head": "exp"}  # what fake_measure made them pick
         forced = memory.plan(model, cfg, 160, 4, completion_tokens_per_row=60, kernels=kernels)
@@ -277,3 +277,29 @@ def test_attention_tile_bytes_by_hand():
     arch = Arch(2, 8, 24, 16, 3, 100, [], 0, False)
     assert attention_tile_bytes(arch, 4, 160) == 4 * 4 * 3 * 17408  # 4 rows, 3 heads, fp32
     assert attention_tile_bytes(arch, 4, 40) == 4 * 4 * 3 * 40 * 40
+
+
+def test_kept_logits_are_planned_and_measured():
+    """The head that keeps its logits for the backward holds the scored tokens' fp32 logits
+    on top of its tiles: 4 rows x 64 scored x 32,000 x 4 bytes = 32.8 MB more in the plan, and
+    the step run that way stays within 25% of the plan."""
+    from mlx_dpo import kernel_choice as kc
+
+    model = small_model(32000)
+    if not cpu_kernels.installed(model):
+        pytest.skip("the CPU kernels are not installed on this platform")
+    cfg = TrainConfig(num_layers=-1, batch_size=2)
+    batch = make_batch(2, prompt=64, completion=64, vocab=32000)
+    plans = {}
+    for head in ("exp", "exp-kept"):
+        kc.reset(kc.Chooser(None, kc.parse_override(f"attention=flash,head={head}")))
+        try:
+            plans[head] = memory.plan(model, cfg, 128, 4, completion_tokens_per_row=64)
+            if head == "exp-kept":
+                peak = measured_peak(model, cfg, batch)
+        finally:
+            kc.reset()
+    extra = plans["exp-kept"].parts["transient"] - plans["exp"].parts["transient"]
+    assert extra == 4 * 4 * 64 * 32000
+    kept = plans["exp-kept"].total_bytes
+    assert abs(kept / peak - 1) < 0.25, f"{plans['exp-kept']}\nmeasured {peak / 2**20:.1f} MB"
