@@ -33,7 +33,13 @@ from mlx.utils import tree_flatten
 from mlx_dpo import cpu_kernels
 from mlx_dpo.config import ConfigError
 from mlx_dpo.memory_factors import Arch, attention_tile_bytes, estimate, gb
-from mlx_dpo.memory_os import OS_NOTES, RUNTIME_OVERHEAD, available_bytes, resident
+from mlx_dpo.memory_os import (
+    OS_NOTES,
+    RUNTIME_OVERHEAD,
+    available_bytes,
+    resident,
+    runtime_bytes,
+)
 from mlx_dpo.platform import Platform
 
 PAD_TO = 32  # data.collate pads rows to a multiple of this
@@ -275,9 +281,10 @@ def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
     completion = max((max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1)
     rows = 2 * cfg.batch_size
     T, C = _padded(longest), min(_padded(completion), _padded(longest))
+    runtime = runtime_bytes()  # before the kernels' timing leaves freed buffers in the heap
     kernels = cpu_kernels.step_choices(model, rows, T, C, mlp_ranks=_mlp_ranks(model, cfg))
     step = plan(model, cfg, longest, rows, completion_tokens_per_row=completion, kernels=kernels)
-    return resident(step)  # this process, the model loaded: what the OS will see
+    return resident(step, runtime=runtime)  # this process, the model loaded: what the OS sees
 
 
 def _mlp_ranks(model: nn.Module, cfg) -> dict[str, int]:

@@ -268,6 +268,25 @@ def test_resident_plan_counts_the_peak_the_process_already_reached(tiny_model_pa
     assert "already peaked" in str(plan)
 
 
+def test_runtime_is_measured_before_the_kernels_are_timed(monkeypatch):
+    """The runtime part is the process's resident memory before the kernels' timing: what
+    the timing frees stays resident in the heap and the step reuses it. Here the timing makes
+    the process 300 MB bigger; the plan's runtime must not count that."""
+    model = small_model(8192, layers=1)
+    rss = {"now": 900 << 20}
+
+    def timing(*args, **kwargs):
+        rss["now"] += 300 << 20  # buffers the timing allocated and freed, still resident
+        return {}
+
+    monkeypatch.setattr(memory_os, "_rss_bytes", lambda: rss["now"])
+    monkeypatch.setattr(cpu_kernels, "step_choices", timing)
+    pairs = make_pairs(1, prompt=40, completion=20, vocab=8192)
+    plan = memory.plan_for_pairs(model, TrainConfig(num_layers=-1, batch_size=1), pairs)
+    outside = mx.get_active_memory() + mx.get_cache_memory()
+    assert plan.os_parts["runtime"] == max((900 << 20) - outside, 0)
+
+
 def test_attention_tile_bytes_by_hand():
     """One transformer block's tiles, query blocks of 64 against the keys up to their end:
     T = 160 -> 64 x 64 + 64 x 128 + 32 x 160 = 17408 scores per row and head; T = 40 -> one
