@@ -25,6 +25,8 @@ cast to float32 before the head and each vocabulary tile's logsumexp accumulates
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, NamedTuple
@@ -168,8 +170,8 @@ def lean_token_logps(
     Returns:
         (N,) float32, or ((N,), (N,)) with ``with_sum_sq``. Differentiable w.r.t. ``hidden``
         (and a float head's weight; a quantized head gets zero gradients) by a VJP that
-        recomputes the softmax tile by tile (from the kept logits with ``keep_logits``). Works under ``mx.compile`` and
-        ``nn.value_and_grad``.
+        recomputes the softmax tile by tile (from the kept logits with ``keep_logits``).
+        Works under ``mx.compile`` and ``nn.value_and_grad``.
     """
     if hidden.ndim != 2 or tuple(targets.shape) != tuple(hidden.shape[:1]):
         raise ValueError(
@@ -201,7 +203,7 @@ def lean_token_logps(
     return (out[0], mx.stop_gradient(out[1][0])) if with_sum_sq else out[0]
 
 
-def _tiled_logps(head: LMHead, tiles, logsumexp, with_sum_sq: bool, keep: bool, h, targets, arrays):
+def _tiled_logps(head: LMHead, tiles, logsumexp, with_sum_sq, keep, h, targets, arrays):
     """lean_token_logps' forward: (log p(target) (N,), [log Σ_v p_v² (N,)] or [], the logit
     tiles in token-tile-major order if `keep` else []), by an online logsumexp over the
     vocabulary tiles of each token tile."""
@@ -271,8 +273,22 @@ HEAD_OPTIONS = {
     "exp-kept": {"fast_exp": True, "exp_tile": 2048, "keep_logits": True},
 }
 # "exp-kept" holds the scored tokens' N x V fp32 logits through the head's backward; it is a
-# candidate only while they fit in this many bytes (Qwen's 152k vocabulary: ~1,700 tokens).
+# candidate only while those of its token class fit in this many bytes (Qwen's 152k
+# vocabulary: classes up to 1,024 tokens).
 KEEP_LOGITS_MAX_BYTES = 2**30
+_FORWARD_ONLY = [0]  # depth of `forward_only` blocks
+
+
+@contextmanager
+def forward_only() -> Iterator[None]:
+    """Log-prob heads built (traced) inside run without a backward (the reference and
+    validation passes): a head choice that keeps its logits for the backward keeps nothing
+    there, since the kept tiles would only hold N x V memory until the head's output is done."""
+    _FORWARD_ONLY[0] += 1
+    try:
+        yield
+    finally:
+        _FORWARD_ONLY[0] -= 1
 
 
 def _head_options(model, n_tokens: int, dim: int, vocab: int) -> dict:
@@ -280,7 +296,8 @@ def _head_options(model, n_tokens: int, dim: int, vocab: int) -> dict:
 
     if not (cpu_kernels.installed(model) and cpu_kernels.enabled()):
         return HEAD_OPTIONS["mlx"]
-    return cpu_kernels.head_options(n_tokens, dim, vocab)
+    options = cpu_kernels.head_options(n_tokens, dim, vocab)
+    return {**options, "keep_logits": False} if _FORWARD_ONLY[0] else options
 
 
 class PairForward(NamedTuple):

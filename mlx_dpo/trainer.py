@@ -24,7 +24,7 @@ from mlx.utils import tree_map
 
 from mlx_dpo import _testhooks, checkpoint
 from mlx_dpo.data import Batch, eval_batches, iterate_batches
-from mlx_dpo.logps import forward_logps, forward_pair_logps
+from mlx_dpo.logps import forward_logps, forward_only, forward_pair_logps
 from mlx_dpo.losses import METRIC_KEYS, dpo_loss, dpo_metrics, pair_extras
 from mlx_dpo.stop import Interrupted, StopSignals
 
@@ -301,7 +301,8 @@ def compiled_logps(model, ld_alpha: float | None = None):
     off); its state is an input, not constants copied into the trace."""
 
     def logps_of_arrays(arrays: dict) -> mx.array:
-        logps, _ = forward_logps(model, _traced(arrays), ld_alpha=ld_alpha)
+        with forward_only():  # traced here: a head keeping logits for a backward keeps none
+            logps, _ = forward_logps(model, _traced(arrays), ld_alpha=ld_alpha)
         return mx.stop_gradient(logps).astype(mx.float32)
 
     compiled = mx.compile(logps_of_arrays, inputs=[model.state])
@@ -309,7 +310,8 @@ def compiled_logps(model, ld_alpha: float | None = None):
 
 
 def _loss_of_arrays(model, arrays: dict, loss_kwargs: dict):
-    return batch_loss(model, _traced(arrays), loss_kwargs)
+    with forward_only():  # the validation pass: no backward
+        return batch_loss(model, _traced(arrays), loss_kwargs)
 
 
 def _clip(grads, max_norm: float):

@@ -501,3 +501,36 @@ def test_kept_logits_hold_one_n_by_v_array_in_the_backward():
         mx.set_cache_limit(previous)
     assert naive <= peaks[True] - peaks[False] + 0.25 * naive  # the logits are held
     assert peaks[True] < 1.5 * naive, (peaks, naive)  # but once
+
+
+def test_forward_only_passes_keep_no_logits(monkeypatch):
+    """The reference pass (trainer.compiled_logps) has no backward: with the head's choice
+    forced to `exp-kept`, its trace builds the head without kept logits, while a forward
+    outside `forward_only` (what the training step traces) keeps them; the log-probs agree."""
+    from mlx_dpo import cpu_kernels, logps, trainer
+    from mlx_dpo import kernel_choice as kc
+
+    seen = []
+    lean = logps.lean_token_logps
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("keep_logits", False))
+        return lean(*args, **kwargs)
+
+    monkeypatch.setattr(logps, "lean_token_logps", spy)
+    monkeypatch.setattr(cpu_kernels, "installed", lambda model: True)
+    monkeypatch.setattr(cpu_kernels, "enabled", lambda *args: True)
+    kc.reset(kc.Chooser(None, kc.parse_override("head=exp-kept"), report=lambda _: None))
+    try:
+        from mlx_dpo import data
+
+        rng = np.random.default_rng(0)
+        ids = lambda n: rng.integers(1, 320, n).tolist()  # noqa: E731
+        pairs = [data.PreferencePair(ids(7), ids(9), ids(4), source="t", prompt="")] * 2
+        model, batch = _tiny_model("tied"), data.collate(pairs)
+        training, _ = forward_logps(model, batch)
+        reference = trainer.compiled_logps(model)(batch)
+    finally:
+        kc.reset()
+    assert seen == [True, False]
+    np.testing.assert_allclose(_np(reference), _np(training), rtol=1e-5, atol=1e-5)
