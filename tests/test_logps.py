@@ -236,8 +236,9 @@ def test_lean_token_logps_matches_full_softmax(
     np.testing.assert_allclose(_np(lean_dw), _np(full_dw), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("keep_logits", [False, True], ids=["recomputed", "kept"])
 @pytest.mark.parametrize("group_size", [32, 64])
-def test_lean_token_logps_quantized_head(group_size):
+def test_lean_token_logps_quantized_head(group_size, keep_logits):
     hidden, weight, targets = _dense(20, 64, 300)
     layer = nn.QuantizedLinear.from_linear(nn.Linear(64, 300, bias=False), group_size, 4)
     head = LMHead({k: layer[k] for k in ("weight", "scales", "biases")}, group_size, 4)
@@ -245,7 +246,10 @@ def test_lean_token_logps_quantized_head(group_size):
     cotangent = mx.random.normal((20,))
     lean, lean_dh = mx.value_and_grad(
         lambda h: (
-            lean_token_logps(h, head, targets, vocab_chunk=128, token_chunk=8) * cotangent
+            lean_token_logps(
+                h, head, targets, vocab_chunk=128, token_chunk=8, keep_logits=keep_logits
+            )
+            * cotangent
         ).sum()
     )(hidden)
     full, full_dh = mx.value_and_grad(lambda h: (_full_logps(h, dense, targets) * cotangent).sum())(
