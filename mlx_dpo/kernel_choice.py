@@ -154,9 +154,16 @@ def shape_class(kernel: str, **dims: int) -> str:
     return f"{kernel} " + " ".join(parts)
 
 
+# Bumped when the way candidates are timed changes, so that no decision taken the old way is
+# read again (2: the head's timing slice evaluated before timing; 1 timed its random draws too).
+TIMING_VERSION = 2
+
+
 def machine_key() -> str:
     """CPU model, core count, OS/arch, the MLX version and the BLAS thread settings: what a
-    timing holds for (with one BLAS thread the matmuls around a kernel take longer)."""
+    timing holds for (with one BLAS thread the matmuls around a kernel take longer); and the
+    candidates and TIMING_VERSION: a decision among other candidates, or timed another way,
+    is not one to reuse."""
     import mlx.core as mx
 
     cpu = platform.processor() or ""
@@ -170,6 +177,7 @@ def machine_key() -> str:
     parts = [cpu, str(os.cpu_count()), platform.system(), platform.machine(), mx.__version__]
     threads = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
     parts += [f"{k}={os.environ[k]}" for k in threads if os.environ.get(k)]
+    parts += [f"timing v{TIMING_VERSION}", repr(sorted(CANDIDATES.items()))]
     return "|".join(parts)
 
 

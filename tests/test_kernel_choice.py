@@ -151,3 +151,18 @@ def test_damaged_or_unwritable_cache_measures_again(tmp_path):
     blocked.write_text("")
     c = kc.Chooser(blocked / "k.json", report=lambda _: None, measure_fn=measure)
     assert c.choose("swiglu", "swiglu N1024", lambda: {}) == "mlx"  # no write, no error
+
+
+def test_cache_file_changes_with_the_candidates_and_the_timing(monkeypatch, tmp_path):
+    """A decision taken among other candidates, or timed another way, is not read again: the
+    cache file is keyed by both (as by the machine and MLX)."""
+    monkeypatch.setenv("MLX_DPO_CACHE", str(tmp_path))
+    before = kc.default_cache_path()
+    assert before == kc.default_cache_path()  # stable for the same settings
+    fewer = {**kc.CANDIDATES, "head": ("mlx", "exp", "exp-wide")}
+    monkeypatch.setattr(kc, "CANDIDATES", fewer)
+    assert kc.default_cache_path() != before
+    monkeypatch.undo()
+    monkeypatch.setenv("MLX_DPO_CACHE", str(tmp_path))
+    monkeypatch.setattr(kc, "TIMING_VERSION", kc.TIMING_VERSION - 1)
+    assert kc.default_cache_path() != before
