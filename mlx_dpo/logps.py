@@ -128,6 +128,10 @@ class LMHead:
         )  # fmt: skip
 
 
+# The lean head's default tiles: token_chunk x vocab_chunk fp32 logits (8 MB).
+VOCAB_CHUNK, TOKEN_CHUNK = 8192, 256
+
+
 def _tiles(n: int, size: int) -> list[slice]:
     return [slice(a, min(a + size, n)) for a in range(0, n, size)]
 
@@ -143,8 +147,8 @@ def lean_token_logps(
     head: LMHead,
     targets: mx.array,
     *,
-    vocab_chunk: int = 8192,
-    token_chunk: int = 256,
+    vocab_chunk: int = VOCAB_CHUNK,
+    token_chunk: int = TOKEN_CHUNK,
     with_sum_sq: bool = False,
     fast_exp: bool | None = None,
     exp_tile: int = 2048,
@@ -315,8 +319,8 @@ def forward_pair_logps(
     batch: Any,
     *,
     lean: bool = True,
-    vocab_chunk: int = 8192,
-    token_chunk: int = 256,
+    vocab_chunk: int = VOCAB_CHUNK,
+    token_chunk: int = TOKEN_CHUNK,
     ld_alpha: float | None = None,
     with_weights: bool = False,
 ) -> PairForward:
@@ -386,8 +390,8 @@ def forward_logps(
     batch: Any,
     *,
     lean: bool = True,
-    vocab_chunk: int = 8192,
-    token_chunk: int = 256,
+    vocab_chunk: int = VOCAB_CHUNK,
+    token_chunk: int = TOKEN_CHUNK,
     ld_alpha: float | None = None,
 ) -> tuple[mx.array, mx.array]:
     """(logps (2B,), counts (2B,)) float32 of ``forward_pair_logps`` (same arguments)."""

@@ -231,7 +231,8 @@ def plan(
     parts: dict[str, int] = {}
     notes: dict[str, str] = {}
     options = _planned_kernels(model, kernels)
-    heads = [h for h in options["head"] if h in cpu_kernels.head_candidates(rows * C, arch.vocab)]
+    offered = cpu_kernels.head_candidates(rows * C, arch.vocab)
+    heads = [h for h in options["head"] if h in offered]
     for attention in options["attention"]:
         for head in heads or options["head"]:
             p, n = estimate(arch, **common, attention=attention, head=head)

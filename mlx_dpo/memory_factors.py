@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlx_dpo import cpu_kernels
+from mlx_dpo import cpu_kernels, logps
 
 # Fitted factors, indexed by --grad-checkpoint (see the module docstring). Per-token factors
 # multiply tokens x a width (qkv: q+k+v outputs, inter: MLP intermediate, hidden: model
@@ -70,21 +70,13 @@ FACTORS["fast"] = {
         True: {"tiles": 2.471, "hidden": 0.328},
     },
 }
-# The head's candidates (mlx_dpo.logps.HEAD_OPTIONS): factor set, vocabulary tile width and
-# whether the scored tokens' N x V fp32 logits are kept from the forward for the backward.
-HEAD_TILES = {
-    "mlx": ("default", 8192, False),
-    "exp": ("fast", 2048, False),
-    "exp-wide": ("fast", 8192, False),
-    "exp-kept": ("fast", 2048, True),
-}
 _FULL_LOGITS = 2.62  # plain path: rows x T x vocab fp32 arrays alive at its peak
 # Dequantized fp32 weights kept per block for the backward, in block weights: with MLX's ops
 # (fitted) they and their transposes; with the CPU kernels' step about one copy (40M Qwen2-style,
 # 4-bit, 2 pairs x 256/512 tokens: 145/94 MB above the fp32 run's peak, 90 MB of fp32 blocks and
 # a 62 MB head; benchmarks/RESULTS.md section 4b)
 _DEQUANT_SAVED = {"default": 1.9, "fast": 1.0}
-_TOKEN_TILE, _TILES_IN_FLIGHT = 256, 12  # logps.lean_token_logps
+_TILES_IN_FLIGHT = 12  # logps.lean_token_logps' tiles MLX keeps in flight
 
 
 @dataclass(frozen=True)
@@ -119,7 +111,7 @@ def estimate(
     head_quantized=False,
 ) -> tuple[dict[str, int], dict[str, str]]:
     """The plan's parts (bytes) and notes, from the architecture's numbers alone, for the
-    step's `attention` ("mlx" or "flash") and `head` tiles (a key of HEAD_TILES)."""
+    step's `attention` ("mlx" or "flash") and `head` tiles (a key of logps.HEAD_OPTIONS)."""
     n_tok = rows * (T - 1)
     fast = attention == "flash"
     # Attention scores: the whole T x T square, or with the CPU kernels' flash attention one
@@ -160,7 +152,7 @@ def estimate(
     # The backward's gradient inputs MLX keeps until the LoRA gradients are evaluated grow
     # block by block on the way down, on top of one block's working set.
     layer = act * (deep * per_token(f["retained"][ckpt]) + per_token(f["layer"][ckpt]))
-    head_factors, vocab_tile, kept = HEAD_TILES[head]
+    head_factors, vocab_tile, kept = _head_tiles(head)
     head, head_note = _head_working_set(
         arch, FACTORS[head_factors]["head"][ckpt], vocab_tile, lean=lean, rows=rows, T=T, C=C
     )
@@ -174,6 +166,16 @@ def estimate(
         f"{layer_note} and {head_note}" if layer >= head else f"{head_note} and {layer_note}"
     )
     return parts, notes
+
+
+def _head_tiles(head: str) -> tuple[str, int, bool]:
+    """A head candidate's (factor set, vocabulary tile width, whether the scored tokens' N x V
+    fp32 logits are kept from the forward for the backward), read off its logps.HEAD_OPTIONS
+    as lean_token_logps reads them."""
+    options = logps.HEAD_OPTIONS[head]
+    fast = options.get("fast_exp", False)
+    tile = min(logps.VOCAB_CHUNK, options["exp_tile"]) if fast else logps.VOCAB_CHUNK
+    return ("fast" if fast else "default"), tile, options.get("keep_logits", False)
 
 
 def attention_tile_bytes(arch: Arch, rows: int, T: int) -> int:
@@ -191,8 +193,8 @@ def _head_working_set(arch: Arch, h: dict, vocab_tile, *, lean, rows, T, C) -> t
     n_tok, n_scored = rows * (T - 1), rows * C
     if not lean:
         return 4 * _FULL_LOGITS * n_tok * arch.vocab, f"full logits ({rows} x {T} x {arch.vocab})"
-    tile = min(n_scored, _TOKEN_TILE) * min(arch.vocab, vocab_tile)
-    n_tiles = -(-n_scored // _TOKEN_TILE) * -(-arch.vocab // vocab_tile)
+    tile = min(n_scored, logps.TOKEN_CHUNK) * min(arch.vocab, vocab_tile)
+    n_tiles = -(-n_scored // logps.TOKEN_CHUNK) * -(-arch.vocab // vocab_tile)
     head = 4 * (h["tiles"] * tile * min(2 * n_tiles + 1, _TILES_IN_FLIGHT))
     head += 4 * h["hidden"] * n_scored * arch.hidden
     return head, f"lean log-probs ({n_scored} scored tokens, {n_tiles} tiles)"
