@@ -158,11 +158,14 @@ def synthetic_token_ids(geo: Geometry, vocab: int, seed: int = 0):
     return prompts, chosen, rejected
 
 
-def step_flops(spec: Spec, rows: int, positions: int, scored: int, lora_rank: int) -> dict:
+def step_flops(
+    spec: Spec, rows: int, positions: int, scored: int, lora_rank: int, head_rows: int | None = None
+) -> dict:
     """Model FLOPs of one LoRA DPO step (cached reference) and of one reference forward.
 
-    rows x positions tokens go through the blocks (positions = T - 1); `scored` tokens per row
-    go through the LM head (the completion-only path; T - 1 for full logits).
+    rows x positions tokens go through the blocks (positions = T - 1); `scored` tokens of each
+    of `head_rows` rows (default `rows`; 2 x rows in the shared-prompt layout, whose row holds
+    both answers) go through the LM head (the completion-only path; T - 1 for full logits).
       forward   = 2 P_layers N + 2 P_head N_head + A + 2 P_lora N
       backward  = 2 P_layers N + 2 P_head N_head + 2 A + 4 P_lora N
     N = rows * positions, N_head = rows * scored, A = 4 rows H T^2 hd per layer (QK^T and PV
@@ -171,7 +174,7 @@ def step_flops(spec: Spec, rows: int, positions: int, scored: int, lora_rank: in
     its dX plus its dA, dB. Recomputation (the lean head's VJP, --grad-checkpoint) is not
     counted: this is model FLOPs, not hardware FLOPs.
     """
-    n, n_head = rows * positions, rows * scored
+    n, n_head = rows * positions, (rows if head_rows is None else head_rows) * scored
     p = spec.params()
     p_lora = spec.num_hidden_layers * sum(
         lora_rank * (a + b) for a, b in spec.linear_shapes().values()

@@ -37,12 +37,13 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from common import SPECS, Spec, load_average, step_flops, write_checkpoint  # noqa: E402
 
-MLX_VARIANTS = {
-    "mlx_dpo": "",
-    "attention-off": "attention=off",
-    "swiglu-off": "swiglu=off",
-    "head-off": "head=off",
-    "kernels-off": "all=off",
+MLX_VARIANTS = {  # variant -> grid_mlx.py's arguments
+    "mlx_dpo": [],
+    "attention-off": ["--kernels", "attention=off"],
+    "swiglu-off": ["--kernels", "swiglu=off"],
+    "head-off": ["--kernels", "head=off"],
+    "kernels-off": ["--kernels", "all=off"],
+    "share-off": ["--no-share-prompt"],  # two rows per pair: the prompt computed twice
 }
 OTHER_VARIANTS = ("trl", "trl-precompute", "mlx-lm-lora")
 VARIANTS = (*MLX_VARIANTS, *OTHER_VARIANTS)
@@ -83,8 +84,7 @@ def command(variant, model_dir, length, pairs, dtype, args, out_json) -> list[st
     common += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--json", str(out_json)]
     q4 = ["--quantize", "4"] if dtype == "q4" else []
     if variant in MLX_VARIANTS:
-        return [sys.executable, str(HERE / "grid_mlx.py"), *common, *q4,
-                "--kernels", MLX_VARIANTS[variant]]  # fmt: skip
+        return [sys.executable, str(HERE / "grid_mlx.py"), *common, *q4, *MLX_VARIANTS[variant]]
     if not Path(args.bench_python).exists():
         return None
     if variant.startswith("trl"):
@@ -145,14 +145,17 @@ def run_point(point, args, root: Path, tmp: Path) -> dict:
 
 def side_flops(spec: Spec, length: int, pairs: int) -> dict:
     """Model FLOPs of one update per side at a point. mlx_dpo: the policy's forward and
-    backward, the head at completion positions only (the reference is cached); mlx-lm-lora
-    and TRL's default: full logits, plus a reference forward every update; TRL with
+    backward over one row prompt | chosen | rejected per pair, the head at completion
+    positions only (the reference is cached); mlx-lm-lora and TRL's default: two rows per
+    pair, full logits, plus a reference forward every update; TRL with
     precompute_ref_log_probs: full logits, no reference forward."""
     rows, positions, half = 2 * pairs, length - 1, length // 2
     full = step_flops(spec, rows, positions, positions, LORA_RANK)
     with_reference = full["step"] + full["reference_forward"]
+    answer = length - half  # grid pairs: a prompt of `half` tokens, answers of the rest
+    shared = step_flops(spec, pairs, half + 2 * answer - 1, answer, LORA_RANK, head_rows=rows)
     return {
-        "mlx_dpo": step_flops(spec, rows, positions, half, LORA_RANK)["step"],
+        "mlx_dpo": shared["step"],
         "mlx-lm-lora": with_reference,
         "trl": with_reference,
         "trl-precompute": full["step"],

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from common import Geometry  # noqa: E402
 from mlx_worker import BIG_CACHE, VARIANTS, Step, load_model, make_batch  # noqa: E402
 
-from mlx_dpo import kernel_choice, memory  # noqa: E402
+from mlx_dpo import kernel_choice, memory, shared_prompt  # noqa: E402
 from mlx_dpo import model as model_lib  # noqa: E402
 from mlx_dpo.config import TrainConfig  # noqa: E402
 
@@ -54,6 +54,9 @@ def main(argv=None) -> dict:
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--quantize", type=int, default=None)
     p.add_argument("--kernels", default="", help="MLX_DPO_KERNELS value (default: measured)")
+    p.add_argument(
+        "--no-share-prompt", action="store_true", help="two rows per pair (mlx_dpo train's flag)"
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", required=True)
@@ -65,7 +68,8 @@ def main(argv=None) -> dict:
     )
     mx.set_cache_limit(BIG_CACHE)  # as run.py does on the CPU
     t0 = time.perf_counter()
-    net, notes = load_model(args.model_dir, args.quantize)
+    net, notes = load_model(args.model_dir, args.quantize, share_prompt=not args.no_share_prompt)
+    share = shared_prompt.active(net)
     out = {"load_s": time.perf_counter() - t0, "rss_loaded": rss_now(), "notes": notes}
     cfg = TrainConfig(num_layers=-1, lora_rank=8, lora_scale=20.0, batch_size=args.pairs)
     model_lib.apply_adapters(net, cfg, seed=0)
@@ -82,7 +86,7 @@ def main(argv=None) -> dict:
         "notes": plan.notes,
         "peak_so_far": plan.peak_so_far,
     }
-    _, batch = make_batch(geo, vocab, 0)
+    _, batch = make_batch(geo, vocab, 0, share_prompt=share)
     from mlx_worker import reference_logps
 
     ref_times = []
@@ -93,7 +97,7 @@ def main(argv=None) -> dict:
         ref_times.append(time.perf_counter() - t)
     out["reference_pairs_per_s"] = args.pairs / min(ref_times)
     refs = np.array(refs).reshape(2, -1)
-    _, batch = make_batch(geo, vocab, 0, refs)
+    _, batch = make_batch(geo, vocab, 0, refs, share_prompt=share)
     step = Step(net, cfg, VARIANTS["mlx_dpo"])  # trainer.make_step with its own AdamW
 
     def run():

@@ -167,27 +167,32 @@ def train_config(args) -> TrainConfig:
     )
 
 
-def load_model(path: str, quantize=None, compute_dtype="auto"):
+def load_model(path: str, quantize=None, compute_dtype="auto", share_prompt=False):
+    """The model as model_lib.load sets it up (the shared-prompt layout only if asked: this
+    worker's own variants time two rows per pair)."""
     from mlx_lm.utils import load_model as mlx_load
+
+    from mlx_dpo import shared_prompt
 
     path = Path(path)
     net, _ = mlx_load(path, model_config=model_lib._config_fixes(path))
     notes = model_lib.quantize_model(net, bits=quantize, group_size=64) if quantize else []
     notes += model_lib.set_compute_path(net, compute_dtype)
+    notes += shared_prompt.install(net, share_prompt)
     net.freeze()
     net.eval()
     mx.eval(net.parameters())
     return net, notes
 
 
-def make_batch(geo: Geometry, vocab: int, seed: int, refs=None):
+def make_batch(geo: Geometry, vocab: int, seed: int, refs=None, share_prompt=False):
     prompts, chosen, rejected = synthetic_token_ids(geo, vocab, seed)
     pairs = [
         data.PreferencePair(p, c, r, source="synthetic", prompt="")
         for p, c, r in zip(prompts, chosen, rejected, strict=True)
     ]
     kw = {} if refs is None else {"ref_chosen": refs[0], "ref_rejected": refs[1]}
-    return pairs, data.collate(pairs, **kw)
+    return pairs, data.collate(pairs, **kw, share_prompt=share_prompt)
 
 
 def reference_logps(model, batch):

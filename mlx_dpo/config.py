@@ -184,6 +184,10 @@ class TrainConfig:
     grad_checkpoint: bool = _f(
         False, "Recompute block activations in the backward pass: less memory, ~30% more time."
     )
+    share_prompt: bool = _f(
+        True,
+        "Run a pair's prompt once: one row prompt | chosen | rejected (off: two rows per pair).",
+    )
     seed: int = _f(0, "Seed of data order, LoRA initialisation and dropout.")
     # --- reporting and checkpoints
     steps_per_report: int = _f(10, "Report training metrics every N updates.")
@@ -285,7 +289,7 @@ class TrainConfig:
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `model.load` besides the model itself."""
-        names = ("revision", "quantize", "q_group_size", "compute_dtype")
+        names = ("revision", "quantize", "q_group_size", "compute_dtype", "share_prompt")
         return {name: getattr(self, name) for name in names}
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,6 +17,16 @@ Batch shape contract (B pairs per micro-batch; `collate`):
 | `ref_chosen`, | (B,) float32      | reference log-probs summed over each completion, or None    |
 | `ref_rejected`|                   |                                                             |
 | `index`       | (B,) int          | the pairs' indices in the list given to *_batches           |
+
+With `share_prompt` (mlx_dpo.shared_prompt) a pair is one row: `tokens` (B, T) holds prompt |
+chosen | rejected | padding, `positions` still has 2B rows (chosen, then rejected) that index
+row r for both answers of pair r, and two more fields say how to run the row:
+
+| field            | shape / dtype  | meaning                                                  |
+|------------------|----------------|----------------------------------------------------------|
+| `rope_positions` | (B, T) int32   | each token's position: the rejected answer's restart at  |
+|                  |                | the prompt's length                                      |
+| `segments`       | (B, T) int32   | 0 prompt, 1 chosen, 2 rejected, 3 padding                |
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from mlx_dpo import shared_prompt
 from mlx_dpo.config import TRUNCATION_MODES
 from mlx_dpo.data_report import dataset_stats
 from mlx_dpo.data_sources import DataError, Splits, load_splits
@@ -79,7 +90,9 @@ class Batch:
     ref_chosen: mx.array | None
     ref_rejected: mx.array | None
     index: np.ndarray
-    n_tokens: int  # non-padding tokens, for tokens/s
+    n_tokens: int  # non-padding tokens of both rows (the prompt counted twice), for tokens/s
+    rope_positions: mx.array | None = None  # the shared-prompt layout's (B, T) int32, else None
+    segments: mx.array | None = None  # the shared-prompt layout's (B, T) int32, else None
 
     @property
     def size(self) -> int:
@@ -106,8 +119,12 @@ def collate(
     ref_chosen: np.ndarray | None = None,
     ref_rejected: np.ndarray | None = None,
     pad_to: int = 32,
+    share_prompt: bool = False,
 ) -> Batch:
-    """Stack B pairs into a `Batch`: chosen rows first, then rejected rows."""
+    """Stack B pairs into a `Batch`: chosen rows first, then rejected rows; with `share_prompt`
+    one row per pair (`_collate_shared`)."""
+    if share_prompt:
+        return _collate_shared(pairs, index, ref_chosen, ref_rejected, pad_to)
     rows = [p.prompt_ids + p.chosen_ids for p in pairs]
     rows += [p.prompt_ids + p.rejected_ids for p in pairs]
     starts = [len(p.prompt_ids) for p in pairs] * 2
@@ -125,18 +142,63 @@ def collate(
         targets[i, :n] = row[start:]
         target_mask[i, :n] = 1.0
 
-    def ref(values):
-        return None if values is None else mx.array(np.asarray(values, np.float32))
-
     return Batch(
         tokens=mx.array(tokens),
         positions=mx.array(positions),
         targets=mx.array(targets),
         target_mask=mx.array(target_mask),
-        ref_chosen=ref(ref_chosen),
-        ref_rejected=ref(ref_rejected),
+        ref_chosen=_refs(ref_chosen),
+        ref_rejected=_refs(ref_rejected),
         index=np.arange(len(pairs)) if index is None else np.asarray(index),
         n_tokens=sum(map(len, rows)),
+    )
+
+
+def _refs(values) -> mx.array | None:
+    return None if values is None else mx.array(np.asarray(values, np.float32))
+
+
+def _collate_shared(pairs, index, ref_chosen, ref_rejected, pad_to: int) -> Batch:
+    """The shared-prompt layout (mlx_dpo.shared_prompt): row r of `tokens` (B, T) is prompt |
+    chosen | rejected | 0-padding; `positions` (2B, C) index row r for both pair r (chosen)
+    and B + r (rejected), whose first target is scored from the prompt's last token too."""
+    B = len(pairs)
+    T = _round_up(
+        max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs), pad_to
+    )
+    C = _round_up(max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), pad_to)
+    tokens = np.zeros((B, T), np.int32)
+    rope_positions = np.zeros((B, T), np.int32)
+    segments = np.full((B, T), shared_prompt.PAD, np.int32)
+    positions = np.zeros((2 * B, C), np.int32)
+    targets = np.zeros((2 * B, C), np.int32)
+    target_mask = np.zeros((2 * B, C), np.float32)
+    for r, p in enumerate(pairs):
+        P, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        end = P + n_c + n_r
+        tokens[r, :end] = p.prompt_ids + p.chosen_ids + p.rejected_ids
+        # positions restart after the prompt for the rejected answer, run on into the padding
+        rope_positions[r] = np.concatenate([np.arange(P + n_c), np.arange(P, P + T - P - n_c)])
+        segments[r, :P] = shared_prompt.PROMPT
+        segments[r, P : P + n_c] = shared_prompt.CHOSEN
+        segments[r, P + n_c : end] = shared_prompt.REJECTED
+        positions[r, :n_c] = np.arange(P - 1, P + n_c - 1)
+        positions[B + r, :n_r] = np.concatenate([[P - 1], np.arange(P + n_c, end - 1)])
+        targets[r, :n_c], targets[B + r, :n_r] = p.chosen_ids, p.rejected_ids
+        target_mask[r, :n_c], target_mask[B + r, :n_r] = 1.0, 1.0
+    return Batch(
+        tokens=mx.array(tokens),
+        positions=mx.array(positions),
+        targets=mx.array(targets),
+        target_mask=mx.array(target_mask),
+        ref_chosen=_refs(ref_chosen),
+        ref_rejected=_refs(ref_rejected),
+        index=np.arange(B) if index is None else np.asarray(index),
+        n_tokens=sum(
+            2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs
+        ),
+        rope_positions=mx.array(rope_positions),
+        segments=mx.array(segments),
     )
 
 
@@ -173,6 +235,7 @@ def iterate_batches(
     pad_to: int = 32,
     ref_chosen: np.ndarray | None = None,
     ref_rejected: np.ndarray | None = None,
+    share_prompt: bool = False,
 ) -> Iterator[Update]:
     """Training batches: one `Update` per optimizer step, forever.
 
@@ -184,7 +247,9 @@ def iterate_batches(
     """
     if grad_accumulation_steps < 1:
         raise ValueError(f"need grad_accumulation_steps >= 1, got {grad_accumulation_steps}")
-    batch = _collator(pairs, batch_size, rank, world_size, ref_chosen, ref_rejected, pad_to)
+    batch = _collator(
+        pairs, batch_size, rank, world_size, ref_chosen, ref_rejected, pad_to, share_prompt
+    )
     global_size = batch_size * grad_accumulation_steps * world_size
     if len(pairs) < global_size:
         raise DataError(
@@ -213,6 +278,7 @@ def eval_batches(
     pad_to: int = 32,
     ref_chosen: np.ndarray | None = None,
     ref_rejected: np.ndarray | None = None,
+    share_prompt: bool = False,
 ) -> Iterator[Batch]:
     """Evaluation batches: one pass over the pairs in length order, no shuffling.
 
@@ -220,7 +286,9 @@ def eval_batches(
     the last one partial; with several ranks, each global batch of `batch_size * world_size`
     pairs is split by `rank_share` as in training, and a rank whose share is empty skips it.
     """
-    batch = _collator(pairs, batch_size, rank, world_size, ref_chosen, ref_rejected, pad_to)
+    batch = _collator(
+        pairs, batch_size, rank, world_size, ref_chosen, ref_rejected, pad_to, share_prompt
+    )
     order = np.argsort(_pair_lengths(pairs), kind="stable")
     if max_batches >= 0:
         order = order[: max_batches * batch_size]
@@ -244,7 +312,7 @@ def _pair_lengths(pairs: Sequence[PreferencePair]) -> np.ndarray:
     )
 
 
-def _collator(pairs, batch_size, rank, world_size, ref_chosen, ref_rejected, pad_to):
+def _collator(pairs, batch_size, rank, world_size, ref_chosen, ref_rejected, pad_to, share):
     """Checks the arguments; returns pair indices -> `Batch` (with their reference values)."""
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
@@ -263,6 +331,7 @@ def _collator(pairs, batch_size, rank, world_size, ref_chosen, ref_rejected, pad
             ref_chosen=None if refs[0] is None else refs[0][idx],
             ref_rejected=None if refs[1] is None else refs[1][idx],
             pad_to=pad_to,
+            share_prompt=share,
         )
 
     return batch

@@ -33,7 +33,8 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -310,6 +311,18 @@ def summary() -> str:
     measured = "timed per shape class on first use" if len(c.override) < len(KERNELS) else ""
     cache = f"cache {c.cache_path}" if c.cache_path else "no cache"
     return "; ".join([p for p in [measured] if p] + parts + [cache])
+
+
+@contextmanager
+def pinned(choices: dict[str, str]) -> Iterator[None]:
+    """Inside, the kernels run `choices` without timing, reporting or caching anything (a
+    probe on toy shapes, such as shared_prompt.check, must not decide the run's kernels)."""
+    saved = list(_CHOOSER)
+    _CHOOSER[:] = [Chooser(None, choices, report=lambda line: None)]
+    try:
+        yield
+    finally:
+        _CHOOSER[:] = saved
 
 
 def reset(new: Chooser | None = None) -> None:

@@ -10,8 +10,9 @@ lean_token_logps(hidden, head, targets) -> (N,) float32
     log p(target | hidden) in token x vocab tiles with an online logsumexp and a custom VJP, so
     the N x V logits never exist.
 forward_pair_logps(model, batch, ld_alpha=None, with_weights=False) -> PairForward
-    One forward over batch.tokens[:, :-1] (rows 0..B-1 chosen, B..2B-1 rejected), scoring only
-    completion positions; falls back to full logits when there is no LMHead or lean=False.
+    One forward over batch.tokens[:, :-1] (rows 0..B-1 chosen, B..2B-1 rejected; or, in the
+    shared-prompt layout, B rows prompt | chosen | rejected: mlx_dpo.shared_prompt), scoring
+    only completion positions; full logits when there is no LMHead or lean=False.
     Besides the summed log-probs: LD-DPO's sums (the first min(|yw|, |yl|) completion tokens of
     the pair plus ld_alpha times the rest) and WPO's detached sequence weights
     exp(mean_t(log p_t - log Σ_v p_v²)), from a second online logsumexp (of 2·logits) in the
@@ -33,6 +34,8 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlx_dpo import shared_prompt
 
 IGNORE_INDEX = -100
 # Model args that change logits after the head; the lean path cannot reproduce them.
@@ -344,15 +347,14 @@ def forward_pair_logps(
     log_sum_sq = None
     if head is None:
         # Full logits, but the logsumexp only at completion positions: (2B, C, V) in fp32.
-        logits = mx.take_along_axis(model(inputs), positions[..., None], axis=1)
-        logits = logits.astype(mx.float32)
+        logits = _at_positions(model, inputs, batch, positions).astype(mx.float32)
         picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         lse = mx.logsumexp(logits, axis=-1)
         token_logps = picked - lse
         if with_weights:
             log_sum_sq = mx.stop_gradient(mx.logsumexp(2.0 * logits, axis=-1) - 2.0 * lse)
     else:
-        hidden = mx.take_along_axis(model.model(inputs), positions[..., None], axis=1)
+        hidden = _at_positions(model.model, inputs, batch, positions)
         rows, width = positions.shape
         out = lean_token_logps(
             hidden.reshape(rows * width, -1), head, targets.reshape(-1),
@@ -372,6 +374,21 @@ def forward_pair_logps(
         adjusted = mx.where(target_mask > 0, token_logps - log_sum_sq * target_mask, 0.0)
         weights = mx.stop_gradient(mx.exp(adjusted.sum(-1) / mx.maximum(counts, 1.0)))
     return PairForward(logps, counts, plain, weights)
+
+
+def _at_positions(net: nn.Module, inputs: mx.array, batch: Any, positions: mx.array):
+    """net(inputs) (a backbone's hidden states, or a model's logits) at `positions` (2B, C):
+    (2B, C, width). In the shared-prompt layout (mlx_dpo.shared_prompt) the B input rows hold
+    both answers of their pair: output rows r and B + r both read row r."""
+    segments = getattr(batch, "segments", None)
+    if segments is None:
+        return mx.take_along_axis(net(inputs), positions[..., None], axis=1)
+    rope_positions = _as_mx(batch.rope_positions, mx.int32)[:, :-1]
+    with shared_prompt.layout(rope_positions, _as_mx(segments, mx.int32)[:, :-1]):
+        out = net(inputs)
+    B, T = inputs.shape
+    rows = mx.concatenate([mx.arange(B), mx.arange(B)])[:, None] * T + positions
+    return out.reshape(B * T, -1)[rows]
 
 
 def _ld_logps(token_logps, target_mask, counts, alpha: float) -> mx.array:

@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_dpo import cpu_kernels
+from mlx_dpo import cpu_kernels, shared_prompt
 from mlx_dpo.config import ConfigError
 from mlx_dpo.memory_factors import Arch, attention_tile_bytes, estimate, gb
 from mlx_dpo.memory_os import (
@@ -66,6 +66,7 @@ class MemoryPlan:
     # Bytes of one block's flash attention score tiles: each query block's tile has its own
     # size, so freed tiles stay in MLX's size-keyed cache, unused by other sizes (memory_os).
     attention_tiles: int = 0
+    shared: bool = False  # the shared-prompt layout: rows // 2 rows through the blocks
 
     @property
     def step_resident_bytes(self) -> int:
@@ -87,8 +88,13 @@ class MemoryPlan:
 
     def __str__(self) -> str:
         width = max(map(len, self.parts))
+        rows = (
+            f"{self.rows // 2} rows (prompt | chosen | rejected)"
+            if self.shared
+            else f"{self.rows} rows"
+        )
         lines = [
-            f"memory plan: {self.rows} rows x {self.tokens_per_row} tokens, "
+            f"memory plan: {rows} x {self.tokens_per_row} tokens, "
             f"peak ~{gb(self.total_bytes)}"
             + (f" of MLX arrays, process RSS ~{gb(self.resident_bytes)}" if self.os_parts else "")
         ]
@@ -198,6 +204,7 @@ def plan(
     completion_tokens_per_row: int | None = None,
     lean: bool | None = None,
     kernels: dict[str, str] | None = None,
+    shared: bool = False,
 ) -> MemoryPlan:
     """Estimated peak memory of one training step.
 
@@ -210,6 +217,8 @@ def plan(
         lean: whether the completion-only log-prob head runs (default: when the model has one).
         kernels: the CPU kernels the step will run (cpu_kernels.step_choices); those not
             given are covered whichever way their timing goes.
+        shared: the shared-prompt layout (mlx_dpo.shared_prompt): rows // 2 rows through the
+            blocks, each `max_tokens_per_row` long (prompt + both answers).
     """
     arch = _arch(model, cfg)
     lean = _lean_head(model) if lean is None else lean
@@ -227,6 +236,7 @@ def plan(
         n_states=_OPTIMIZER_STATES.get(getattr(cfg, "optimizer", "adamw"), 2),
         weights=sum(v.nbytes for k, v in params.items() if "lora_" not in k),
         head_quantized=_head_quantized(model) if lean else False,
+        shared=shared,
     )
     parts: dict[str, int] = {}
     notes: dict[str, str] = {}
@@ -246,10 +256,12 @@ def plan(
         return plan(
             model, _Override(cfg, changes), new_len, new_rows,
             completion_tokens_per_row=completion_tokens_per_row, lean=lean, kernels=kernels,
+            shared=shared,
         )  # fmt: skip
 
-    tiles = attention_tile_bytes(arch, rows, T) if "flash" in options["attention"] else 0
-    return MemoryPlan(parts, notes, rows, T, replan, attention_tiles=tiles)
+    block_rows = rows // 2 if shared else rows
+    tiles = attention_tile_bytes(arch, block_rows, T) if "flash" in options["attention"] else 0
+    return MemoryPlan(parts, notes, rows, T, replan, attention_tiles=tiles, shared=shared)
 
 
 # Each block's forward runs again in the backward: measured x1.2-1.35 the step time
@@ -274,18 +286,37 @@ def checkpoint_tradeoff(plan: MemoryPlan) -> str | None:
 
 def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
     """`plan` for the longest row and longest completion of tokenized `PreferencePair`s, at
-    2 x cfg.batch_size rows (chosen and rejected), with the CPU kernels that step will run
-    chosen now (timed where no decision is cached: the first step would do it anyway)."""
-    longest = max(
-        (len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1
-    )
+    2 x cfg.batch_size rows (chosen and rejected; one row per pair in the shared-prompt
+    layout), with the CPU kernels that step will run chosen now (timed where no decision is
+    cached: the first step would do it anyway)."""
+    shared = shared_prompt.active(model)
+    longest = max((_row_length(p, shared) for p in pairs), default=1)
     completion = max((max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1)
     rows = 2 * cfg.batch_size
     T, C = _padded(longest), min(_padded(completion), _padded(longest))
     runtime = runtime_bytes()  # before the kernels' timing leaves freed buffers in the heap
-    kernels = cpu_kernels.step_choices(model, rows, T, C, mlp_ranks=_mlp_ranks(model, cfg))
-    step = plan(model, cfg, longest, rows, completion_tokens_per_row=completion, kernels=kernels)
+    kernels = cpu_kernels.step_choices(
+        model,
+        rows,
+        T,
+        C,
+        mlp_ranks=_mlp_ranks(model, cfg),
+        block_rows=rows // 2 if shared else rows,
+    )
+    step = plan(
+        model, cfg, longest, rows, completion_tokens_per_row=completion, kernels=kernels,
+        shared=shared,
+    )  # fmt: skip
     return resident(step, runtime=runtime)  # this process, the model loaded: what the OS sees
+
+
+def _row_length(pair, shared: bool) -> int:
+    answers = (
+        len(pair.chosen_ids) + len(pair.rejected_ids)
+        if shared
+        else max(len(pair.chosen_ids), len(pair.rejected_ids))
+    )
+    return len(pair.prompt_ids) + answers
 
 
 def _mlp_ranks(model: nn.Module, cfg) -> dict[str, int]:

@@ -109,14 +109,18 @@ def estimate(
     attention="mlx",
     head="mlx",
     head_quantized=False,
+    shared=False,
 ) -> tuple[dict[str, int], dict[str, str]]:
     """The plan's parts (bytes) and notes, from the architecture's numbers alone, for the
-    step's `attention` ("mlx" or "flash") and `head` tiles (a key of logps.HEAD_OPTIONS)."""
-    n_tok = rows * (T - 1)
+    step's `attention` ("mlx" or "flash") and `head` tiles (a key of logps.HEAD_OPTIONS).
+    `rows` are the rows the head scores (2 per pair); with `shared` (the shared-prompt layout)
+    the blocks run half as many, T tokens long."""
+    block_rows = rows // 2 if shared else rows
+    n_tok = block_rows * (T - 1)
     fast = attention == "flash"
     # Attention scores: the whole T x T square, or with the CPU kernels' flash attention one
     # block of queries against the keys at a time (linear in T).
-    scores = rows * arch.heads * T * (min(T, cpu_kernels.ATTENTION_BLOCK) if fast else T)
+    scores = block_rows * arch.heads * T * (min(T, cpu_kernels.ATTENTION_BLOCK) if fast else T)
     # Blocks from the lowest adapted one up are differentiated through; those below are not.
     deep = arch.blocks - min(i for i, _, _ in arch.adapted) if arch.adapted else 0
 
@@ -154,8 +158,9 @@ def estimate(
     layer = act * (deep * per_token(f["retained"][ckpt]) + per_token(f["layer"][ckpt]))
     head_factors, vocab_tile, kept = _head_tiles(head)
     head, head_note = _head_working_set(
-        arch, FACTORS[head_factors]["head"][ckpt], vocab_tile, lean=lean, rows=rows, T=T, C=C
-    )
+        arch, FACTORS[head_factors]["head"][ckpt], vocab_tile, lean=lean, rows=rows, T=T, C=C,
+        block_rows=block_rows,
+    )  # fmt: skip
     if kept and lean:  # held from the head's forward to its backward, on top of its tiles
         head += 4 * rows * C * arch.vocab
         head_note += ", their logits kept for the backward"
@@ -187,12 +192,15 @@ def attention_tile_bytes(arch: Arch, rows: int, T: int) -> int:
     return 4 * rows * arch.heads * scores
 
 
-def _head_working_set(arch: Arch, h: dict, vocab_tile, *, lean, rows, T, C) -> tuple[float, str]:
+def _head_working_set(
+    arch: Arch, h: dict, vocab_tile, *, lean, rows, T, C, block_rows
+) -> tuple[float, str]:
     """Bytes and note of the log-prob head's peak: the lean head's vocabulary tiles in flight
-    (and its hidden-state copies), or the full rows x T x vocab logits."""
-    n_tok, n_scored = rows * (T - 1), rows * C
+    (and its hidden-state copies), or the full block_rows x T x vocab logits."""
+    n_tok, n_scored = block_rows * (T - 1), rows * C
     if not lean:
-        return 4 * _FULL_LOGITS * n_tok * arch.vocab, f"full logits ({rows} x {T} x {arch.vocab})"
+        note = f"full logits ({block_rows} x {T} x {arch.vocab})"
+        return 4 * _FULL_LOGITS * n_tok * arch.vocab, note
     tile = min(n_scored, logps.TOKEN_CHUNK) * min(arch.vocab, vocab_tile)
     n_tiles = -(-n_scored // logps.TOKEN_CHUNK) * -(-arch.vocab // vocab_tile)
     head = 4 * (h["tiles"] * tile * min(2 * n_tiles + 1, _TILES_IN_FLIGHT))

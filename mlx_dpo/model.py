@@ -88,11 +88,15 @@ def load(
     quantize: int | None = None,
     q_group_size: int = 64,
     compute_dtype: str = "auto",
+    share_prompt: bool = True,
     platform: Platform | None = None,
 ) -> LoadedModel:
     """Load model and tokenizer, optionally quantize, and set up the compute path for
-    `platform` (default: this machine's)."""
+    `platform` (default: this machine's) and, if `share_prompt` and the model passes its
+    check, the shared-prompt layout (mlx_dpo.shared_prompt)."""
     from mlx_lm.utils import load_model, load_tokenizer
+
+    from mlx_dpo import shared_prompt
 
     path = resolve_path(model, revision)
     fixes = _config_fixes(path)
@@ -105,6 +109,7 @@ def load(
     if quantize:
         notes += quantize_model(net, bits=quantize, group_size=q_group_size)
     notes += set_compute_path(net, compute_dtype, platform)
+    notes += shared_prompt.install(net, share_prompt)
     net.freeze()
     net.eval()
     return LoadedModel(net, tokenizer, path, config, notes)
@@ -338,6 +343,8 @@ def adapters_off(model: nn.Module):
 
 def enable_grad_checkpoint(model: nn.Module) -> None:
     """Recompute each transformer block in the backward pass (mx.checkpoint), per instance."""
+    from mlx_dpo import shared_prompt
+
     for block in model.layers:
         base = type(block)
         if getattr(base, "_mlx_dpo_checkpointed", False):
@@ -345,9 +352,15 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
         call = base.__call__
 
         def checkpointed(self, *args, _call=call, **kwargs):
+            layout = shared_prompt.current()
+
             def inner(params, *args, **kwargs):
                 self.update(params)
-                return _call(self, *args, **kwargs)
+                if layout is None:
+                    return _call(self, *args, **kwargs)
+                # the backward recomputes the block after the forward's `layout` has exited
+                with shared_prompt.layout(*layout):
+                    return _call(self, *args, **kwargs)
 
             return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
 

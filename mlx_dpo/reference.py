@@ -19,6 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_dpo import shared_prompt
 from mlx_dpo.data import collate, rank_share
 from mlx_dpo.progress import Progress
 from mlx_dpo.trainer import compiled_logps
@@ -124,11 +125,14 @@ def pair_logps(
     chosen = np.zeros(len(pairs), np.float32)
     rejected = np.zeros(len(pairs), np.float32)
     forward = compiled_logps(model, ld_alpha)
+    shared = shared_prompt.active(model)
     with Progress(label, len(pairs), unit="pairs", enabled=rank == 0) as progress:
         for global_index in length_batches(pairs, batch_size * world):
             index = rank_share(global_index, rank, world)
             if len(index):
-                batch = collate([pairs[j] for j in index], index=index, pad_to=PAD_TO)
+                batch = collate(
+                    [pairs[j] for j in index], index=index, pad_to=PAD_TO, share_prompt=shared
+                )
                 logps = np.array(forward(batch))
                 chosen[index] = logps[: len(index)]
                 rejected[index] = logps[len(index) :]

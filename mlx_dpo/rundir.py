@@ -61,6 +61,7 @@ FREE_SETTINGS = (
     "reference_cache",
     "report_to",
     "demo_summary",
+    "share_prompt",  # the same log-probs either way (to round-off), only the batch layout
 )
 
 

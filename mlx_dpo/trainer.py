@@ -22,7 +22,7 @@ import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 
-from mlx_dpo import _testhooks, checkpoint
+from mlx_dpo import _testhooks, checkpoint, shared_prompt
 from mlx_dpo.data import Batch, eval_batches, iterate_batches
 from mlx_dpo.logps import forward_logps, forward_only, forward_pair_logps
 from mlx_dpo.losses import METRIC_KEYS, dpo_loss, dpo_metrics, pair_extras
@@ -124,7 +124,7 @@ def evaluate(model, pairs, refs, cfg, *, max_batches: int = -1, group=None) -> d
     n = 0
     batches = eval_batches(
         pairs, cfg.batch_size, rank=rank, world_size=world, max_batches=max_batches,
-        ref_chosen=refs[0], ref_rejected=refs[1],
+        ref_chosen=refs[0], ref_rejected=refs[1], share_prompt=shared_prompt.active(model),
     )  # fmt: skip
     for batch in batches:
         _, metrics = _eval_loss(model, loss_kwargs)(_arrays(batch))
@@ -233,6 +233,7 @@ def train(
         train_pairs, cfg.batch_size, grad_accumulation_steps=cfg.grad_accumulation_steps,
         seed=cfg.seed, start_step=start_step, rank=rank, world_size=world,
         ref_chosen=train_refs[0], ref_rejected=train_refs[1],
+        share_prompt=shared_prompt.active(model),
     )  # fmt: skip
     validate = partial(_validate, model, valid_pairs, valid_refs, cfg, group, reporter)
     window = _Window()

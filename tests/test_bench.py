@@ -120,12 +120,15 @@ def test_grid_commands(tmp_path):
 
 def test_grid_flop_ratios_by_hand():
     """The others' model FLOPs over mlx_dpo's, hand-derived for a 1-block model (hidden 4, one
-    head, 7 linears of 4 x 4 = 112 weights, LoRA r=8: 448), 1 pair of 4 tokens: 2 rows x 3
-    positions = 6 tokens, 2 completion tokens per row scored by mlx_dpo, attention
-    4 x 2 rows x 1 head x 3^2 x 4 = 288.
-      mlx_dpo:  head 2*10*4*4 = 320; base 2*112*6 + 320 = 1664;
-                forward 1664 + 288 + 2*448*6 = 7328; backward 1664 + 576 + 4*448*6 = 12992
-      full logits: head 2*10*4*6 = 480; base 1824; step 7488 + 13152 = 20640
+    head, 7 linears of 4 x 4 = 112 weights, LoRA r=8: 448), 1 pair of 4 tokens (a prompt of 2,
+    answers of 2).
+      mlx_dpo, one row prompt | chosen | rejected of 6 tokens: 5 positions, 2 answers x 2
+                completion tokens scored, attention 4 x 1 row x 1 head x 5^2 x 4 = 400;
+                head 2*10*4*4 = 320; base 2*112*5 + 320 = 1440;
+                forward 1440 + 400 + 2*448*5 = 6320; backward 1440 + 800 + 4*448*5 = 11200
+      the others, 2 rows x 3 positions = 6 tokens, attention 4 x 2 x 1 x 3^2 x 4 = 288:
+      full logits: head 2*10*4*6 = 480; base 2*112*6 + 480 = 1824;
+                forward 1824 + 288 + 2*448*6 = 7488; backward 1824 + 576 + 4*448*6 = 13152
       plus a reference forward: 1824 + 288 = 2112"""
     sys.path.insert(0, str(BENCH.parent))
     from common import Spec
@@ -133,13 +136,13 @@ def test_grid_flop_ratios_by_hand():
     grid = _grid()
     spec = Spec(4, 1, 1, 1, 4, 10)
     got = grid.flop_ratios(spec, 4, 1)
-    assert got["ours"] == 7328 + 12992
-    assert got["full_logits"] == pytest.approx(20640 / 20320)
-    assert got["reference_every_update"] == pytest.approx((20640 + 2112) / 20320)
+    assert got["ours"] == 6320 + 11200
+    assert got["full_logits"] == pytest.approx(20640 / 17520)
+    assert got["reference_every_update"] == pytest.approx((20640 + 2112) / 17520)
     point = {"model": "5m", "length": 4, "pairs": 1, "dtype": "fp32", "cells": {}, "flops": got}
     header, _, row = grid.markdown([point], grid.VARIANTS).splitlines()
     cells = dict(zip(header.split("|"), row.split("|"), strict=True))
-    assert cells[" FLOPs mlx-lm-lora (and TRL) / ours "].strip() == "1.12x"
+    assert cells[" FLOPs mlx-lm-lora (and TRL) / ours "].strip() == "1.30x"
 
 
 def test_profile_point_groups_and_per_update_seconds():

@@ -132,8 +132,10 @@ def test_gpu_path_trains_and_mlx_lm_loads_the_adapters(
     import mlx_lm
 
     run_dir = tmp_path / "run"
+    # at 3e-3 the toy data is fit by step 2 and the margin then swings (loss up to 2.4 by
+    # step 12, with either batch layout: a matter of bf16 round-off); 1e-3 fits it and stays
     cfg = make_cfg(
-        bf16_model_path, toy_data, run_dir, iters=12, batch_size=4, learning_rate=3e-3,
+        bf16_model_path, toy_data, run_dir, iters=12, batch_size=4, learning_rate=1e-3,
         lr_schedule="constant", quantize=quantize, q_group_size=32,
     )  # fmt: skip
     with forced(Platform.make("metal")):
