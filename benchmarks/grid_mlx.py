@@ -57,6 +57,9 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--no-share-prompt", action="store_true", help="two rows per pair (mlx_dpo train's flag)"
     )
+    p.add_argument(
+        "--prompt-len", type=int, default=None, help="prompt tokens of each pair (default: half)"
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", required=True)
@@ -74,8 +77,8 @@ def main(argv=None) -> dict:
     cfg = TrainConfig(num_layers=-1, lora_rank=8, lora_scale=20.0, batch_size=args.pairs)
     model_lib.apply_adapters(net, cfg, seed=0)
     mx.eval(net.parameters())
-    half = args.length // 2
-    geo = Geometry(args.pairs, half, args.length - half)
+    prompt = args.length // 2 if args.prompt_len is None else args.prompt_len
+    geo = Geometry(args.pairs, prompt, args.length - prompt)
     vocab = net.args.vocab_size
     pairs, _ = make_batch(geo, vocab, 0)
     plan = memory.plan_for_pairs(net, cfg, pairs)  # as `mlx_dpo train` plans (and picks kernels)
