@@ -140,16 +140,13 @@ def _pad_keys(x: mx.array, to: int) -> mx.array:
     return x if extra == 0 else mx.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, extra), (0, 0)])
 
 
-def scaled_dot_product_attention(
-    queries, keys, values, cache, scale: float, mask, sinks=None, segments=None
-):
+def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mask, sinks=None):
     """mlx-lm's `scaled_dot_product_attention` for training: causal self-attention with the
     exp above and FlashAttention's algorithm in MLX ops. The backward keeps only q, k, v, the
     output and one logsumexp per query and recomputes each query block's probabilities, so
     attention memory grows linearly with T (not rows x heads x T^2 per block), and each query
     block meets only the keys it can see (at T = 256, 10/16 of the T x T work). Anything else
-    (a KV cache, sinks, another mask) goes to mlx-lm's own. `segments` (B, T): the shared-prompt
-    layout's (mlx_dpo.shared_prompt), whose rejected tokens do not see the chosen ones."""
+    (a KV cache, sinks, another mask) goes to mlx-lm's own."""
     from mlx_lm.models.base import scaled_dot_product_attention as original
 
     B, H, T, D = queries.shape
@@ -157,42 +154,31 @@ def scaled_dot_product_attention(
     if cache is not None or sinks is not None or not causal or T != keys.shape[2]:
         return original(queries, keys, values, cache, scale, mask, sinks)
     blocks = _causal_blocks(T)
-    Hkv, end = keys.shape[1], blocks[-1][2]
-    shared = segments is not None
-    if shared:  # padded like the keys; the padding's keys are hidden by causality anyway
-        segments = mx.pad(segments, [(0, 0), (0, end - T)], constant_values=shared_prompt.PAD)
-    else:
-        segments = mx.zeros((1, 1), mx.int32)  # a placeholder input, not read
 
     @mx.custom_function
-    def attention(q, k, v, seg):
-        return _flash_forward(blocks, q, k, v, seg if shared else None)
+    def attention(q, k, v):
+        return _flash_forward(blocks, q, k, v)
 
     @attention.vjp
     def attention_vjp(primals, cotangents, outputs):
-        q, k, v, seg = primals
-        grads = _flash_backward(blocks, (q, k, v, seg if shared else None), cotangents, outputs)
-        return *grads, mx.zeros_like(seg)
+        return _flash_backward(blocks, primals, cotangents, outputs)
 
+    Hkv, end = keys.shape[1], blocks[-1][2]
     q = (queries * scale).reshape(B, Hkv, H // Hkv, T, D).astype(mx.float32)
     k = _pad_keys(mx.expand_dims(keys, 2), end).astype(mx.float32)  # grouped heads: broadcast
     v = _pad_keys(mx.expand_dims(values, 2), end).astype(mx.float32)
-    out, _ = attention(q, k, v, segments)
+    out, _ = attention(q, k, v)
     return out.reshape(B, H, T, -1).astype(values.dtype)
 
 
-def _block_probs(q, k, seg, a, b, kb, lse=None, after=None):
-    """Softmax probabilities of queries a..b over keys 0..kb (causal; with `seg` (B, T) also the
-    shared-prompt layout's visibility), and with `lse` None their logsumexp; given `lse` (the
-    backward), recomputed from it."""
+def _block_probs(q, k, a, b, kb, lse=None, after=None):
+    """Softmax probabilities of queries a..b over keys 0..kb (causal), and with `lse` None
+    their logsumexp; given `lse` (the backward), recomputed from it."""
     # `after` chains the blocks: without it MLX runs every block's matmul first and holds all
     # their scores at once (T^2 again)
     qa = q[..., a:b, :] if after is None else mx.depends(q[..., a:b, :], after)
     scores = qa @ k[..., :kb, :].swapaxes(-1, -2)  # (B, Hkv, rep, b - a, kb)
-    if seg is None:
-        visible = mx.arange(a, b)[:, None] >= mx.arange(kb)[None]
-    else:
-        visible = shared_prompt.visible(seg, a, b, kb)[:, None, None]  # (B, 1, 1, b - a, kb)
+    visible = mx.arange(a, b)[:, None] >= mx.arange(kb)[None]
     scores = mx.where(visible, scores, -mx.inf)
     if lse is None:
         m = scores.max(axis=-1, keepdims=True)
@@ -202,11 +188,11 @@ def _block_probs(q, k, seg, a, b, kb, lse=None, after=None):
     return exp(scores - lse[..., a:b, :]), None
 
 
-def _flash_forward(blocks, q, k, v, seg):
+def _flash_forward(blocks, q, k, v):
     """(attention output, logsumexp per query), one query block at a time."""
     outs, lses = [], []
     for a, b, kb in blocks:
-        p, lse = _block_probs(q, k, seg, a, b, kb, after=outs[-1] if outs else None)
+        p, lse = _block_probs(q, k, a, b, kb, after=outs[-1] if outs else None)
         outs.append(p @ v[..., :kb, :])
         lses.append(lse)
     return mx.concatenate(outs, axis=-2), mx.concatenate(lses, axis=-2)
@@ -214,14 +200,14 @@ def _flash_forward(blocks, q, k, v, seg):
 
 def _flash_backward(blocks, primals, cotangents, outputs):
     """(dq, dk, dv), each query block's probabilities recomputed from the saved logsumexp."""
-    q, k, v, seg = primals
+    q, k, v = primals
     d_out, (out, lse) = cotangents[0], outputs
     delta = (d_out * out).sum(axis=-1, keepdims=True)  # rowsum(dP * P) = rowsum(dO * O)
     dq, dk, dv = [], 0.0, 0.0
     for a, b, kb in blocks:
         # after the previous block's dq, dk and dv: they consume its p and ds, which are then
         # freed (without dk and dv in the chain every block's p stays alive: T^2)
-        p, _ = _block_probs(q, k, seg, a, b, kb, lse, after=[dq[-1], dk, dv] if dq else None)
+        p, _ = _block_probs(q, k, a, b, kb, lse, after=[dq[-1], dk, dv] if dq else None)
         g = d_out[..., a:b, :]
         ds = p * (g @ v[..., :kb, :].swapaxes(-1, -2) - delta[..., a:b, :])
         dq.append(ds @ k[..., :kb, :])
@@ -302,35 +288,34 @@ def mlp_lora_ranks(model) -> dict[str, int]:
 def auto_attention(queries, keys, values, cache, scale: float, mask, sinks=None):
     """mlx-lm's attention or the flash one above, whichever kernel_choice measured faster for
     these shapes; what only mlx-lm's handles (a cache, sinks, other masks) goes there. Inside
-    a shared-prompt forward (mlx_dpo.shared_prompt) either runs that layout's visibility."""
+    a shared-prompt forward (mlx_dpo.shared_prompt) it runs on each answer's own rows."""
+    if shared_prompt.current() is not None:
+        return shared_prompt.split_attention(_causal_attention, queries, keys, values, cache,
+                                             scale, mask, sinks)  # fmt: skip
+    return _causal_attention(queries, keys, values, cache, scale, mask, sinks)
+
+
+def _causal_attention(queries, keys, values, cache, scale: float, mask, sinks=None):
     from mlx_lm.models.base import scaled_dot_product_attention as original
 
     B, H, T, D = queries.shape
-    shared = shared_prompt.current()
     causal = isinstance(mask, str) and mask == "causal"
-    if shared is None and (
-        cache is not None or sinks is not None or not causal or T != keys.shape[2]
-    ):
+    if cache is not None or sinks is not None or not causal or T != keys.shape[2]:
         return original(queries, keys, values, cache, scale, mask, sinks)
-    if attention_choice((B, H, keys.shape[1], T, D), queries.dtype) != "flash":
-        return mlx_attention(queries, keys, values, cache, scale, mask, sinks)
-    if shared is not None:
-        shared_prompt.check_attention(queries, keys, cache, mask, sinks)
-    segments = None if shared is None else shared[1]
-    return scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks, segments)
+    if attention_choice((B, H, keys.shape[1], T, D), queries.dtype) == "flash":
+        return scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks)
+    return original(queries, keys, values, cache, scale, mask, sinks)
 
 
 def mlx_attention(queries, keys, values, cache, scale: float, mask, sinks=None):
-    """mlx-lm's attention; inside a shared-prompt forward with that layout's visibility as its
-    mask (where the CPU kernels are off: on a GPU, or opted out)."""
+    """mlx-lm's attention (where the CPU kernels are off: on a GPU, or opted out); inside a
+    shared-prompt forward on each answer's own rows."""
     from mlx_lm.models.base import scaled_dot_product_attention as original
 
-    shared = shared_prompt.current()
-    if shared is None:
-        return original(queries, keys, values, cache, scale, mask, sinks)
-    shared_prompt.check_attention(queries, keys, cache, mask, sinks)
-    mask = shared_prompt.visible(shared[1])[:, None]  # (B, 1, T, T)
-    return original(queries, keys, values, None, scale, mask, None)
+    if shared_prompt.current() is not None:
+        return shared_prompt.split_attention(original, queries, keys, values, cache, scale,
+                                             mask, sinks)  # fmt: skip
+    return original(queries, keys, values, cache, scale, mask, sinks)
 
 
 def attention_choice(dims: tuple[int, int, int, int, int], dtype=mx.float32) -> str:
@@ -362,12 +347,15 @@ def step_choices(
     C: int,
     mlp_ranks: dict[str, int] | None = None,
     block_rows: int | None = None,
+    attention_T: int | None = None,
 ) -> dict[str, str]:
     """The kernels a training step of `rows` rows (`C` tokens scored per row) will run, its
-    blocks `block_rows` (default `rows`) x `T` tokens, decided now (timed if no cached
-    decision: what its first step would do), for the memory planner; {} where they are not
-    installed or the model's dimensions are not known. `mlp_ranks`: the LoRA ranks the run's
-    adapters will give the MLP's projections (default: the model's as it is)."""
+    blocks `block_rows` (default `rows`) x `T` tokens and its attention `rows` x `attention_T`
+    (default `T`; the shared-prompt layout's attention runs each answer's own rows), decided
+    now (timed if no cached decision: what its first step would do), for the memory planner;
+    {} where they are not installed or the model's dimensions are not known. `mlp_ranks`: the
+    LoRA ranks the run's adapters will give the MLP's projections (default: the model's as
+    it is)."""
     from mlx_dpo.logps import LMHead
 
     args = getattr(model, "args", None)
@@ -379,7 +367,7 @@ def step_choices(
     D = getattr(args, "head_dim", None) or hidden // H
     n = T - 1  # the step's inputs: tokens[:, :-1]
     block_rows = rows if block_rows is None else block_rows
-    out = {"attention": attention_choice((block_rows, H, Hkv, n, D))}
+    out = {"attention": attention_choice((rows, H, Hkv, (attention_T or T) - 1, D))}
     if getattr(sys.modules.get(type(model).__module__), "swiglu", None) is auto_swiglu:
         out["swiglu"] = swiglu_choice(block_rows * n, inter, ranks=mlp_ranks)
     head = LMHead.from_model(model)

@@ -20,13 +20,17 @@ Batch shape contract (B pairs per micro-batch; `collate`):
 
 With `share_prompt` (mlx_dpo.shared_prompt) a pair is one row: `tokens` (B, T) holds prompt |
 chosen | rejected | padding, `positions` still has 2B rows (chosen, then rejected) that index
-row r for both answers of pair r, and two more fields say how to run the row:
+row r for both answers of pair r, and three more fields say how to run the row (over the
+model's inputs `tokens[:, :-1]`, T - 1 of them, indices flat over B x (T - 1) or 2B x L):
 
-| field            | shape / dtype  | meaning                                                  |
-|------------------|----------------|----------------------------------------------------------|
-| `rope_positions` | (B, T) int32   | each token's position: the rejected answer's restart at  |
-|                  |                | the prompt's length                                      |
-| `segments`       | (B, T) int32   | 0 prompt, 1 chosen, 2 rejected, 3 padding                |
+| field            | shape / dtype     | meaning                                               |
+|------------------|-------------------|-------------------------------------------------------|
+| `rope_positions` | (B, T) int32      | each token's position: the rejected answer's restart  |
+|                  |                   | at the prompt's length                                |
+| `split_index`    | (2B, L) int32     | the inputs that make each answer's own row `prompt +  |
+|                  |                   | answer` (chosen rows, then rejected), attention's     |
+|                  |                   | rows; L is the two-row layout's input length          |
+| `merge_index`    | (B, T - 1) int32  | where each input's attention output is in those rows  |
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from mlx_dpo import shared_prompt
 from mlx_dpo.config import TRUNCATION_MODES
 from mlx_dpo.data_report import dataset_stats
 from mlx_dpo.data_sources import DataError, Splits, load_splits
@@ -92,7 +95,8 @@ class Batch:
     index: np.ndarray
     n_tokens: int  # non-padding tokens of both rows (the prompt counted twice), for tokens/s
     rope_positions: mx.array | None = None  # the shared-prompt layout's (B, T) int32, else None
-    segments: mx.array | None = None  # the shared-prompt layout's (B, T) int32, else None
+    split_index: mx.array | None = None  # the shared-prompt layout's (2B, L) int32, else None
+    merge_index: mx.array | None = None  # the shared-prompt layout's (B, T - 1) int32
 
     @property
     def size(self) -> int:
@@ -169,7 +173,6 @@ def _collate_shared(pairs, index, ref_chosen, ref_rejected, pad_to: int) -> Batc
     C = _round_up(max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), pad_to)
     tokens = np.zeros((B, T), np.int32)
     rope_positions = np.zeros((B, T), np.int32)
-    segments = np.full((B, T), shared_prompt.PAD, np.int32)
     positions = np.zeros((2 * B, C), np.int32)
     targets = np.zeros((2 * B, C), np.int32)
     target_mask = np.zeros((2 * B, C), np.float32)
@@ -179,9 +182,6 @@ def _collate_shared(pairs, index, ref_chosen, ref_rejected, pad_to: int) -> Batc
         tokens[r, :end] = p.prompt_ids + p.chosen_ids + p.rejected_ids
         # positions restart after the prompt for the rejected answer, run on into the padding
         rope_positions[r] = np.concatenate([np.arange(P + n_c), np.arange(P, P + T - P - n_c)])
-        segments[r, :P] = shared_prompt.PROMPT
-        segments[r, P : P + n_c] = shared_prompt.CHOSEN
-        segments[r, P + n_c : end] = shared_prompt.REJECTED
         positions[r, :n_c] = np.arange(P - 1, P + n_c - 1)
         positions[B + r, :n_r] = np.concatenate([[P - 1], np.arange(P + n_c, end - 1)])
         targets[r, :n_c], targets[B + r, :n_r] = p.chosen_ids, p.rejected_ids
@@ -198,8 +198,34 @@ def _collate_shared(pairs, index, ref_chosen, ref_rejected, pad_to: int) -> Batc
             2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs
         ),
         rope_positions=mx.array(rope_positions),
-        segments=mx.array(segments),
+        **_split_and_merge(pairs, T - 1, _round_up(max(map(_two_row_length, pairs)), pad_to) - 1),
     )
+
+
+def _two_row_length(p) -> int:
+    return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+
+
+def _split_and_merge(pairs, n: int, L: int) -> dict[str, mx.array]:
+    """The shared rows' gathers for attention (module docstring), over n inputs per row. Each
+    answer's own row is its inputs in order, then filler (the row's last input: behind every
+    real query, so causal attention hides it); a place past L or n (only ever a row's final
+    token, whose output nothing reads) is clipped to the last."""
+    B = len(pairs)
+    split = np.full((2 * B, L), n - 1, np.int32)
+    merge = np.zeros((B, n), np.int32)
+    t = np.arange(n)
+    for r, p in enumerate(pairs):
+        P, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        end = P + n_c + n_r
+        own = (np.arange(P + n_c), np.concatenate([np.arange(P), np.arange(P + n_c, end)]))
+        for row, tokens in zip((r, B + r), own, strict=True):
+            split[row, : min(len(tokens), L)] = np.minimum(tokens[:L], n - 1)
+        split[(r, B + r), :] += r * n
+        rejected = (t >= P + n_c) & (t < end)
+        place = np.minimum(np.where(rejected, t - n_c, t), L - 1)
+        merge[r] = np.where(rejected, B + r, r) * L + np.where(t < end, place, L - 1)
+    return {"split_index": mx.array(split), "merge_index": mx.array(merge)}
 
 
 def epoch_plan(lengths: np.ndarray, global_size: int, epoch: int, seed: int) -> np.ndarray:

@@ -380,11 +380,12 @@ def _at_positions(net: nn.Module, inputs: mx.array, batch: Any, positions: mx.ar
     """net(inputs) (a backbone's hidden states, or a model's logits) at `positions` (2B, C):
     (2B, C, width). In the shared-prompt layout (mlx_dpo.shared_prompt) the B input rows hold
     both answers of their pair: output rows r and B + r both read row r."""
-    segments = getattr(batch, "segments", None)
-    if segments is None:
+    merge = getattr(batch, "merge_index", None)
+    if merge is None:
         return mx.take_along_axis(net(inputs), positions[..., None], axis=1)
     rope_positions = _as_mx(batch.rope_positions, mx.int32)[:, :-1]
-    with shared_prompt.layout(rope_positions, _as_mx(segments, mx.int32)[:, :-1]):
+    split = _as_mx(batch.split_index, mx.int32)
+    with shared_prompt.layout(rope_positions, split, _as_mx(merge, mx.int32)):
         out = net(inputs)
     B, T = inputs.shape
     rows = mx.concatenate([mx.arange(B), mx.arange(B)])[:, None] * T + positions

@@ -205,6 +205,7 @@ def plan(
     lean: bool | None = None,
     kernels: dict[str, str] | None = None,
     shared: bool = False,
+    attention_tokens_per_row: int | None = None,
 ) -> MemoryPlan:
     """Estimated peak memory of one training step.
 
@@ -218,7 +219,8 @@ def plan(
         kernels: the CPU kernels the step will run (cpu_kernels.step_choices); those not
             given are covered whichever way their timing goes.
         shared: the shared-prompt layout (mlx_dpo.shared_prompt): rows // 2 rows through the
-            blocks, each `max_tokens_per_row` long (prompt + both answers).
+            blocks, each `max_tokens_per_row` long (prompt + both answers), and attention
+            `rows` rows `attention_tokens_per_row` long (each answer's own row).
     """
     arch = _arch(model, cfg)
     lean = _lean_head(model) if lean is None else lean
@@ -237,6 +239,7 @@ def plan(
         weights=sum(v.nbytes for k, v in params.items() if "lora_" not in k),
         head_quantized=_head_quantized(model) if lean else False,
         shared=shared,
+        T_att=T if attention_tokens_per_row is None else _padded(attention_tokens_per_row),
     )
     parts: dict[str, int] = {}
     notes: dict[str, str] = {}
@@ -256,11 +259,11 @@ def plan(
         return plan(
             model, _Override(cfg, changes), new_len, new_rows,
             completion_tokens_per_row=completion_tokens_per_row, lean=lean, kernels=kernels,
-            shared=shared,
+            shared=shared, attention_tokens_per_row=attention_tokens_per_row,
         )  # fmt: skip
 
-    block_rows = rows // 2 if shared else rows
-    tiles = attention_tile_bytes(arch, block_rows, T) if "flash" in options["attention"] else 0
+    flash = "flash" in options["attention"]
+    tiles = attention_tile_bytes(arch, rows, common["T_att"]) if flash else 0
     return MemoryPlan(parts, notes, rows, T, replan, attention_tiles=tiles, shared=shared)
 
 
@@ -291,6 +294,7 @@ def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
     cached: the first step would do it anyway)."""
     shared = shared_prompt.active(model)
     longest = max((_row_length(p, shared) for p in pairs), default=1)
+    own_row = max((_row_length(p, False) for p in pairs), default=1)  # attention's rows
     completion = max((max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1)
     rows = 2 * cfg.batch_size
     T, C = _padded(longest), min(_padded(completion), _padded(longest))
@@ -302,10 +306,11 @@ def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
         C,
         mlp_ranks=_mlp_ranks(model, cfg),
         block_rows=rows // 2 if shared else rows,
+        attention_T=_padded(own_row),
     )
     step = plan(
         model, cfg, longest, rows, completion_tokens_per_row=completion, kernels=kernels,
-        shared=shared,
+        shared=shared, attention_tokens_per_row=own_row,
     )  # fmt: skip
     return resident(step, runtime=runtime)  # this process, the model loaded: what the OS sees
 

@@ -110,17 +110,22 @@ def estimate(
     head="mlx",
     head_quantized=False,
     shared=False,
+    T_att=None,
 ) -> tuple[dict[str, int], dict[str, str]]:
     """The plan's parts (bytes) and notes, from the architecture's numbers alone, for the
     step's `attention` ("mlx" or "flash") and `head` tiles (a key of logps.HEAD_OPTIONS).
     `rows` are the rows the head scores (2 per pair); with `shared` (the shared-prompt layout)
-    the blocks run half as many, T tokens long."""
+    the blocks run half as many, T tokens long, and attention `rows` rows of `T_att` tokens
+    (each answer's own row: the two-row layout's length; default T)."""
     block_rows = rows // 2 if shared else rows
     n_tok = block_rows * (T - 1)
     fast = attention == "flash"
     # Attention scores: the whole T x T square, or with the CPU kernels' flash attention one
     # block of queries against the keys at a time (linear in T).
-    scores = block_rows * arch.heads * T * (min(T, cpu_kernels.ATTENTION_BLOCK) if fast else T)
+    T_att = T if T_att is None else T_att
+    scores = (
+        rows * arch.heads * T_att * (min(T_att, cpu_kernels.ATTENTION_BLOCK) if fast else T_att)
+    )
     # Blocks from the lowest adapted one up are differentiated through; those below are not.
     deep = arch.blocks - min(i for i, _, _ in arch.adapted) if arch.adapted else 0
 

@@ -9,10 +9,13 @@ hidden state what it is in its own `prompt + answer` row:
 - positions: the rejected answer's positions restart where the prompt ends (`rope_positions`:
   prompt 0..P-1, chosen P..P+C-1, rejected P..P+R-1), applied by wrapping the model's RoPE
   modules (`install`); the rotation of each token is that of its position, as in two rows.
-- visibility: a query sees the keys at or before it, except that a rejected token never sees
-  a chosen one (`segments` marks each token prompt, chosen, rejected or padding). The
-  attention dispatchers in `cpu_kernels` apply this inside the flash kernel, or as a mask
-  array to MLX's attention.
+- visibility: a rejected token never sees a chosen one. Attention is the one place where
+  tokens meet, so there the shared rows' queries, keys and values are gathered into each
+  answer's own row `prompt + answer` (`split_index`, the two-row layout's rows), any causal
+  kernel runs on those, and each token's output is read back from its own row
+  (`merge_index`): `split_attention`, called by the attention dispatchers in `cpu_kernels`.
+  Attention costs what it does in two rows; the projections and the MLP, which treat each
+  token alone, run the prompt once.
 
 The first rejected token is scored from the prompt's last hidden state, as the first chosen one
 is (`data.collate` puts that position in both rows of `positions`). At the grid's pairs (an
@@ -36,9 +39,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3  # `segments` values
 _ACTIVE = "_mlx_dpo_shared_prompt"  # model attribute: the layout its batches use
-_LAYOUT: list[tuple[mx.array, mx.array]] = []  # (rope positions, segments) of the forward
+_LAYOUT: list[tuple[mx.array, mx.array, mx.array]] = []  # (rope positions, split, merge)
 
 
 class UnsupportedLayout(RuntimeError):
@@ -46,38 +48,54 @@ class UnsupportedLayout(RuntimeError):
 
 
 @contextmanager
-def layout(rope_positions: mx.array, segments: mx.array) -> Iterator[None]:
-    """Inside, the model's RoPE and attention run the shared layout: (B, T) positions and
-    segments of its input rows. Entered around the backbone's forward, and again by
+def layout(
+    rope_positions: mx.array, split_index: mx.array, merge_index: mx.array
+) -> Iterator[None]:
+    """Inside, the model's RoPE and attention run the shared layout of its (B, T) input rows:
+    each token's position, and the gathers between the shared rows and each answer's own
+    (`data.collate`). Entered around the backbone's forward, and again by
     `model.enable_grad_checkpoint` where a block is recomputed in the backward."""
-    _LAYOUT.append((rope_positions, segments))
+    _LAYOUT.append((rope_positions, split_index, merge_index))
     try:
         yield
     finally:
         _LAYOUT.pop()
 
 
-def current() -> tuple[mx.array, mx.array] | None:
+def current() -> tuple[mx.array, mx.array, mx.array] | None:
     return _LAYOUT[-1] if _LAYOUT else None
 
 
-def visible(segments: mx.array, a: int = 0, b: int | None = None, kb: int | None = None):
-    """(B, b - a, kb) bool, queries a..b (default all) over keys 0..kb (default all): query t
-    sees key s iff s <= t and not (t rejected and s chosen)."""
-    b = segments.shape[1] if b is None else b
-    kb = segments.shape[1] if kb is None else kb
-    causal = mx.arange(a, b)[:, None] >= mx.arange(kb)[None]
-    hidden = (segments[:, a:b, None] == REJECTED) & (segments[:, None, :kb] == CHOSEN)
-    return causal & ~hidden
+def split_attention(attention, queries, keys, values, cache, scale: float, mask, sinks):
+    """Causal `attention` (mlx-lm's signature) of the shared rows' (B, H, T, D) queries, keys
+    and values, RoPE applied: run on the 2B rows `prompt + answer` gathered from them, each
+    token's output read back from its own row. A rejected query meets no chosen key, and the
+    kernel is any causal one (it is chosen for the two-row shapes it runs at)."""
+    check_attention(queries, keys, cache, mask, sinks)
+    _, split, merge = _LAYOUT[-1]
+    q, k, v = (_gather(x, split) for x in (queries, keys, values))
+    return _gather(attention(q, k, v, None, scale, "causal", None), merge)
+
+
+def _gather(x: mx.array, index: mx.array) -> mx.array:
+    """(B, H, T, D) -> (R, H, L, D): row r's place l holds x's token `index[r, l]` (flat over
+    B x T). The backward adds each place's gradient into its token."""
+    B, H, T, D = x.shape
+    R, L = index.shape
+    flat = x.swapaxes(1, 2).reshape(B * T, H, D)
+    return flat[index.reshape(-1)].reshape(R, L, H, D).swapaxes(1, 2)
 
 
 def check_attention(queries, keys, cache, mask, sinks) -> None:
     """What the shared layout's attention can run: causal self-attention over the whole row.
-    Called by the attention dispatchers on every shared-layout call (counted for `check`)."""
+    Called on every shared-layout attention call (counted for `check`)."""
     _CALLS[0] += 1
     causal = isinstance(mask, str) and mask == "causal"
-    if cache is not None or sinks is not None or not causal or keys.shape[2] != queries.shape[2]:
+    T = _LAYOUT[-1][2].shape[1]
+    if cache is not None or sinks is not None or not causal or keys.shape[2] != T:
         raise UnsupportedLayout("attention with a cache, sinks or its own mask")
+    if queries.shape[2] != T:
+        raise UnsupportedLayout(f"attention over {queries.shape[2]} of the row's {T} tokens")
 
 
 _CALLS = [0]  # shared-layout attention calls, for `check`
