@@ -146,15 +146,24 @@ def collate(
         targets[i, :n] = row[start:]
         target_mask[i, :n] = 1.0
 
+    return _batch(
+        (tokens, positions, targets, target_mask), pairs, index, ref_chosen, ref_rejected,
+        n_tokens=sum(map(len, rows)),
+    )  # fmt: skip
+
+
+def _batch(arrays, pairs, index, ref_chosen, ref_rejected, **more) -> Batch:
+    """A Batch of the numpy (tokens, positions, targets, target_mask) and the rest."""
+    tokens, positions, targets, target_mask = (mx.array(a) for a in arrays)
     return Batch(
-        tokens=mx.array(tokens),
-        positions=mx.array(positions),
-        targets=mx.array(targets),
-        target_mask=mx.array(target_mask),
+        tokens=tokens,
+        positions=positions,
+        targets=targets,
+        target_mask=target_mask,
         ref_chosen=_refs(ref_chosen),
         ref_rejected=_refs(ref_rejected),
         index=np.arange(len(pairs)) if index is None else np.asarray(index),
-        n_tokens=sum(map(len, rows)),
+        **more,
     )
 
 
@@ -186,14 +195,12 @@ def _collate_shared(pairs, index, ref_chosen, ref_rejected, pad_to: int) -> Batc
         positions[B + r, :n_r] = np.concatenate([[P - 1], np.arange(P + n_c, end - 1)])
         targets[r, :n_c], targets[B + r, :n_r] = p.chosen_ids, p.rejected_ids
         target_mask[r, :n_c], target_mask[B + r, :n_r] = 1.0, 1.0
-    return Batch(
-        tokens=mx.array(tokens),
-        positions=mx.array(positions),
-        targets=mx.array(targets),
-        target_mask=mx.array(target_mask),
-        ref_chosen=_refs(ref_chosen),
-        ref_rejected=_refs(ref_rejected),
-        index=np.arange(B) if index is None else np.asarray(index),
+    return _batch(
+        (tokens, positions, targets, target_mask),
+        pairs,
+        index,
+        ref_chosen,
+        ref_rejected,
         n_tokens=sum(
             2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs
         ),
