@@ -322,3 +322,62 @@ def test_kept_logits_are_planned_and_measured():
     assert extra == 4 * 4 * 64 * 32000
     kept = plans["exp-kept"].total_bytes
     assert abs(kept / peak - 1) < 0.25, f"{plans['exp-kept']}\nmeasured {peak / 2**20:.1f} MB"
+
+
+def _shared_model(vocab: int, layers: int = 2) -> nn.Module:
+    from mlx_dpo import shared_prompt
+
+    model = small_model(vocab, layers=layers)
+    notes = shared_prompt.install(model)
+    assert shared_prompt.active(model), notes
+    return model
+
+
+@pytest.mark.parametrize("pairs,ckpt", [(1, False), (4, True)])
+def test_shared_layout_plan_within_25_percent_of_measured_peak(pairs, ckpt):
+    """One row of prompt 64 + two answers of 64 per pair: the blocks run pairs x 192 tokens,
+    attention 2 x pairs rows of 128 (each answer's own row)."""
+    model = _shared_model(8192)
+    cfg = TrainConfig(num_layers=-1, batch_size=pairs, grad_checkpoint=ckpt)
+    zeros = np.zeros(pairs, np.float32)
+    batch = data.collate(
+        make_pairs(pairs, prompt=64, completion=64, vocab=8192),
+        ref_chosen=zeros, ref_rejected=zeros, share_prompt=True,
+    )  # fmt: skip
+    plan = memory.plan(
+        model, cfg, 192, 2 * pairs, completion_tokens_per_row=64, shared=True,
+        attention_tokens_per_row=128,
+    )  # fmt: skip
+    peak = measured_peak(model, cfg, batch)
+    assert abs(plan.total_bytes / peak - 1) < 0.25, f"{plan}\nmeasured {peak / 2**20:.1f} MB"
+
+
+def test_shared_layout_times_attention_at_the_two_row_shapes():
+    """plan_for_pairs decides attention for each answer's own rows (4 x 160 here, not the
+    shared rows' 2 x 224) and the blocks' SwiGLU for the shared rows; the step then finds
+    both decided."""
+    from mlx_dpo import kernel_choice as kc
+
+    model = _shared_model(8192)
+    if not cpu_kernels.installed(model):
+        pytest.skip("the CPU kernels are not installed on this platform")
+    timed = []
+
+    def fake_measure(fns):
+        timed.append(tuple(fns))
+        return {k: [1.0 if i == 0 else 0.5] for i, k in enumerate(fns)}
+
+    kc.reset(kc.Chooser(None, report=lambda _: None, measure_fn=fake_measure))
+    try:
+        cfg = TrainConfig(num_layers=-1, batch_size=2)
+        pairs = make_pairs(2, prompt=100, completion=60, vocab=8192)
+        memory.plan_for_pairs(model, cfg, pairs)
+        decided = set(kc.chooser().decisions)
+        two_rows = kc.shape_class("attention", B=4, H=4, K=2, T=159, D=32)
+        assert two_rows in decided, decided
+        zeros = np.zeros(2, np.float32)
+        batch = data.collate(pairs, ref_chosen=zeros, ref_rejected=zeros, share_prompt=True)
+        measured_peak(model, cfg, batch)
+        assert len(timed) == 3 and set(kc.chooser().decisions) == decided, timed
+    finally:
+        kc.reset()
