@@ -1,6 +1,8 @@
 """The memory planner against the allocator's measured peak of the trainer's compiled step."""
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,6 +33,25 @@ def small_model(vocab: int, hidden: int = 128, layers: int = 2) -> nn.Module:
     model.freeze()
     mx.eval(model.parameters())
     return model
+
+
+@contextmanager
+def untimed_choices() -> Iterator[list]:
+    """Kernel decisions without timing (the fast candidates "win"); yields the list of
+    candidate sets that would have been timed."""
+    from mlx_dpo import kernel_choice as kc
+
+    timed = []
+
+    def fake_measure(fns):
+        timed.append(tuple(fns))
+        return {k: [1.0 if i == 0 else 0.5] for i, k in enumerate(fns)}
+
+    kc.reset(kc.Chooser(None, report=lambda _: None, measure_fn=fake_measure))
+    try:
+        yield timed
+    finally:
+        kc.reset()
 
 
 def make_pairs(pairs: int, prompt: int, completion: int, vocab: int) -> list:
@@ -213,14 +234,7 @@ def test_plan_for_pairs_decides_the_kernels_its_step_runs():
     model = small_model(8192, layers=2)
     if not cpu_kernels.installed(model):
         pytest.skip("the CPU kernels are not installed on this platform")
-    timed = []
-
-    def fake_measure(fns):  # no timing: the fast candidates "win"
-        timed.append(tuple(fns))
-        return {k: [1.0 if i == 0 else 0.5] for i, k in enumerate(fns)}
-
-    kc.reset(kc.Chooser(None, report=lambda _: None, measure_fn=fake_measure))
-    try:
+    with untimed_choices() as timed:
         cfg = TrainConfig(num_layers=-1, batch_size=2)
         pairs = make_pairs(2, prompt=100, completion=60, vocab=8192)
         plan = memory.plan_for_pairs(model, cfg, pairs)
@@ -233,8 +247,6 @@ def test_plan_for_pairs_decides_the_kernels_its_step_runs():
         assert len(timed) == 3, timed  # the step on the longest batch found every decision
         swiglu = [k for k in kc.chooser().decisions if k.startswith("swiglu")]
         assert swiglu == ["swiglu H128 I384 N1024 R8"]  # timed with the run's rank-8 adapters
-    finally:
-        kc.reset()
 
 
 def test_the_swiglu_is_planned_with_the_adapters_the_run_will_insert():
@@ -361,14 +373,7 @@ def test_shared_layout_times_attention_at_the_two_row_shapes():
     model = _shared_model(8192)
     if not cpu_kernels.installed(model):
         pytest.skip("the CPU kernels are not installed on this platform")
-    timed = []
-
-    def fake_measure(fns):
-        timed.append(tuple(fns))
-        return {k: [1.0 if i == 0 else 0.5] for i, k in enumerate(fns)}
-
-    kc.reset(kc.Chooser(None, report=lambda _: None, measure_fn=fake_measure))
-    try:
+    with untimed_choices() as timed:
         cfg = TrainConfig(num_layers=-1, batch_size=2)
         pairs = make_pairs(2, prompt=100, completion=60, vocab=8192)
         memory.plan_for_pairs(model, cfg, pairs)
@@ -379,5 +384,3 @@ def test_shared_layout_times_attention_at_the_two_row_shapes():
         batch = data.collate(pairs, ref_chosen=zeros, ref_rejected=zeros, share_prompt=True)
         measured_peak(model, cfg, batch)
         assert len(timed) == 3 and set(kc.chooser().decisions) == decided, timed
-    finally:
-        kc.reset()
