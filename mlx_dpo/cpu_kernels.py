@@ -78,8 +78,8 @@ def describe(plat: Platform | None = None) -> str:
 
 def _exp(x: mx.array) -> mx.array:
     # The floor -127 makes 2^n's exponent bits zero, so exp(x) for x below ~-88 (a masked
-    # score's -inf) is exactly 0.0, as mx.exp gives. A floor of -126 gave 2^-126, which a
-    # softmax's division turns into subnormal floats, which x86 GEMMs take on a slow path:
+    # score's -inf) is exactly 0.0, as mx.exp gives. A floor of -126 gave 2^-126; a softmax's
+    # division turns that into subnormal floats, which x86 GEMMs take on a slow path:
     # every causal diagonal block paid for it (a layer's flash attention, 4 x 1,024 tokens:
     # 662 ms forward + backward, 500 ms with the zeros).
     t = mx.clip(x * LOG2E, -127.0, 127.0)
