@@ -176,9 +176,7 @@ def _collate_shared(pairs, index, ref_chosen, ref_rejected, pad_to: int) -> Batc
     chosen | rejected | 0-padding; `positions` (2B, C) index row r for both pair r (chosen)
     and B + r (rejected), whose first target is scored from the prompt's last token too."""
     B = len(pairs)
-    T = _round_up(
-        max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs), pad_to
-    )
+    T = _round_up(max(row_length(p, shared=True) for p in pairs), pad_to)
     C = _round_up(max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), pad_to)
     tokens = np.zeros((B, T), np.int32)
     rope_positions = np.zeros((B, T), np.int32)
@@ -205,12 +203,15 @@ def _collate_shared(pairs, index, ref_chosen, ref_rejected, pad_to: int) -> Batc
             2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs
         ),
         rope_positions=mx.array(rope_positions),
-        **_split_and_merge(pairs, T - 1, _round_up(max(map(_two_row_length, pairs)), pad_to) - 1),
+        **_split_and_merge(pairs, T - 1, _round_up(max(map(row_length, pairs)), pad_to) - 1),
     )
 
 
-def _two_row_length(p) -> int:
-    return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+def row_length(pair: PreferencePair, shared: bool = False) -> int:
+    """Tokens of the pair's longer row `prompt + answer`, or with `shared` of its one row
+    `prompt | chosen | rejected`."""
+    chosen, rejected = len(pair.chosen_ids), len(pair.rejected_ids)
+    return len(pair.prompt_ids) + (chosen + rejected if shared else max(chosen, rejected))
 
 
 def _split_and_merge(pairs, n: int, L: int) -> dict[str, mx.array]:
@@ -290,7 +291,7 @@ def iterate_batches(
             f"grad_accumulation_steps x world_size = {batch_size} x {grad_accumulation_steps} x "
             f"{world_size} = {global_size}; lower --batch-size or add data"
         )
-    lengths = _pair_lengths(pairs)
+    lengths = pair_lengths(pairs)
     n_updates = len(pairs) // global_size
     step = start_step
     while True:
@@ -322,7 +323,7 @@ def eval_batches(
     batch = _collator(
         pairs, batch_size, rank, world_size, ref_chosen, ref_rejected, pad_to, share_prompt
     )
-    order = np.argsort(_pair_lengths(pairs), kind="stable")
+    order = np.argsort(pair_lengths(pairs), kind="stable")
     if max_batches >= 0:
         order = order[: max_batches * batch_size]
     per_global = batch_size * world_size
@@ -338,11 +339,9 @@ def rank_share(global_batch: np.ndarray, rank: int, world_size: int) -> np.ndarr
     return np.array_split(global_batch, world_size)[rank]
 
 
-def _pair_lengths(pairs: Sequence[PreferencePair]) -> np.ndarray:
+def pair_lengths(pairs: Sequence[PreferencePair]) -> np.ndarray:
     """Each pair's longer row: what its padded length in a batch depends on."""
-    return np.array(
-        [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
-    )
+    return np.array([row_length(p) for p in pairs])
 
 
 def _collator(pairs, batch_size, rank, world_size, ref_chosen, ref_rejected, pad_to, share):

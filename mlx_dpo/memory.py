@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten
 
 from mlx_dpo import cpu_kernels, shared_prompt
 from mlx_dpo.config import ConfigError
+from mlx_dpo.data import row_length
 from mlx_dpo.memory_factors import Arch, attention_tile_bytes, estimate, gb
 from mlx_dpo.memory_os import (
     OS_NOTES,
@@ -293,8 +294,8 @@ def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
     layout), with the CPU kernels that step will run chosen now (timed where no decision is
     cached: the first step would do it anyway)."""
     shared = shared_prompt.active(model)
-    longest = max((_row_length(p, shared) for p in pairs), default=1)
-    own_row = max((_row_length(p, False) for p in pairs), default=1)  # attention's rows
+    longest = max((row_length(p, shared) for p in pairs), default=1)
+    own_row = max((row_length(p) for p in pairs), default=1)  # attention's rows
     completion = max((max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1)
     rows = 2 * cfg.batch_size
     T, C = _padded(longest), min(_padded(completion), _padded(longest))
@@ -313,15 +314,6 @@ def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
         shared=shared, attention_tokens_per_row=own_row,
     )  # fmt: skip
     return resident(step, runtime=runtime)  # this process, the model loaded: what the OS sees
-
-
-def _row_length(pair, shared: bool) -> int:
-    answers = (
-        len(pair.chosen_ids) + len(pair.rejected_ids)
-        if shared
-        else max(len(pair.chosen_ids), len(pair.rejected_ids))
-    )
-    return len(pair.prompt_ids) + answers
 
 
 def _mlp_ranks(model: nn.Module, cfg) -> dict[str, int]:

@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_dpo import shared_prompt
-from mlx_dpo.data import collate, rank_share
+from mlx_dpo.data import collate, pair_lengths, rank_share
 from mlx_dpo.progress import Progress
 from mlx_dpo.trainer import compiled_logps
 
@@ -91,9 +91,7 @@ def cache_key(model_identity: dict, pairs) -> str:
 def length_batches(pairs, batch_size: int) -> list[np.ndarray]:
     """Pair indices in length order, cut so that every batch holds about as many tokens as
     `batch_size` pairs of the longest row (and at least MIN_BATCH_TOKENS per half)."""
-    lengths = np.array(
-        [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
-    )
+    lengths = pair_lengths(pairs)
     padded = -(-lengths // PAD_TO) * PAD_TO
     budget = max(batch_size * int(padded.max()), MIN_BATCH_TOKENS)
     order = np.argsort(lengths, kind="stable")
