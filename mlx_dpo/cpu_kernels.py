@@ -166,35 +166,49 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
 
     Hkv, end = keys.shape[1], blocks[-1][2]
     q = (queries * scale).reshape(B, Hkv, H // Hkv, T, D).astype(mx.float32)
-    k = _pad_keys(mx.expand_dims(keys, 2), end).astype(mx.float32)  # grouped heads: broadcast
-    v = _pad_keys(mx.expand_dims(values, 2), end).astype(mx.float32)
+    k = _pad_keys(keys, end).astype(mx.float32)
+    v = _pad_keys(values, end).astype(mx.float32)
     out, _ = attention(q, k, v)
     return out.reshape(B, H, T, -1).astype(values.dtype)
 
 
-def _block_probs(q, k, a, b, kb, lse=None, after=None):
-    """Softmax probabilities of queries a..b over keys 0..kb (causal), and with `lse` None
-    their logsumexp; given `lse` (the backward), recomputed from it."""
-    # `after` chains the blocks: without it MLX runs every block's matmul first and holds all
-    # their scores at once (T^2 again)
-    qa = q[..., a:b, :] if after is None else mx.depends(q[..., a:b, :], after)
-    scores = qa @ k[..., :kb, :].swapaxes(-1, -2)  # (B, Hkv, rep, b - a, kb)
+def _fold(x: mx.array, a: int, b: int) -> mx.array:
+    """Positions a..b of (B, Hkv, group, T, D) as (B, Hkv, group * (b - a), D): the queries of a
+    K/V head's group as the rows of one matmul against its keys (grouped-query attention
+    without repeating K and V, and one GEMM per K/V head instead of one per query head)."""
+    B, Hkv, group, _, D = x.shape
+    return x[..., a:b, :].reshape(B, Hkv, group * (b - a), D)
+
+
+def _block_probs(qa, k, a, b, kb, lse=None):
+    """Softmax probabilities of a query block (`_fold`ed, positions a..b) over keys 0..kb
+    (causal), (B, Hkv, group * (b - a), kb), and with `lse` None their logsumexp
+    (B, Hkv, group, b - a, 1); given `lse` (the backward), recomputed from it."""
+    B, Hkv, rows, _ = qa.shape
+    scores = qa @ k[..., :kb, :].swapaxes(-1, -2)
+    scores = scores.reshape(B, Hkv, rows // (b - a), b - a, kb)  # free: the group's rows
     visible = mx.arange(a, b)[:, None] >= mx.arange(kb)[None]
     scores = mx.where(visible, scores, -mx.inf)
     if lse is None:
         m = scores.max(axis=-1, keepdims=True)
         e = exp(scores - m)
         total = e.sum(axis=-1, keepdims=True)
-        return e * (1.0 / total), m + mx.log(total)
-    return exp(scores - lse[..., a:b, :]), None
+        p, lse = e * (1.0 / total), m + mx.log(total)
+    else:
+        p, lse = exp(scores - lse[..., a:b, :]), None
+    return p.reshape(B, Hkv, rows, kb), lse
 
 
 def _flash_forward(blocks, q, k, v):
-    """(attention output, logsumexp per query), one query block at a time."""
+    """(attention output, logsumexp per query), one query block at a time; q is
+    (B, Hkv, group, T, D), k and v (B, Hkv, T padded, D)."""
     outs, lses = [], []
     for a, b, kb in blocks:
-        p, lse = _block_probs(q, k, a, b, kb, after=outs[-1] if outs else None)
-        outs.append(p @ v[..., :kb, :])
+        qa = _fold(q, a, b)
+        if outs:  # chains the blocks: else MLX runs every block's matmul first and holds all
+            qa = mx.depends(qa, outs[-1])  # their scores at once (T^2 again)
+        p, lse = _block_probs(qa, k, a, b, kb)
+        outs.append((p @ v[..., :kb, :]).reshape(*q.shape[:3], b - a, -1))
         lses.append(lse)
     return mx.concatenate(outs, axis=-2), mx.concatenate(lses, axis=-2)
 
@@ -208,14 +222,14 @@ def _flash_backward(blocks, primals, cotangents, outputs):
     for a, b, kb in blocks:
         # after the previous block's dq, dk and dv: they consume its p and ds, which are then
         # freed (without dk and dv in the chain every block's p stays alive: T^2)
-        p, _ = _block_probs(q, k, a, b, kb, lse, after=[dq[-1], dk, dv] if dq else None)
-        g = d_out[..., a:b, :]
-        ds = p * (g @ v[..., :kb, :].swapaxes(-1, -2) - delta[..., a:b, :])
-        dq.append(ds @ k[..., :kb, :])
-        # grouped heads: sum the group's contributions into the shared K/V
-        dk_b = (ds.swapaxes(-1, -2) @ q[..., a:b, :]).sum(2, keepdims=True)
-        dk = dk + _pad_keys(dk_b, k.shape[-2])
-        dv = dv + _pad_keys((p.swapaxes(-1, -2) @ g).sum(2, keepdims=True), k.shape[-2])
+        qa = _fold(q, a, b) if not dq else mx.depends(_fold(q, a, b), [dq[-1], dk, dv])
+        p, _ = _block_probs(qa, k, a, b, kb, lse)
+        g = _fold(d_out, a, b)
+        ds = p * (g @ v[..., :kb, :].swapaxes(-1, -2) - _fold(delta, a, b))
+        dq.append((ds @ k[..., :kb, :]).reshape(*q.shape[:3], b - a, -1))
+        # the folded rows hold the whole group: these matmuls sum its contributions to K/V
+        dk = dk + _pad_keys(ds.swapaxes(-1, -2) @ qa, k.shape[-2])
+        dv = dv + _pad_keys(p.swapaxes(-1, -2) @ g, k.shape[-2])
     return mx.concatenate(dq, axis=-2), dk, dv
 
 
