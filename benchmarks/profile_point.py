@@ -1,7 +1,7 @@
 """Where the CPU time of one update goes, per side, at one grid point: a sampling profile.
 
 python benchmarks/profile_point.py --model 40m --length 128 --pairs 1 [--variants mlx_dpo
-  mlx-lm-lora] [--steps 12] [--threads 1]
+  mlx-lm-lora] [--steps 12] [--threads 1] [--symbols 25]
 
 Runs each side's grid worker (grid_mlx.py, grid_lora.py, grid_trl.py; the commands grid.py
 runs) once to fill the caches (kernel decisions, MLX's compiled kernels), then twice under
@@ -14,7 +14,10 @@ scheduler), Python, the C runtime (allocation, memcpy), the OS, torch. Needs `pe
 (linux-tools) and a kernel that lets this user sample it (perf_event_paranoid <= 2).
 
 With the model FLOPs of the update (common.step_flops), the BLAS seconds give the GEMMs' rate,
-and the floor a side could reach if everything but its GEMMs took no time.
+and the floor a side could reach if everything but its GEMMs took no time. `--symbols N` adds,
+per side, the N functions that take the most CPU seconds per update (MLX's fused kernels named
+by the ops they fuse): which copies, reductions and element-wise passes the time outside the
+GEMMs goes to.
 """
 
 from __future__ import annotations
@@ -67,12 +70,52 @@ def samples_by_group(perf_data: Path) -> dict[str, int]:
     return out
 
 
-def profiled(cmd: list[str], env: dict, perf_data: Path) -> dict:
+def fused_ops(dso: str) -> str | None:
+    """The ops an MLX fused kernel's library name lists, in order, without its broadcasts
+    (`libFf4IBroadcastBGf4ISubtractAFH..._strided_2.so` -> "Subtract (strided)"); None for
+    anything else."""
+    if not JIT.search(dso):
+        return None
+    ops = [m for m in OP.findall(dso) if m != "Broadcast"]
+    return " ".join(ops) + (" (strided)" if "_strided_" in dso else "")
+
+
+OP = re.compile(r"(?:f|i|u|b|bf|c)\d+[IO]((?:[A-Z][a-z]+)+)")
+
+
+def symbol_name(dso: str, sym: str) -> str:
+    """A short name for one profiled function: a fused kernel by its ops, a C++ function
+    without its namespaces and arguments, anything else as `library: symbol`."""
+    ops = fused_ops(dso)
+    if ops is not None:
+        return f"fused: {ops}"
+    sym = re.sub(r"^\[[.k]\]\s*", "", sym.strip())  # perf's user/kernel mark
+    sym = re.sub(r"mlx::core::|\(anonymous namespace\)::|std::|detail::", "", sym)
+    return f"{dso.strip()}: {sym[:90]}"
+
+
+def samples_by_symbol(perf_data: Path) -> dict[str, int]:
+    report = subprocess.run(
+        ["perf", "report", "-i", str(perf_data), "--stdio", "-g", "none", "--sort", "dso,sym",
+         "-F", "sample,dso,sym", "-t", "|"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    out: dict[str, int] = {}
+    for line in report.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[0].strip().isdigit():
+            name = symbol_name(parts[1], parts[2])
+            out[name] = out.get(name, 0) + int(parts[0])
+    return out
+
+
+def profiled(cmd: list[str], env: dict, perf_data: Path) -> tuple[dict, dict]:
+    """(samples by group, by symbol) of one run under `perf record`."""
     full = ["perf", "record", "-q", "-F", str(FREQ), "-o", str(perf_data), "--", *cmd]
     proc = subprocess.run(full, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"profile_point: {' '.join(cmd[:2])} failed:\n{proc.stderr[-1500:]}")
-    return samples_by_group(perf_data)
+    return samples_by_group(perf_data), samples_by_symbol(perf_data)
 
 
 def per_update(long: dict[str, int], short: dict[str, int], updates: int) -> dict[str, float]:
@@ -97,7 +140,13 @@ def profile_side(variant: str, args, model_dir: Path, tmp: Path, env: dict) -> d
     short = profiled(cmd(1), env, tmp / f"{variant}-short.perf")
     long = profiled(cmd(args.steps), env, tmp / f"{variant}-long.perf")
     result = json.loads((tmp / f"{variant}-{args.steps}.json").read_text())
-    return {"step_s": result["step_s_min"], "cpu_s": per_update(long, short, args.steps - 1)}
+    by_symbol = per_update(long[1], short[1], args.steps - 1)
+    top = sorted(by_symbol.items(), key=lambda kv: -kv[1])[: args.symbols]
+    return {
+        "step_s": result["step_s_min"],
+        "cpu_s": per_update(long[0], short[0], args.steps - 1),
+        "top_symbols": dict(top),
+    }
 
 
 def flops_of(variant: str, args) -> float:
@@ -117,6 +166,10 @@ def table(results: dict, args) -> str:
         lines.append(
             f"| {variant} | {r['step_s']:.3f} | {cells} | {gflop / blas:.0f} | {blas:.3f} |"
         )
+    for variant, r in results.items():
+        if r.get("top_symbols"):
+            lines += ["", f"| {variant}: function | CPU s/update |", "|---|---|"]
+            lines += [f"| {name} | {sec:.3f} |" for name, sec in r["top_symbols"].items()]
     return "\n".join(lines)
 
 
@@ -129,6 +182,7 @@ def main(argv=None) -> dict:
     p.add_argument("--variants", nargs="+", default=["mlx_dpo", "mlx-lm-lora"])
     p.add_argument("--steps", type=int, default=12, help="timed updates of the long run")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--symbols", type=int, default=0, help="also the top N functions per side")
     p.add_argument("--qwen-layers", type=int, default=4)
     p.add_argument("--bench-python", default=str(HERE.parent / ".bench-venv" / "bin" / "python"))
     p.add_argument("--json", help="write the result here too")

@@ -171,3 +171,26 @@ def test_profile_point_groups_and_per_update_seconds():
     assert {n: pp.group_of(n) for n in names} == names
     got = pp.per_update({"blas": 999 * 12, "python": 500}, {"blas": 999 * 2, "os": 99}, 10)
     assert got == pytest.approx({"blas": 1.0, "python": 500 / 999 / 10, "os": -99 / 999 / 10})
+
+
+def test_profile_point_names_functions_and_fused_kernels():
+    """--symbols names a fused kernel by the ops its library name lists (broadcasts left
+    out), and a C++ function without MLX's and the standard library's namespaces."""
+    _grid()
+    import profile_point as pp
+
+    kernel = "libFf4IBroadcastBGf4ISubtractAFHf4IMultiplyGHJf4OMinimumKL_VVCCC_f4f4_16652194_strided_2.so"
+    assert (
+        pp.symbol_name(kernel, "[.] Ff4IBroadcastBG...")
+        == "fused: Subtract Multiply Minimum (strided)"
+    )
+    bits = "libDi4IAsTypeAEi4IBroadcastBFi4OLeftShiftFG_VCC_f4_8610265000885327642_contiguous.so"
+    assert pp.fused_ops(bits) == "AsType LeftShift"
+    assert pp.fused_ops("libmlx.so") is None
+    name = pp.symbol_name(
+        "libmlx.so ", " [.] mlx::core::(anonymous namespace)::copy_general_general<float, float>"
+    )
+    assert name == "libmlx.so: copy_general_general<float, float>"
+    assert pp.symbol_name("[kernel.kallsyms]", "[k] clear_page_erms") == (
+        "[kernel.kallsyms]: clear_page_erms"
+    )
