@@ -194,3 +194,29 @@ def test_profile_point_names_functions_and_fused_kernels():
     assert pp.symbol_name("[kernel.kallsyms]", "[k] clear_page_erms") == (
         "[kernel.kallsyms]: clear_page_erms"
     )
+
+
+def test_ablate_step_stand_ins_reach_the_model_and_are_undone(tiny_model_path, monkeypatch):
+    """Each part's stand-in changes what the model computes (so its time is that part's),
+    leaving the context restores the model, and the script times every part."""
+    import mlx.core as mx
+
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    import ablate_step
+    import mlx_worker
+
+    net, _ = mlx_worker.load_model(str(tiny_model_path))
+    tokens = mx.array([[1, 5, 9, 2, 7, 3, 4, 8]])
+    whole = net(tokens)
+    parts = ablate_step.ablations(net)
+    assert {"rope", "norms", "attention", "swiglu"} <= set(parts)
+    for name, context in parts.items():
+        with context():
+            got = net(tokens)
+        changed = not mx.allclose(got, whole, atol=1e-5).item()
+        assert changed == (name not in ("whole step", "optimizer")), name
+        assert mx.array_equal(net(tokens), whole).item(), name
+    args = [str(tiny_model_path), "--pairs", "1", "--length", "16", "--rounds", "1"]
+    out = ablate_step.main([*args, "--steps", "1"])
+    assert set(out["parts"]) == set(parts)
+    assert all(row["s"] > 0 for row in out["parts"].values())
