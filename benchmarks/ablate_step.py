@@ -18,9 +18,13 @@ difference from the whole step:
 - swiglu: the MLP's activation returns its gate;
 - optimizer: the gradients without the AdamW update.
 
-The numbers are wrong with a part missing; only the times mean anything. Parts are not
-additive (a stand-in changes what MLX's compiler fuses around it), and each round runs every
-variant in turn, the order reversed every round, so that machine noise hits all alike.
+A stand-in that dropped an input would drop the projection that made it too (MLX computes
+only what the loss depends on): the attention's keys and values and the SwiGLU's up
+projection are added in times 0, a reduction and one element-wise pass, so that their
+GEMMs, forward and backward, still run. The numbers are wrong with a part missing; only the
+times mean anything. Parts are not additive (a stand-in changes what MLX's compiler fuses
+around it), and each round runs every variant in turn, the order reversed every round, so
+that machine noise hits all alike.
 """
 
 from __future__ import annotations
@@ -63,8 +67,12 @@ def _patched(obj, name, value):
         setattr(obj, name, old)
 
 
-def _first(x, *args, **kwargs):
-    return x
+def _attention_stand_in(queries, keys, values, *args, **kwargs):
+    return queries + 0.0 * (keys.sum() + values.sum())
+
+
+def _swiglu_stand_in(gate, x):
+    return gate + 0.0 * x
 
 
 def _input(self, x, *args, **kwargs):  # a module's __call__ that returns its input
@@ -79,9 +87,9 @@ def ablations(net) -> dict:
         "whole step": contextlib.nullcontext,
         "rope": lambda: _all([_patched(t, "__call__", _input) for t in rope_types]),
         "norms": lambda: _patched(nn.RMSNorm, "__call__", _input),
-        "attention": lambda: _patched(module, "scaled_dot_product_attention", _first),
-        "attention kernel": lambda: _patched(cpu_kernels, "_causal_attention", _first),
-        "swiglu": lambda: _patched(module, "swiglu", _first),
+        "attention": lambda: _patched(module, "scaled_dot_product_attention", _attention_stand_in),
+        "attention kernel": lambda: _patched(cpu_kernels, "_causal_attention", _attention_stand_in),
+        "swiglu": lambda: _patched(module, "swiglu", _swiglu_stand_in),
         "optimizer": contextlib.nullcontext,
     }
     if not cpu_kernels.installed(net):  # mlx-lm's own attention: no kernel of ours to skip
