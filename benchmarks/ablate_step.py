@@ -68,7 +68,9 @@ def _patched(obj, name, value):
 
 
 def _attention_stand_in(queries, keys, values, *args, **kwargs):
-    return queries + 0.0 * (keys.sum() + values.sum())
+    # token-major, as the next reader (the transpose back to (B, T, H x D)) wants it: no copy
+    out = queries.swapaxes(1, 2) + 0.0 * (keys.sum() + values.sum())
+    return out.swapaxes(1, 2)
 
 
 def _swiglu_stand_in(gate, x):

@@ -205,8 +205,10 @@ def _flash_forward(blocks, q, k, v):
     outs, lses = [], []
     for a, b, kb in blocks:
         qa = _fold(q, a, b)
-        if outs:  # chains the blocks: else MLX runs every block's matmul first and holds all
-            qa = mx.depends(qa, outs[-1])  # their scores at once (T^2 again)
+        # chained to the previous block: else MLX runs every block's matmul first and holds
+        # all their scores at once (T^2 again)
+        if outs:
+            qa = mx.depends(qa, outs[-1])
         p, lse = _block_probs(qa, k, a, b, kb)
         outs.append((p @ v[..., :kb, :]).reshape(*q.shape[:3], b - a, -1))
         lses.append(lse)
@@ -222,7 +224,9 @@ def _flash_backward(blocks, primals, cotangents, outputs):
     for a, b, kb in blocks:
         # after the previous block's dq, dk and dv: they consume its p and ds, which are then
         # freed (without dk and dv in the chain every block's p stays alive: T^2)
-        qa = _fold(q, a, b) if not dq else mx.depends(_fold(q, a, b), [dq[-1], dk, dv])
+        qa = _fold(q, a, b)
+        if dq:
+            qa = mx.depends(qa, [dq[-1], dk, dv])
         p, _ = _block_probs(qa, k, a, b, kb, lse)
         g = _fold(d_out, a, b)
         ds = p * (g @ v[..., :kb, :].swapaxes(-1, -2) - _fold(delta, a, b))
