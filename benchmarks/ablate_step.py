@@ -46,7 +46,15 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 from common import Geometry  # noqa: E402
-from mlx_worker import BIG_CACHE, VARIANTS, Step, load_model, make_batch, reference_logps  # noqa: E402
+from mlx_worker import (  # noqa: E402
+    BIG_CACHE,
+    VARIANTS,
+    Step,
+    load_model,
+    make_batch,
+    patched,
+    reference_logps,
+)
 
 from mlx_dpo import cpu_kernels, shared_prompt  # noqa: E402
 from mlx_dpo import model as model_lib  # noqa: E402
@@ -55,16 +63,6 @@ from mlx_dpo.config import TrainConfig  # noqa: E402
 
 def _model_module(net):
     return sys.modules[type(net).__module__]
-
-
-@contextlib.contextmanager
-def _patched(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
 
 
 def _attention_stand_in(queries, keys, values, *args, **kwargs):
@@ -87,11 +85,11 @@ def ablations(net) -> dict:
     rope_types = {type(m) for m in shared_prompt._rope_modules(net)}
     parts = {
         "whole step": contextlib.nullcontext,
-        "rope": lambda: _all([_patched(t, "__call__", _input) for t in rope_types]),
-        "norms": lambda: _patched(nn.RMSNorm, "__call__", _input),
-        "attention": lambda: _patched(module, "scaled_dot_product_attention", _attention_stand_in),
-        "attention kernel": lambda: _patched(cpu_kernels, "_causal_attention", _attention_stand_in),
-        "swiglu": lambda: _patched(module, "swiglu", _swiglu_stand_in),
+        "rope": lambda: _all([patched(t, "__call__", _input) for t in rope_types]),
+        "norms": lambda: patched(nn.RMSNorm, "__call__", _input),
+        "attention": lambda: patched(module, "scaled_dot_product_attention", _attention_stand_in),
+        "attention kernel": lambda: patched(cpu_kernels, "_causal_attention", _attention_stand_in),
+        "swiglu": lambda: patched(module, "swiglu", _swiglu_stand_in),
         "optimizer": contextlib.nullcontext,
     }
     if not cpu_kernels.installed(net):  # mlx-lm's own attention: no kernel of ours to skip
