@@ -220,3 +220,50 @@ def test_ablate_step_stand_ins_reach_the_model_and_are_undone(tiny_model_path, m
     out = ablate_step.main([*args, "--steps", "1"])
     assert set(out["parts"]) == set(parts)
     assert all(row["s"] > 0 for row in out["parts"].values())
+
+
+def test_gemm_shapes_roles_and_per_update_calls():
+    """Each GEMM shape goes to the part of SmolLM2-135M its dimensions name, and the per-update
+    figures are the long run's less the short run's, over the updates only the long run did."""
+    _grid()
+    import gemm_shapes as gs
+    from common import SPECS
+
+    spec = SPECS["smollm2-135m"]  # hidden 576, intermediate 1536, 9 heads / 3 K/V heads of 64
+    roles = {
+        "111 111 384 8 576 576 8 0": "LoRA (rank 8)",  # x @ A
+        "112 111 8 1536 384 8 1536 0": "LoRA (rank 8)",  # dB
+        "111 112 256 49152 576 576 576 0": "output layer",  # the whole head
+        "111 112 256 2048 576 576 576 0": "output layer",  # one vocabulary tile
+        "111 112 384 64 128 64 64 0": "attention",  # probabilities @ V
+        "111 112 384 192 576 576 576 0": "frozen projections",  # k_proj
+        "111 111 384 576 1536 1536 576 0": "frozen projections",  # down_proj
+        "111 111 100 200 300 300 200 0": "other",
+    }
+    assert {k: gs.role(k, spec) for k in roles} == roles
+    long = {"a": (130.0, 13.0), "b": (7.0, 0.5)}
+    short = {"a": (30.0, 3.0), "b": (7.0, 0.5), "c": (1.0, 0.1)}
+    assert gs.shapes_per_update(long, short, 10) == {"a": pytest.approx((10.0, 1.0))}
+    assert gs.flops("111 111 2 3 4 4 3 0") == 48
+
+
+def test_gemm_shapes_interposer_sees_mlx_matmuls(tmp_path):
+    """The interposer, preloaded, logs each of MLX's fp32 matmuls once, with its shape and
+    transpose flags, and leaves the result as the BLAS computes it."""
+    _grid()
+    import gemm_shapes as gs
+
+    shim = gs.build_shim(tmp_path)
+    log = tmp_path / "gemm.log"
+    script = (
+        "from mlx_dpo import _blas; _blas.preload()\n"
+        "import mlx.core as mx, numpy as np\n"
+        "a, b, c = mx.ones((64, 32)), mx.ones((32, 16)), mx.ones((24, 32))\n"
+        "for _ in range(3): mx.eval(a @ b)\n"
+        "r = a @ c.T\n"
+        "assert np.allclose(np.array(r), 32.0), r\n"
+    )
+    env = {**os.environ, "LD_PRELOAD": str(shim), "GEMMLOG": str(log)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    calls = {" ".join(k.split()[:5]): v[0] for k, v in gs.read_log(log).items()}
+    assert calls == {"111 111 64 16 32": 3.0, "111 112 64 24 32": 1.0}
