@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from grid import checkpoint, command, model_spec  # noqa: E402
+from grid import command, model_spec  # noqa: E402
+from profile_point import point_parser, run_point, worker_env  # noqa: E402
 
 RANK = 8  # the grid's LoRA rank (grid_mlx.py, grid_lora.py)
 ROLES = ("LoRA (rank 8)", "output layer", "attention", "frozen projections", "other")
@@ -109,18 +109,20 @@ def by_role(shapes: dict[str, tuple[float, float]], spec) -> dict[str, dict[str,
 
 
 def gemm_side(variant: str, args, model_dir: Path, shim: Path, tmp: Path, env: dict):
-    def run(steps: int, log: Path | None) -> None:
+    def cmd(steps: int) -> list[str] | None:
         ns = argparse.Namespace(
             warmup=2, steps=steps, bench_python=args.bench_python, threads=args.threads
         )
-        cmd = command(variant, model_dir, args.length, args.pairs, "fp32", ns, tmp / "out.json")
-        if cmd is None:
-            raise LookupError(variant)
+        return command(variant, model_dir, args.length, args.pairs, "fp32", ns, tmp / "out.json")
+
+    def run(steps: int, log: Path | None) -> None:
         extra = {"LD_PRELOAD": str(shim), "GEMMLOG": str(log)} if log else {}
-        proc = subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True)
+        proc = subprocess.run(cmd(steps), env={**env, **extra}, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"gemm_shapes: {variant} failed:\n{proc.stderr[-1500:]}")
 
+    if cmd(1) is None:
+        return None  # this side cannot run here (no benchmark venv)
     run(1, None)  # unlogged first: kernel timing, MLX's JIT compiles and disk caches land here
     run(1, tmp / "short.log")
     run(args.steps, tmp / "long.log")
@@ -166,42 +168,20 @@ def table(results: dict, spec, top: int) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="40m", choices=["5m", "40m", "smollm2-135m", "qwen2.5-0.5b"])
-    p.add_argument("--length", type=int, default=128)
-    p.add_argument("--pairs", type=int, default=1)
-    p.add_argument("--variants", nargs="+", default=["mlx_dpo", "mlx-lm-lora"])
-    p.add_argument("--steps", type=int, default=6, help="timed updates of the long run")
+    p = point_parser(steps=6)
     p.add_argument("--top", type=int, default=15, help="the N costliest shapes per side")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--qwen-layers", type=int, default=4)
-    p.add_argument("--bench-python", default=str(HERE.parent / ".bench-venv" / "bin" / "python"))
-    p.add_argument("--json", help="write the result here too")
     args = p.parse_args(argv)
-    if args.steps < 2:
-        p.error("--steps must be at least 2: the figures are the long run less the short one")
     if sys.platform != "linux":
         raise SystemExit("gemm_shapes: Linux only (it preloads an interposer with LD_PRELOAD)")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[k] = str(args.threads)
+    env = worker_env(args.threads)
     spec = model_spec(args.model, args.qwen_layers)
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        shim = build_shim(Path(tmp))
-        model_dir = checkpoint(args.model, args.qwen_layers, Path(tmp))
-        for v in args.variants:
-            side_tmp = Path(tmp) / v
-            side_tmp.mkdir()
-            try:
-                results[v] = gemm_side(v, args, model_dir, shim, side_tmp, env)
-            except LookupError:
-                print(f"{v}: not available (see grid.py)", file=sys.stderr)
-    print(table(results, spec, args.top))
-    out = {"point": vars(args) | {"json": None}, "results": results, "load": os.getloadavg()}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
-    return out
+    with tempfile.TemporaryDirectory() as shim_dir:
+        shim = build_shim(Path(shim_dir))
+        return run_point(
+            args,
+            lambda v, model_dir, tmp: gemm_side(v, args, model_dir, shim, tmp, env),
+            lambda results: table(results, spec, args.top),
+        )
 
 
 if __name__ == "__main__":

@@ -173,38 +173,68 @@ def table(results: dict, args) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _at_least_2(text: str) -> int:
+    if not text.isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 2 (the long run less the short one)")
+    return int(text)
+
+
+def point_parser(steps: int) -> argparse.ArgumentParser:
+    """The options of a one-point profile (this script's and gemm_shapes.py's): the point, the
+    sides, the long run's updates; --steps of at least 2 (the long run less the short one)."""
+    p = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
     p.add_argument("--model", default="40m", choices=["5m", "40m", "smollm2-135m", "qwen2.5-0.5b"])
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--pairs", type=int, default=1)
-    p.add_argument("--dtype", default="fp32", choices=["fp32"])
     p.add_argument("--variants", nargs="+", default=["mlx_dpo", "mlx-lm-lora"])
-    p.add_argument("--steps", type=int, default=12, help="timed updates of the long run")
+    p.add_argument(
+        "--steps", type=_at_least_2, default=steps,
+        help="timed updates of the long run (the profile is the long run less the short one)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--symbols", type=int, default=0, help="also the top N functions per side")
     p.add_argument("--qwen-layers", type=int, default=4)
     p.add_argument("--bench-python", default=str(HERE.parent / ".bench-venv" / "bin" / "python"))
     p.add_argument("--json", help="write the result here too")
-    args = p.parse_args(argv)
-    if args.steps < 2:
-        p.error("--steps must be at least 2: the profile is the long run less the short one")
-    if shutil.which("perf") is None:
-        raise SystemExit("profile_point: needs Linux `perf` (apt install linux-perf)")
+    return p
+
+
+def worker_env(threads: int) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[k] = str(args.threads)
+        env[k] = str(threads)
+    return env
+
+
+def main(argv=None) -> dict:
+    p = point_parser(steps=12)
+    p.add_argument("--dtype", default="fp32", choices=["fp32"])
+    p.add_argument("--symbols", type=int, default=0, help="also the top N functions per side")
+    args = p.parse_args(argv)
+    if shutil.which("perf") is None:
+        raise SystemExit("profile_point: needs Linux `perf` (apt install linux-perf)")
+    env = worker_env(args.threads)
+    return run_point(
+        args,
+        lambda v, model_dir, tmp: profile_side(v, args, model_dir, tmp, env),
+        lambda results: table(results, args),
+    )
+
+
+def run_point(args, side, render) -> dict:
+    """`side(variant, model_dir, tmp)` for each of --variants (None: not available) at the
+    point's checkpoint, written to a temporary folder; prints `render(results)`, writes --json."""
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = checkpoint(args.model, args.qwen_layers, Path(tmp))
         for v in args.variants:
-            r = profile_side(v, args, model_dir, Path(tmp), env)
+            (Path(tmp) / v).mkdir()
+            r = side(v, model_dir, Path(tmp) / v)
             if r is None:
                 print(f"{v}: not available (see grid.py)", file=sys.stderr)
                 continue
             results[v] = r
             print(f"{v}: {json.dumps(r)}", flush=True)
-    print(table(results, args))
+    print(render(results))
     out = {"point": vars(args) | {"json": None}, "results": results, "load": os.getloadavg()}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
