@@ -1,11 +1,11 @@
 """One grid point, one variant, mlx_dpo side: run by grid.py in its own process.
 
 python benchmarks/grid_mlx.py MODEL_DIR --pairs B --length T [--quantize 4] [--kernels SPEC]
-  [--warmup 2] [--steps 3] --json OUT
+  [--lora-keys KEY ...] [--warmup 2] [--steps 3] --json OUT
 
 Loads the checkpoint as `mlx_dpo train` does (set_compute_path: float32 compute on the CPU, the
 kernels chosen per shape class unless --kernels overrides), inserts LoRA r=8 on q/k/v/o/gate/
-up/down of every block, builds B synthetic pairs of T tokens (half prompt, half completion),
+up/down of every block (--lora-keys: on those only, to time what the adapters cost), builds B synthetic pairs of T tokens (half prompt, half completion),
 runs the trainer's compiled step (trainer.make_step, through mlx_worker.Step) with a cached
 reference and writes: the
 marginal seconds per update after warm-up (min and median of --steps), the reference forward's
@@ -60,6 +60,10 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--prompt-len", type=int, default=None, help="prompt tokens of each pair (default: half)"
     )
+    p.add_argument(
+        "--lora-keys", nargs="+", default=None,
+        help="adapt only these projections (default: all seven, as the other sides do)",
+    )  # fmt: skip
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", required=True)
@@ -74,8 +78,10 @@ def main(argv=None) -> dict:
     net, notes = load_model(args.model_dir, args.quantize, share_prompt=not args.no_share_prompt)
     share = shared_prompt.active(net)
     out = {"load_s": time.perf_counter() - t0, "rss_loaded": rss_now(), "notes": notes}
-    cfg = TrainConfig(num_layers=-1, lora_rank=8, lora_scale=20.0, batch_size=args.pairs)
-    model_lib.apply_adapters(net, cfg, seed=0)
+    cfg = TrainConfig(
+        num_layers=-1, lora_rank=8, lora_scale=20.0, batch_size=args.pairs, lora_keys=args.lora_keys
+    )
+    out["trainable_parameters"] = model_lib.apply_adapters(net, cfg, seed=0)
     mx.eval(net.parameters())
     prompt = args.length // 2 if args.prompt_len is None else args.prompt_len
     geo = Geometry(args.pairs, prompt, args.length - prompt)

@@ -267,3 +267,20 @@ def test_gemm_shapes_interposer_sees_mlx_matmuls(tmp_path):
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
     calls = {" ".join(k.split()[:5]): v[0] for k, v in gs.read_log(log).items()}
     assert calls == {"111 111 64 16 32": 3.0, "111 112 64 24 32": 1.0}
+
+
+def test_grid_mlx_adapts_only_the_lora_keys_asked(tiny_model_path, tmp_path):
+    """--lora-keys puts adapters on those projections only: rank x (in + out) parameters per
+    adapted projection per block, counted by hand from the tiny model's config."""
+    _grid()
+    import grid_mlx
+
+    cfg = json.loads((tiny_model_path / "config.json").read_text())
+    d, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * d // cfg["num_attention_heads"]
+    run = [str(tiny_model_path), "--pairs", "1", "--length", "32", "--warmup", "1", "--steps", "1"]
+    both = grid_mlx.main([*run, "--lora-keys", "self_attn.q_proj", "self_attn.k_proj",
+                          "--json", str(tmp_path / "qk.json")])  # fmt: skip
+    assert both["trainable_parameters"] == layers * 8 * ((d + d) + (d + kv))
+    every = grid_mlx.main([*run, "--json", str(tmp_path / "all.json")])
+    assert every["trainable_parameters"] > both["trainable_parameters"]
