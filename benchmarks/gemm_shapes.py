@@ -84,10 +84,10 @@ def role(key: str, spec) -> str:
         return ROLES[0]
     if spec.vocab_size in dims:
         return ROLES[1]
-    if hd in (n, k) and hd not in projections:
-        return ROLES[2]
     if sum(d in projections for d in dims) >= 2:
         return ROLES[3]
+    if hd in dims and hd not in projections:
+        return ROLES[2]
     if spec.hidden_size in dims:  # the lean head's vocabulary tiles (logps.py): hidden x a tile
         return ROLES[1]
     return ROLES[4]

@@ -236,6 +236,7 @@ def test_gemm_shapes_roles_and_per_update_calls():
         "111 112 256 49152 576 576 576 0": "output layer",  # the whole head
         "111 112 256 2048 576 576 576 0": "output layer",  # one vocabulary tile
         "111 112 384 64 128 64 64 0": "attention",  # probabilities @ V
+        "112 111 64 127 127 64 127 0": "attention",  # Q^T @ dS (mlx-lm's backward)
         "111 112 384 192 576 576 576 0": "frozen projections",  # k_proj
         "111 111 384 576 1536 1536 576 0": "frozen projections",  # down_proj
         "111 111 100 200 300 300 200 0": "other",
