@@ -54,22 +54,6 @@ def group_of(dso: str) -> str:
     return next((name for name, pattern in GROUPS if pattern.search(dso)), "other")
 
 
-def samples_by_group(perf_data: Path) -> dict[str, int]:
-    report = subprocess.run(
-        ["perf", "report", "-i", str(perf_data), "--stdio", "--sort", "dso", "-F", "sample,dso"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    out: dict[str, int] = {}
-    for line in report.splitlines():
-        parts = line.split(None, 1)
-        if len(parts) == 2 and parts[0].isdigit():
-            group = group_of(parts[1].strip())
-            out[group] = out.get(group, 0) + int(parts[0])
-    return out
-
-
 def fused_ops(dso: str) -> str | None:
     """The ops an MLX fused kernel's library name lists, in order, without its broadcasts
     (`libFf4IBroadcastBGf4ISubtractAFH..._strided_2.so` -> "Subtract (strided)"); None for
@@ -94,19 +78,27 @@ def symbol_name(dso: str, sym: str) -> str:
     return f"{dso.strip()}: {sym[:90]}"
 
 
-def samples_by_symbol(perf_data: Path) -> dict[str, int]:
+def perf_samples(perf_data: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """(samples by group, samples by function) of one `perf record` file, from one report."""
     report = subprocess.run(
         ["perf", "report", "-i", str(perf_data), "--stdio", "-g", "none", "--sort", "dso,sym",
          "-F", "sample,dso,sym", "-t", "|"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    out: dict[str, int] = {}
+    return samples_from_report(report)
+
+
+def samples_from_report(report: str) -> tuple[dict[str, int], dict[str, int]]:
+    """`perf report -F sample,dso,sym -t '|'` lines summed by group and by function name."""
+    groups: dict[str, int] = {}
+    functions: dict[str, int] = {}
     for line in report.splitlines():
         parts = line.split("|")
         if len(parts) == 3 and parts[0].strip().isdigit():
-            name = symbol_name(parts[1], parts[2])
-            out[name] = out.get(name, 0) + int(parts[0])
-    return out
+            n, group, name = int(parts[0]), group_of(parts[1].strip()), symbol_name(*parts[1:])
+            groups[group] = groups.get(group, 0) + n
+            functions[name] = functions.get(name, 0) + n
+    return groups, functions
 
 
 def profiled(cmd: list[str], env: dict, perf_data: Path) -> tuple[dict, dict]:
@@ -115,7 +107,7 @@ def profiled(cmd: list[str], env: dict, perf_data: Path) -> tuple[dict, dict]:
     proc = subprocess.run(full, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"profile_point: {' '.join(cmd[:2])} failed:\n{proc.stderr[-1500:]}")
-    return samples_by_group(perf_data), samples_by_symbol(perf_data)
+    return perf_samples(perf_data)
 
 
 def per_update(long: dict[str, int], short: dict[str, int], updates: int) -> dict[str, float]:

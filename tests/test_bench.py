@@ -169,6 +169,17 @@ def test_profile_point_groups_and_per_update_seconds():
         "libz.so.1": "other",
     }
     assert {n: pp.group_of(n) for n in names} == names
+    report = (
+        "# Samples: 3K\n"
+        "   900|libmkl_def.so.3 |[.] mkl_blas_avx512_sgemm_kernel_0\n"
+        "   100|libmkl_def.so.3 |[.] mkl_blas_avx512_sgemm_scopy_right8_ea\n"
+        "    40|libmlx.so |[.] mlx::core::copy_general_general<float, float>\n"
+        "     2|[kernel.kallsyms] |[k] clear_page_erms\n"
+    )
+    groups, functions = pp.samples_from_report(report)
+    assert groups == {"blas": 1000, "mlx library": 40, "os": 2}
+    assert functions["libmlx.so: copy_general_general<float, float>"] == 40
+    assert sum(functions.values()) == 1042 and len(functions) == 4
     got = pp.per_update({"blas": 999 * 12, "python": 500}, {"blas": 999 * 2, "os": 99}, 10)
     assert got == pytest.approx({"blas": 1.0, "python": 500 / 999 / 10, "os": -99 / 999 / 10})
 
