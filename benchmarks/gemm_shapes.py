@@ -168,7 +168,7 @@ def table(results: dict, spec, top: int) -> str:
 
 
 def main(argv=None) -> dict:
-    p = point_parser(steps=6)
+    p = point_parser(__doc__.splitlines()[0], steps=6)
     p.add_argument("--top", type=int, default=15, help="the N costliest shapes per side")
     args = p.parse_args(argv)
     if sys.platform != "linux":

@@ -171,10 +171,10 @@ def _at_least_2(text: str) -> int:
     return int(text)
 
 
-def point_parser(steps: int) -> argparse.ArgumentParser:
+def point_parser(description: str, steps: int) -> argparse.ArgumentParser:
     """The options of a one-point profile (this script's and gemm_shapes.py's): the point, the
     sides, the long run's updates; --steps of at least 2 (the long run less the short one)."""
-    p = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="40m", choices=["5m", "40m", "smollm2-135m", "qwen2.5-0.5b"])
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--pairs", type=int, default=1)
@@ -198,7 +198,7 @@ def worker_env(threads: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = point_parser(steps=12)
+    p = point_parser(__doc__.splitlines()[0], steps=12)
     p.add_argument("--dtype", default="fp32", choices=["fp32"])
     p.add_argument("--symbols", type=int, default=0, help="also the top N functions per side")
     args = p.parse_args(argv)
