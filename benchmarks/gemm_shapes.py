@@ -7,9 +7,11 @@ profile_point.py says how much of an update the BLAS takes; this says which matm
 benchmarks/gemmlog.c (an LD_PRELOAD interposer that times every `cblas_sgemm` by its shape) with
 the C compiler and runs each side's grid worker under it, as profile_point does under `perf`:
 once with 2 warm-up updates and 1 timed, once with 2 and --steps; the difference is --steps - 1
-steady updates. Each shape is put to a role from the model's dimensions: LoRA (a side of
-rank 8), the output layer (the vocabulary or its tiles: hidden x anything else), attention (the head dimension), the frozen
-projections (two of hidden, intermediate, q/k/v widths). Sides whose BLAS is reached through
+steady updates. Each shape is put to a role from the model's dimensions, in this order: LoRA
+(a side of rank 8), the output layer (a side of the vocabulary), the frozen projections (two
+sides among hidden, intermediate and the q/k/v widths), attention (a side of the head
+dimension), the output layer's vocabulary tiles (hidden by anything else). Sides whose BLAS is
+reached through
 `cblas_sgemm`: mlx_dpo's variants and mlx-lm-lora (not torch, which links its BLAS inside).
 Linux only.
 """
