@@ -5,9 +5,9 @@ python benchmarks/grid_mlx.py MODEL_DIR --pairs B --length T [--quantize 4] [--k
 
 Loads the checkpoint as `mlx_dpo train` does (set_compute_path: float32 compute on the CPU, the
 kernels chosen per shape class unless --kernels overrides), inserts LoRA r=8 on q/k/v/o/gate/
-up/down of every block (--lora-keys: on those only, to time what the adapters cost), builds B synthetic pairs of T tokens (half prompt, half completion),
-runs the trainer's compiled step (trainer.make_step, through mlx_worker.Step) with a cached
-reference and writes: the
+up/down of every block (--lora-keys: on those only, to time what the adapters cost), builds B
+synthetic pairs of T tokens (half prompt, half completion), runs the trainer's compiled step
+(trainer.make_step, through mlx_worker.Step) with a cached reference and writes: the
 marginal seconds per update after warm-up (min and median of --steps), the reference forward's
 pairs/s, the memory plan's parts and the measured peaks (MLX allocator, process RSS).
 """

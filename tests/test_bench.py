@@ -259,6 +259,7 @@ def test_gemm_shapes_roles_and_per_update_calls():
     assert gs.flops("111 111 2 3 4 4 3 0") == 48
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD interposer: Linux only")
 def test_gemm_shapes_interposer_sees_mlx_matmuls(tmp_path):
     """The interposer, preloaded, logs each of MLX's fp32 matmuls once, with its shape and
     transpose flags, and leaves the result as the BLAS computes it."""
