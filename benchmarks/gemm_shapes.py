@@ -11,9 +11,8 @@ steady updates. Each shape is put to a role from the model's dimensions, in this
 (a side of rank 8), the output layer (a side of the vocabulary), the frozen projections (two
 sides among hidden, intermediate and the q/k/v widths), attention (a side of the head
 dimension), the output layer's vocabulary tiles (hidden by anything else). Sides whose BLAS is
-reached through
-`cblas_sgemm`: mlx_dpo's variants and mlx-lm-lora (not torch, which links its BLAS inside).
-Linux only.
+reached through `cblas_sgemm`: mlx_dpo's variants and mlx-lm-lora (not torch, which links its
+BLAS inside). Linux only.
 """
 
 from __future__ import annotations
@@ -29,11 +28,10 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from grid import command, model_spec  # noqa: E402
+from grid import LORA_RANK, command, model_spec  # noqa: E402
 from profile_point import point_parser, run_point, worker_env  # noqa: E402
 
-RANK = 8  # the grid's LoRA rank (grid_mlx.py, grid_lora.py)
-ROLES = ("LoRA (rank 8)", "output layer", "attention", "frozen projections", "other")
+ROLES = (f"LoRA (rank {LORA_RANK})", "output layer", "attention", "frozen projections", "other")
 TRANSPOSE = {111: "N", 112: "T"}  # CBLAS_TRANSPOSE
 
 
@@ -71,10 +69,15 @@ def shapes_per_update(long: dict, short: dict, updates: int) -> dict[str, tuple[
     return out
 
 
+def mnk(key: str) -> tuple[int, int, int]:
+    """A shape key's M, N and K."""
+    m, n, k = (int(x) for x in key.split()[2:5])
+    return m, n, k
+
+
 def role(key: str, spec) -> str:
     """Which part of the model a GEMM of this shape serves (by its dimensions alone)."""
-    m, n, k = (int(x) for x in key.split()[2:5])
-    dims = (m, n, k)
+    dims = mnk(key)
     hd = spec.head_dim
     projections = {
         spec.hidden_size,
@@ -82,7 +85,7 @@ def role(key: str, spec) -> str:
         spec.num_attention_heads * hd,
         spec.num_key_value_heads * hd,
     }
-    if RANK in dims:
+    if LORA_RANK in dims:
         return ROLES[0]
     if spec.vocab_size in dims:
         return ROLES[1]
@@ -96,7 +99,7 @@ def role(key: str, spec) -> str:
 
 
 def flops(key: str) -> int:
-    m, n, k = (int(x) for x in key.split()[2:5])
+    m, n, k = mnk(key)
     return 2 * m * n * k
 
 
@@ -159,7 +162,8 @@ def table(results: dict, spec, top: int) -> str:
         ]
         costly = sorted(r["shapes"].items(), key=lambda kv: -kv[1][1])[:top]
         for key, (calls, secs) in costly:
-            ta, tb, m, n, k = (int(x) for x in key.split()[:5])
+            ta, tb = (int(x) for x in key.split()[:2])
+            m, n, k = mnk(key)
             op = TRANSPOSE.get(ta, "?") + TRANSPOSE.get(tb, "?")
             lines.append(
                 f"| {role(key, spec)} | {op} | {m} x {n} x {k} | {calls:.0f} | "
