@@ -181,7 +181,7 @@ def load_model(path: str, quantize=None, compute_dtype="auto", share_prompt=Fals
     notes += shared_prompt.install(net, share_prompt)
     net.freeze()
     net.eval()
-    mx.eval(net.parameters())
+    model_lib.settle(net)
     return net, notes
 
 

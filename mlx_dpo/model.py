@@ -112,7 +112,17 @@ def load(
     notes += shared_prompt.install(net, share_prompt)
     net.freeze()
     net.eval()
+    settle(net)
     return LoadedModel(net, tokenizer, path, config, notes)
+
+
+def settle(net: nn.Module) -> None:
+    """Quantize now (not inside the first step) and hand what loading freed back to the OS: the
+    float weights a quantization replaced, its temporaries and the shared-prompt check's
+    (together several times the quantized size). Under the 8 GB cache limit a CPU run sets, they
+    would stay resident as cached buffers that the step's differently shaped arrays rarely reuse."""
+    mx.eval(net.parameters())
+    mx.clear_cache()
 
 
 def load_tokenizer_only(model: str, revision: str | None = None):

@@ -151,3 +151,19 @@ def test_hub_model_id_resolves_from_local_cache_offline(tiny_model_path, tmp_pat
     assert missing.returncode == 2
     assert "not in the local Hugging Face cache" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_quantizing_at_load_leaves_no_float_weights_in_the_cache(tiny_model_path):
+    # on the CPU training raises MLX's cache limit to 8 GB: the float weights freed by the
+    # quantization must go back to the OS, not stay resident as cached buffers
+    previous = mx.set_cache_limit(8 << 30)
+    try:
+        mx.clear_cache()
+        loaded = model_lib.load(str(tiny_model_path), quantize=4, q_group_size=32)
+        mx.eval(loaded.model.parameters())
+        float_bytes = sum(
+            a.nbytes for a in mx.load(str(tiny_model_path / "model.safetensors")).values()
+        )
+        assert mx.get_cache_memory() < float_bytes / 4
+    finally:
+        mx.set_cache_limit(previous)
