@@ -1,11 +1,12 @@
 """One grid point, one variant, mlx_dpo side: run by grid.py in its own process.
 
 python benchmarks/grid_mlx.py MODEL_DIR --pairs B --length T [--quantize 4] [--kernels SPEC]
-  [--lora-keys KEY ...] [--warmup 2] [--steps 3] --json OUT
+  [--lora-keys KEY ...] [--grad-checkpoint] [--warmup 2] [--steps 3] --json OUT
 
 Loads the checkpoint as `mlx_dpo train` does (set_compute_path: float32 compute on the CPU, the
 kernels chosen per shape class unless --kernels overrides), inserts LoRA r=8 on q/k/v/o/gate/
-up/down of every block (--lora-keys: on those only, to time what the adapters cost), builds B
+up/down of every block (--lora-keys: on those only, to time what the adapters cost; with
+--grad-checkpoint each block recomputed in the backward, as `mlx_dpo train` does), builds B
 synthetic pairs of T tokens (half prompt, half completion), runs the trainer's compiled step
 (trainer.make_step, through mlx_worker.Step) with a cached reference and writes: the
 marginal seconds per update after warm-up (min and median of --steps), the reference forward's
@@ -64,6 +65,7 @@ def main(argv=None) -> dict:
         "--lora-keys", nargs="+", default=None,
         help="adapt only these projections (default: all seven, as the other sides do)",
     )  # fmt: skip
+    p.add_argument("--grad-checkpoint", action="store_true", help="mlx_dpo train's flag")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", required=True)
@@ -79,9 +81,12 @@ def main(argv=None) -> dict:
     share = shared_prompt.active(net)
     out = {"load_s": time.perf_counter() - t0, "rss_loaded": rss_now(), "notes": notes}
     cfg = TrainConfig(
-        num_layers=-1, lora_rank=8, lora_scale=20.0, batch_size=args.pairs, lora_keys=args.lora_keys
-    )
+        num_layers=-1, lora_rank=8, lora_scale=20.0, batch_size=args.pairs,
+        lora_keys=args.lora_keys, grad_checkpoint=args.grad_checkpoint,
+    )  # fmt: skip
     out["trainable_parameters"] = model_lib.apply_adapters(net, cfg, seed=0)
+    if args.grad_checkpoint:
+        model_lib.enable_grad_checkpoint(net)
     mx.eval(net.parameters())
     prompt = args.length // 2 if args.prompt_len is None else args.prompt_len
     geo = Geometry(args.pairs, prompt, args.length - prompt)
