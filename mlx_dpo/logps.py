@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_dpo import shared_prompt
+from mlx_dpo import dequant, shared_prompt
 
 IGNORE_INDEX = -100
 # Model args that change logits after the head; the lean path cannot reproduce them.
@@ -125,10 +125,9 @@ class LMHead:
         if not self.quantized:
             return a["weight"][index].astype(mx.float32)
         biases = a["biases"][index] if "biases" in a else None
-        return mx.dequantize(
-            a["weight"][index], a["scales"][index], biases,
-            self.group_size, self.bits, self.mode, dtype=mx.float32,
-        )  # fmt: skip
+        return dequant.dequantize(
+            a["weight"][index], a["scales"][index], biases, self.group_size, self.bits, self.mode
+        )
 
 
 # The lean head's default tiles: token_chunk x vocab_chunk fp32 logits (8 MB).

@@ -25,6 +25,7 @@ from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from mlx_dpo import dequant
 from mlx_dpo.config import with_absolute_paths
 from mlx_dpo.errors import ModelError  # noqa: F401 (defined MLX-free; model.ModelError stays)
 from mlx_dpo.platform import Platform, detect, set_wired_limit
@@ -171,8 +172,8 @@ def quantize_model(model: nn.Module, *, bits: int, group_size: int) -> list[str]
 
 
 def _dequantized(module: nn.Module) -> mx.array:
-    """The float weight of a quantized layer, rebuilt for one use and then freed."""
-    return mx.dequantize(
+    """The float32 weight of a quantized layer, rebuilt for one use and then freed."""
+    return dequant.dequantize(
         module["weight"],
         module["scales"],
         module.get("biases"),
