@@ -195,7 +195,11 @@ class DequantEmbedding(nn.QuantizedEmbedding):
     """Quantized embedding whose tied output projection runs in float32 (see DequantLinear)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return super().__call__(x).astype(mx.float32)
+        rows = {k: self[k][x] for k in ("weight", "scales", "biases") if k in self}
+        return dequant.dequantize(
+            rows["weight"], rows["scales"], rows.get("biases"), self.group_size, self.bits,
+            mode=self.mode,
+        )  # fmt: skip
 
     def as_linear(self, x: mx.array) -> mx.array:
         return x.astype(mx.float32) @ _dequantized(self).T

@@ -44,3 +44,20 @@ def test_unpack_reads_values_lowest_bits_first():
     assert dequant.unpack(mx.array([[word]], dtype=mx.uint32), 2).tolist() == [
         [3 - i % 4 for i in range(16)]
     ]
+
+
+def test_embedding_lookups_are_the_rows_its_tied_head_multiplies():
+    # the float32 path's embedding and its tied output layer read one float32 table, also from
+    # bf16 scales (MLX's own lookup would round each value to bf16: not the head's weights)
+    from mlx_dpo.model import DequantEmbedding
+
+    table = mx.random.normal((100, 128)).astype(mx.bfloat16)
+    emb = DequantEmbedding(100, 128, group_size=64, bits=4)
+    emb.weight, emb.scales, emb.biases = mx.quantize(table, 64, 4)
+    emb.scales, emb.biases = emb.scales.astype(mx.bfloat16), emb.biases.astype(mx.bfloat16)
+    ids = mx.array([[1, 5, 99], [0, 3, 3]])
+    full = dequant.dequantize(emb.weight, emb.scales, emb.biases, 64, 4)
+    got = emb(ids)
+    assert got.dtype == mx.float32 and mx.array_equal(got, full[ids]).item()
+    x = mx.random.normal((2, 128))
+    assert mx.allclose(emb.as_linear(x), x @ full.T, rtol=1e-5, atol=1e-5).item()
