@@ -171,10 +171,15 @@ def quantize_model(model: nn.Module, *, bits: int, group_size: int) -> list[str]
     return notes
 
 
-def _dequantized(module: nn.Module) -> mx.array:
-    """The float32 weight of a quantized layer, rebuilt for one use and then freed."""
+def _dequantized(module: nn.Module, x: mx.array) -> mx.array:
+    """The float32 weight of a quantized layer, rebuilt for its use on `x` and then freed.
+
+    Tied to `x`: otherwise the rebuild reads only frozen arrays, and `mx.compile` merges a
+    --grad-checkpoint recomputation's rebuild with the forward's (the same op on the same
+    inputs), which then stays alive from the forward to the backward: every block's float32
+    weights held at once, what the checkpoint was to avoid."""
     return dequant.dequantize(
-        module["weight"],
+        mx.depends(module["weight"], mx.stop_gradient(x)),
         module["scales"],
         module.get("biases"),
         module.group_size,
@@ -187,7 +192,7 @@ class DequantLinear(nn.QuantizedLinear):
     """Quantized storage, float32 compute: dequantize right before the matmul (fast on CPU)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = x.astype(mx.float32) @ _dequantized(self).T
+        y = x.astype(mx.float32) @ _dequantized(self, x).T
         return y + self["bias"] if "bias" in self else y
 
 
@@ -202,7 +207,7 @@ class DequantEmbedding(nn.QuantizedEmbedding):
         )  # fmt: skip
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return x.astype(mx.float32) @ _dequantized(self).T
+        return x.astype(mx.float32) @ _dequantized(self, x).T
 
 
 def set_compute_path(

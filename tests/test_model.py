@@ -167,3 +167,28 @@ def test_quantizing_at_load_leaves_no_float_weights_in_the_cache(tiny_model_path
         assert mx.get_cache_memory() < float_bytes / 4
     finally:
         mx.set_cache_limit(previous)
+
+
+def test_grad_checkpoint_keeps_one_blocks_dequantized_weights(tmp_path):
+    # A quantized block's float32 weights are rebuilt at use; with --grad-checkpoint the
+    # backward rebuilds them again, so a compiled step holds one block's copies, not all 8.
+    path = build_tiny_model(tmp_path / "m", hidden_size=256, num_layers=8)
+    net = model_lib.load(
+        str(path), quantize=4, q_group_size=64, compute_dtype="float32", share_prompt=False
+    ).model
+    model_lib.apply_adapters(net, make_cfg(path, "unused", "unused"))
+    model_lib.enable_grad_checkpoint(net)
+    quantized = [m for _, m in net.layers[0].named_modules() if isinstance(m, nn.QuantizedLinear)]
+    block_bytes = sum(4 * m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits for m in quantized)
+
+    def loss(params, ids):
+        net.update(params)
+        return net(ids).astype(mx.float32).sum()
+
+    step = mx.compile(mx.value_and_grad(loss))
+    params, ids = net.trainable_parameters(), mx.array([list(range(1, 33))])
+    mx.eval(step(params, ids))
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(step(params, ids))
+    assert mx.get_peak_memory() - before < 3 * block_bytes
