@@ -2,8 +2,8 @@
 logps.LMHead).
 
 `mx.dequantize` runs at ~0.5 G weights/s on MLX's CPU backend, and a 4-bit training step
-dequantizes every weight once in its forward and the head's tiles again in its backward: about
-0.4 s of a 2.7 s SmolLM2-135M step. Read as bytes, MLX's affine packing is plain shifts and
+dequantizes every weight in its forward and the head's tiles again in its backward: with it, a
+4-bit SmolLM2-135M update of 2 pairs x 128 tokens took 2.83 s against 2.39 s in float32. Read as bytes, MLX's affine packing is plain shifts and
 masks: value i of a uint32 sits in bits [i * bits, (i + 1) * bits), the lowest first, so on a
 little-endian machine (x86, Arm) byte j holds values j * 8/bits onward in its low bits. Unpacked
 that way, the same q * scale + bias runs ~1.9x faster (docs/linux-cpu.md) and gives the same
