@@ -39,6 +39,15 @@ def dequantize(
     return (groups * scales[..., None] + biases[..., None]).reshape(q.shape)
 
 
+def rows(arrays, index, group_size: int, bits: int, mode: str = "affine") -> mx.array:
+    """float32 rows `index` (a slice or token ids) of the packed weight in `arrays` (its
+    "weight", "scales" and, affine, "biases": a dict or the quantized module itself)."""
+    biases = arrays["biases"][index] if "biases" in arrays else None
+    return dequantize(
+        arrays["weight"][index], arrays["scales"][index], biases, group_size, bits, mode
+    )
+
+
 def unpack(w: mx.array, bits: int) -> mx.array:
     """The uint8 values of packed uint32 words `w`, in order: (..., K * bits / 32) -> (..., K)."""
     u = w.view(mx.uint8)  # little-endian: the word's lowest byte first

@@ -124,10 +124,7 @@ class LMHead:
         a = self.arrays
         if not self.quantized:
             return a["weight"][index].astype(mx.float32)
-        biases = a["biases"][index] if "biases" in a else None
-        return dequant.dequantize(
-            a["weight"][index], a["scales"][index], biases, self.group_size, self.bits, self.mode
-        )
+        return dequant.rows(a, index, self.group_size, self.bits, self.mode)
 
 
 # The lean head's default tiles: token_chunk x vocab_chunk fp32 logits (8 MB).

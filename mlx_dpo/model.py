@@ -200,11 +200,7 @@ class DequantEmbedding(nn.QuantizedEmbedding):
     """Quantized embedding whose tied output projection runs in float32 (see DequantLinear)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        rows = {k: self[k][x] for k in ("weight", "scales", "biases") if k in self}
-        return dequant.dequantize(
-            rows["weight"], rows["scales"], rows.get("biases"), self.group_size, self.bits,
-            mode=self.mode,
-        )  # fmt: skip
+        return dequant.rows(self, x, self.group_size, self.bits, self.mode)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return x.astype(mx.float32) @ _dequantized(self, x).T
