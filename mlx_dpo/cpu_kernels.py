@@ -34,6 +34,12 @@ OPT_OUT_ENV = "MLX_DPO_NO_FAST_EXP"
 # sums run over the same keys however far its batch is padded (with the netlib BLAS the result is
 # bitwise the same; OpenBLAS's round-off still depends slightly on the block's row count).
 ATTENTION_BLOCK = 64
+# The flash attention candidates kernel_choice times, by query block. Which is fastest depends
+# on the shape (one layer's forward + backward, 1 BLAS thread): at 2 rows x 128 tokens 64
+# (4.4 ms; 16: 6.1), at 2 x 1,024 x 9 heads 32 (187 ms; 64: 201), at 16 x 512 x 14 heads 16
+# (709 ms; 64: 907): smaller blocks mask less of the diagonal and keep each block's scores in
+# cache, larger ones run fewer ops. 128 was slower than 64 everywhere measured.
+FLASH_BLOCKS = {"flash": ATTENTION_BLOCK, "flash-32": 32, "flash-16": 16}
 LOG2E = 1.4426950408889634
 ROUND = 12582912.0  # 1.5 * 2**23: (t + ROUND) - ROUND rounds t to an integer, no floorf call
 # Taylor coefficients of 2^f = exp(f ln 2) for f in [-0.5, 0.5]; degree 6: rel. error < 3e-7.
@@ -129,10 +135,9 @@ def _swiglu_vjp(primals, cotangent, output):
     return _swiglu_bwd(*primals, cotangent)
 
 
-def _causal_blocks(T: int) -> list[tuple[int, int, int]]:
-    """(first query, end of queries, end of keys) per block. Keys run to the block's full end
-    (K/V padded up to a multiple of ATTENTION_BLOCK): a row meets the same keys whatever T."""
-    n = ATTENTION_BLOCK
+def _causal_blocks(T: int, n: int = ATTENTION_BLOCK) -> list[tuple[int, int, int]]:
+    """(first query, end of queries, end of keys) per block of `n` queries. Keys run to the
+    block's full end (K/V padded up to a multiple of n): a row meets the same keys whatever T."""
     return [(a, min(a + n, T), a + n) for a in range(0, T, n)]
 
 
@@ -141,20 +146,22 @@ def _pad_keys(x: mx.array, to: int) -> mx.array:
     return x if extra == 0 else mx.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, extra), (0, 0)])
 
 
-def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mask, sinks=None):
+def scaled_dot_product_attention(
+    queries, keys, values, cache, scale: float, mask, sinks=None, block: int = ATTENTION_BLOCK
+):
     """mlx-lm's `scaled_dot_product_attention` for training: causal self-attention with the
-    exp above and FlashAttention's algorithm in MLX ops. The backward keeps only q, k, v, the
-    output and one logsumexp per query and recomputes each query block's probabilities, so
-    attention memory grows linearly with T (not rows x heads x T^2 per block), and each query
-    block meets only the keys it can see (at T = 256, 10/16 of the T x T work). Anything else
-    (a KV cache, sinks, another mask) goes to mlx-lm's own."""
+    exp above and FlashAttention's algorithm in MLX ops, `block` queries at a time. The
+    backward keeps only q, k, v, the output and one logsumexp per query and recomputes each
+    query block's probabilities, so attention memory grows linearly with T (not rows x heads
+    x T^2 per block), and each query block meets only the keys it can see (at T = 256, 10/16
+    of the T x T work). Anything else (a KV cache, sinks, another mask) goes to mlx-lm's own."""
     from mlx_lm.models.base import scaled_dot_product_attention as original
 
     B, H, T, D = queries.shape
     causal = isinstance(mask, str) and mask == "causal"  # mask may also be an array
     if cache is not None or sinks is not None or not causal or T != keys.shape[2]:
         return original(queries, keys, values, cache, scale, mask, sinks)
-    blocks = _causal_blocks(T)
+    blocks = _causal_blocks(T, block)
 
     @mx.custom_function
     def attention(q, k, v):
@@ -180,23 +187,14 @@ def _fold(x: mx.array, a: int, b: int) -> mx.array:
     return x[..., a:b, :].reshape(B, Hkv, group * (b - a), D)
 
 
-def _block_probs(qa, k, a, b, kb, lse=None):
-    """Softmax probabilities of a query block (`_fold`ed, positions a..b) over keys 0..kb
-    (causal), (B, Hkv, group * (b - a), kb), and with `lse` None their logsumexp
-    (B, Hkv, group, b - a, 1); given `lse` (the backward), recomputed from it."""
+def _block_scores(qa, k, a, b, kb):
+    """Causal scores of a query block (`_fold`ed, positions a..b) against keys 0..kb,
+    (B, Hkv, group, b - a, kb), the keys it cannot see at -inf."""
     B, Hkv, rows, _ = qa.shape
     scores = qa @ k[..., :kb, :].swapaxes(-1, -2)
     scores = scores.reshape(B, Hkv, rows // (b - a), b - a, kb)  # free: the group's rows
     visible = mx.arange(a, b)[:, None] >= mx.arange(kb)[None]
-    scores = mx.where(visible, scores, -mx.inf)
-    if lse is None:
-        m = scores.max(axis=-1, keepdims=True)
-        e = exp(scores - m)
-        total = e.sum(axis=-1, keepdims=True)
-        p, lse = e * (1.0 / total), m + mx.log(total)
-    else:
-        p, lse = exp(scores - lse[..., a:b, :]), None
-    return p.reshape(B, Hkv, rows, kb), lse
+    return mx.where(visible, scores, -mx.inf)
 
 
 def _flash_forward(blocks, q, k, v):
@@ -209,32 +207,48 @@ def _flash_forward(blocks, q, k, v):
         # all their scores at once (T^2 again)
         if outs:
             qa = mx.depends(qa, outs[-1])
-        p, lse = _block_probs(qa, k, a, b, kb)
-        outs.append((p @ v[..., :kb, :]).reshape(*q.shape[:3], b - a, -1))
-        lses.append(lse)
+        scores = _block_scores(qa, k, a, b, kb)
+        m = scores.max(axis=-1, keepdims=True)
+        e = exp(scores - m)
+        total = e.sum(axis=-1, keepdims=True)
+        out = (e.reshape(qa.shape[:-1] + (kb,)) @ v[..., :kb, :]).reshape(e.shape[:-1] + (-1,))
+        # normalised after the matmul: D values a row instead of kb probabilities (one pass
+        # over the score block less; 5-8% of the layer's attention at 512-1,024 tokens)
+        outs.append(out * (1.0 / total))
+        lses.append(m + mx.log(total))
     return mx.concatenate(outs, axis=-2), mx.concatenate(lses, axis=-2)
 
 
 def _flash_backward(blocks, primals, cotangents, outputs):
-    """(dq, dk, dv), each query block's probabilities recomputed from the saved logsumexp."""
+    """(dq, dk, dv), each query block's probabilities recomputed from the saved logsumexp.
+    The blocks go last to first, so each one's dk and dv (keys 0..kb) add onto the prefix of
+    the running sums whose length it shares, and the keys past kb are final: no block pads
+    its contribution to the full length (at 1,024 tokens that padding and adding of full
+    T x D arrays per block was ~12% of the layer's attention)."""
     q, k, v = primals
     d_out, (out, lse) = cotangents[0], outputs
     delta = (d_out * out).sum(axis=-1, keepdims=True)  # rowsum(dP * P) = rowsum(dO * O)
-    dq, dk, dv = [], 0.0, 0.0
-    for a, b, kb in blocks:
+    dq, dk, dv, final_k, final_v = [], None, None, [], []
+    for a, b, kb in reversed(blocks):
         # after the previous block's dq, dk and dv: they consume its p and ds, which are then
         # freed (without dk and dv in the chain every block's p stays alive: T^2)
         qa = _fold(q, a, b)
         if dq:
             qa = mx.depends(qa, [dq[-1], dk, dv])
-        p, _ = _block_probs(qa, k, a, b, kb, lse)
+        p = exp(_block_scores(qa, k, a, b, kb) - lse[..., a:b, :]).reshape(qa.shape[:-1] + (kb,))
         g = _fold(d_out, a, b)
         ds = p * (g @ v[..., :kb, :].swapaxes(-1, -2) - _fold(delta, a, b))
         dq.append((ds @ k[..., :kb, :]).reshape(*q.shape[:3], b - a, -1))
         # the folded rows hold the whole group: these matmuls sum its contributions to K/V
-        dk = dk + _pad_keys(ds.swapaxes(-1, -2) @ qa, k.shape[-2])
-        dv = dv + _pad_keys(p.swapaxes(-1, -2) @ g, k.shape[-2])
-    return mx.concatenate(dq, axis=-2), dk, dv
+        dk_b, dv_b = ds.swapaxes(-1, -2) @ qa, p.swapaxes(-1, -2) @ g
+        if dk is not None:
+            final_k.append(dk[..., kb:, :])
+            final_v.append(dv[..., kb:, :])
+            dk_b, dv_b = dk_b + dk[..., :kb, :], dv_b + dv[..., :kb, :]
+        dk, dv = dk_b, dv_b
+    dk = mx.concatenate([dk, *final_k[::-1]], axis=-2)
+    dv = mx.concatenate([dv, *final_v[::-1]], axis=-2)
+    return mx.concatenate(dq[::-1], axis=-2), dk, dv
 
 
 def auto_swiglu(gate: mx.array, x: mx.array) -> mx.array:
@@ -321,8 +335,9 @@ def _causal_attention(queries, keys, values, cache, scale: float, mask, sinks=No
     causal = isinstance(mask, str) and mask == "causal"
     if cache is not None or sinks is not None or not causal or T != keys.shape[2]:
         return original(queries, keys, values, cache, scale, mask, sinks)
-    if attention_choice((B, H, keys.shape[1], T, D), queries.dtype) == "flash":
-        return scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks)
+    block = FLASH_BLOCKS.get(attention_choice((B, H, keys.shape[1], T, D), queries.dtype))
+    if block:
+        return scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks, block)
     return original(queries, keys, values, cache, scale, mask, sinks)
 
 
@@ -467,9 +482,13 @@ def _attention_bench(dims, scale, dtype) -> dict:
     B, H, Hkv, T, D = dims
     q = _normal((B, H, T, D), 0).astype(dtype)
     k, v = (_normal((B, Hkv, T, D), i).astype(dtype) for i in (1, 2))
+    flash = {
+        name: partial(scaled_dot_product_attention, block=block)
+        for name, block in FLASH_BLOCKS.items()
+    }
     return {
         name: _grad_timer(lambda q, k, v, f=f: f(q, k, v, None, scale, "causal"), q, k, v)
-        for name, f in (("mlx", original), ("flash", scaled_dot_product_attention))
+        for name, f in {"mlx": original, **flash}.items()
     }
 
 

@@ -15,7 +15,10 @@ Overrides (MLX_DPO_KERNELS, e.g. `attention=off,swiglu=on`; `all=off`; `auto` is
 skip the timing; MLX_DPO_NO_FAST_EXP=1 turns every kernel off.
 
 Kernels and their candidates (the first is MLX's own, the baseline):
-  attention  - "mlx": mlx-lm's scaled_dot_product_attention; "flash": cpu_kernels' blocked one
+  attention  - "mlx": mlx-lm's scaled_dot_product_attention; "flash", "flash-32", "flash-16":
+               cpu_kernels' blocked one, 64, 32 or 16 queries a block (smaller blocks hold less
+               and suit long rows and big batches, but run more ops: each must beat the larger
+               one by MARGIN)
   swiglu     - "mlx": silu(gate) * x in MLX ops; "fused": cpu_kernels.swiglu
   head       - the lean head's vocabulary tiles: "mlx" (mx.exp, 8192-wide tiles), "exp"
                (the fast exp, 2048-wide tiles), "exp-wide" (the fast exp, 8192-wide tiles:
@@ -43,7 +46,7 @@ MARGIN = 0.05  # a fast kernel must beat the baseline's best time by this fracti
 ROUNDS = 5  # timed rounds per candidate (after one warm-up), candidates alternating
 BUDGET_S = 20.0  # stop timing after this long (a huge shape); at least 2 rounds each
 CANDIDATES = {
-    "attention": ("mlx", "flash"),
+    "attention": ("mlx", "flash", "flash-32", "flash-16"),
     "swiglu": ("mlx", "fused"),
     "head": ("mlx", "exp", "exp-wide", "exp-kept"),
 }

@@ -263,8 +263,10 @@ def plan(
             shared=shared, attention_tokens_per_row=attention_tokens_per_row,
         )  # fmt: skip
 
-    flash = "flash" in options["attention"]
-    tiles = attention_tile_bytes(arch, rows, common["T_att"]) if flash else 0
+    blocks = [
+        cpu_kernels.FLASH_BLOCKS[a] for a in options["attention"] if a in cpu_kernels.FLASH_BLOCKS
+    ]
+    tiles = max((attention_tile_bytes(arch, rows, common["T_att"], q) for q in blocks), default=0)
     return MemoryPlan(parts, notes, rows, T, replan, attention_tiles=tiles, shared=shared)
 
 

@@ -47,8 +47,8 @@ FACTORS = {
         },
     },
 }
-# With mlx_dpo.cpu_kernels (x86 CPU): flash attention ("scores" is then rows x heads x 64 x T,
-# one query block), the fast exp in 2048-wide head tiles. Fitted by
+# With mlx_dpo.cpu_kernels (x86 CPU): flash attention ("scores" is then rows x heads x block x T,
+# one query block of 64, 32 or 16), the fast exp in 2048-wide head tiles. Fitted by
 # benchmarks/memory_calibration.py --fit with every kernel on; a step that mixes them (the
 # kernels are chosen one by one) takes the blocks' factors from its attention and the head's
 # from its head tiles.
@@ -113,19 +113,18 @@ def estimate(
     T_att=None,
 ) -> tuple[dict[str, int], dict[str, str]]:
     """The plan's parts (bytes) and notes, from the architecture's numbers alone, for the
-    step's `attention` ("mlx" or "flash") and `head` tiles (a key of logps.HEAD_OPTIONS).
+    step's `attention` ("mlx" or a key of cpu_kernels.FLASH_BLOCKS) and `head` tiles (a key of logps.HEAD_OPTIONS).
     `rows` are the rows the head scores (2 per pair); with `shared` (the shared-prompt layout)
     the blocks run half as many, T tokens long, and attention `rows` rows of `T_att` tokens
     (each answer's own row: the two-row layout's length; default T)."""
     block_rows = rows // 2 if shared else rows
     n_tok = block_rows * (T - 1)
-    fast = attention == "flash"
+    block = cpu_kernels.FLASH_BLOCKS.get(attention)
+    fast = block is not None
     # Attention scores: the whole T x T square, or with the CPU kernels' flash attention one
     # block of queries against the keys at a time (linear in T).
     T_att = T if T_att is None else T_att
-    scores = (
-        rows * arch.heads * T_att * (min(T_att, cpu_kernels.ATTENTION_BLOCK) if fast else T_att)
-    )
+    scores = rows * arch.heads * T_att * (min(T_att, block) if fast else T_att)
     # Blocks from the lowest adapted one up are differentiated through; those below are not.
     deep = arch.blocks - min(i for i, _, _ in arch.adapted) if arch.adapted else 0
 
@@ -188,11 +187,12 @@ def _head_tiles(head: str) -> tuple[str, int, bool]:
     return ("fast" if fast else "default"), tile, options.get("keep_logits", False)
 
 
-def attention_tile_bytes(arch: Arch, rows: int, T: int) -> int:
+def attention_tile_bytes(
+    arch: Arch, rows: int, T: int, q: int = cpu_kernels.ATTENTION_BLOCK
+) -> int:
     """fp32 bytes of one transformer block's flash attention score tiles, every query block's
-    once: query block b (of ATTENTION_BLOCK queries) against the b * ATTENTION_BLOCK keys up to
-    its end, so about half a T x T square per row and head."""
-    q = cpu_kernels.ATTENTION_BLOCK
+    once: query block b (of `q` queries) against the b * q keys up to its end, so about half
+    a T x T square per row and head."""
     scores = sum(min(q, T - a) * min(a + q, T) for a in range(0, T, q))  # queries x keys
     return 4 * rows * arch.heads * scores
 

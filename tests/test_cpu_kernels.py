@@ -10,7 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_dpo import cpu_kernels
+from mlx_dpo import cpu_kernels, kernel_choice
 
 
 def test_exp_matches_float64_over_the_float32_range():
@@ -76,8 +76,9 @@ def _attention_torch(q, k, v, scale, d_out):
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("block", sorted(set(cpu_kernels.FLASH_BLOCKS.values())))
 @pytest.mark.parametrize("T", [1, 37, 64, 150])
-def test_causal_attention_values_and_gradients_match_torch(T):
+def test_causal_attention_values_and_gradients_match_torch(T, block):
     rng = np.random.default_rng(T)
     B, H, Hkv, D = 2, 4, 2, 16
     q = mx.array(rng.standard_normal((B, H, T, D)).astype(np.float32))
@@ -86,7 +87,7 @@ def test_causal_attention_values_and_gradients_match_torch(T):
     scale = D**-0.5
 
     def f(q, k, v):
-        out = cpu_kernels.scaled_dot_product_attention(q, k, v, None, scale, "causal")
+        out = cpu_kernels.scaled_dot_product_attention(q, k, v, None, scale, "causal", None, block)
         return (out * d_out).sum(), out
 
     (_, out), grads = mx.value_and_grad(f, argnums=(0, 1, 2))(q, k, v)
@@ -96,15 +97,16 @@ def test_causal_attention_values_and_gradients_match_torch(T):
         np.testing.assert_allclose(np.array(got), ref, rtol=1e-4, atol=2e-5)
 
 
-def test_attention_is_causal_whatever_the_length():
+@pytest.mark.parametrize("block", sorted(set(cpu_kernels.FLASH_BLOCKS.values())))
+def test_attention_is_causal_whatever_the_length(block):
     # A row's output must not see later positions: the first T rows of a longer sequence give
     # the same result (to BLAS round-off: OpenBLAS's sums depend slightly on matrix shapes).
     rng = np.random.default_rng(3)
     q, k, v = (mx.array(rng.standard_normal((1, 2, 200, 8)).astype(np.float32)) for _ in range(3))
-    full = cpu_kernels.scaled_dot_product_attention(q, k, v, None, 0.3, "causal")
-    for T in (1, 70, 128, 129):
+    full = cpu_kernels.scaled_dot_product_attention(q, k, v, None, 0.3, "causal", None, block)
+    for T in (1, 17, 70, 128, 129):
         short = cpu_kernels.scaled_dot_product_attention(
-            q[:, :, :T], k[:, :, :T], v[:, :, :T], None, 0.3, "causal"
+            q[:, :, :T], k[:, :, :T], v[:, :, :T], None, 0.3, "causal", None, block
         )
         np.testing.assert_allclose(short, full[:, :, :T], rtol=0, atol=1e-6)
 
@@ -191,9 +193,10 @@ def test_attention_backward_memory_is_linear_in_length():
     assert ratio < 5, ratio
 
 
-@pytest.mark.parametrize("winner", ["mlx", "fast"])
+@pytest.mark.parametrize("winner", ["mlx", "fast", "flash-16"])
 def test_dispatchers_run_what_was_measured_faster(winner, tmp_path):
-    """With injected timings the dispatchers give exactly the chosen function's numbers."""
+    """With injected timings the dispatchers give exactly the chosen function's numbers
+    ("flash-16": the attention's 16-query blocks win, the other kernels keep MLX's)."""
     from mlx_lm.models import base
     from mlx_lm.models.activations import swiglu as mlx_swiglu
 
@@ -203,6 +206,9 @@ def test_dispatchers_run_what_was_measured_faster(winner, tmp_path):
 
     def fake_measure(fns):
         seen.append(sorted(fns))
+        if winner == "flash-16":  # each smaller block 10% faster: the smallest wins
+            return {name: [{"flash": 0.9, "flash-32": 0.8, "flash-16": 0.7}.get(name, 1.0)]
+                    for name in fns}  # fmt: skip
         return {name: [1.0 if (name == "mlx") == (winner == "mlx") else 2.0] for name in fns}
 
     kc.reset(kc.Chooser(tmp_path / "k.json", report=lambda _: None, measure_fn=fake_measure))
@@ -217,12 +223,16 @@ def test_dispatchers_run_what_was_measured_faster(winner, tmp_path):
     if winner == "mlx":
         want = base.scaled_dot_product_attention(q, k, v, None, 0.25, "causal")
         want_swiglu, want_opts = mlx_swiglu(gate, x), {"fast_exp": False}
+    elif winner == "flash-16":
+        want = cpu_kernels.scaled_dot_product_attention(q, k, v, None, 0.25, "causal", None, 16)
+        want_swiglu, want_opts = mlx_swiglu(gate, x), {"fast_exp": False}
     else:
         want = cpu_kernels.scaled_dot_product_attention(q, k, v, None, 0.25, "causal")
         want_swiglu, want_opts = cpu_kernels.swiglu(gate, x), {"fast_exp": True, "exp_tile": 2048}
     assert mx.array_equal(got, want) and mx.array_equal(got_swiglu, want_swiglu)
     assert opts == want_opts
-    assert seen == [["flash", "mlx"], ["fused", "mlx"], ["exp", "exp-kept", "exp-wide", "mlx"]]
+    attention = ["flash", "flash-16", "flash-32", "mlx"]
+    assert seen == [attention, ["fused", "mlx"], ["exp", "exp-kept", "exp-wide", "mlx"]]
 
 
 def test_kernel_benches_run_every_candidate_on_the_real_shapes():
@@ -237,6 +247,7 @@ def test_kernel_benches_run_every_candidate_on_the_real_shapes():
     for fns in benches:
         for fn in fns.values():
             fn()  # raises if a candidate cannot run on these shapes
+    assert list(benches[0]) == list(kernel_choice.CANDIDATES["attention"])
     assert sorted(benches[2]) == ["exp", "exp-kept", "exp-wide", "mlx"]
 
 

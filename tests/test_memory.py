@@ -219,6 +219,9 @@ def test_plan_covers_either_kernel_when_they_are_chosen_by_timing():
         assert all(p.parts == plans["either"].parts for p in plans.values())
         return
     assert plans[("flash", "exp")].parts != plans[("mlx", "mlx")].parts
+    # smaller query blocks hold fewer scores at once
+    sizes = [plans[(a, "exp")].total_bytes for a in ("flash", "flash-32", "flash-16")]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[2], sizes
     for part, n in plans["either"].parts.items():
         assert n == max(plans[c].parts.get(part, 0) for c in combos)
     # choices handed in are planned as if forced
@@ -238,7 +241,7 @@ def test_plan_for_pairs_decides_the_kernels_its_step_runs():
         cfg = TrainConfig(num_layers=-1, batch_size=2)
         pairs = make_pairs(2, prompt=100, completion=60, vocab=8192)
         plan = memory.plan_for_pairs(model, cfg, pairs)
-        expected = [("mlx", "flash"), ("mlx", "fused"), ("mlx", "exp", "exp-wide", "exp-kept")]
+        expected = [kc.CANDIDATES[k] for k in ("attention", "swiglu", "head")]
         assert sorted(timed) == sorted(expected)
         kernels = {"attention": "flash", "head": "exp"}  # what fake_measure made them pick
         forced = memory.plan(model, cfg, 160, 4, completion_tokens_per_row=60, kernels=kernels)
@@ -308,6 +311,8 @@ def test_attention_tile_bytes_by_hand():
     arch = Arch(2, 8, 24, 16, 3, 100, [], 0, False)
     assert attention_tile_bytes(arch, 4, 160) == 4 * 4 * 3 * 17408  # 4 rows, 3 heads, fp32
     assert attention_tile_bytes(arch, 4, 40) == 4 * 4 * 3 * 40 * 40
+    # blocks of 16: 16 x 16 + 16 x 32 + 8 x 40
+    assert attention_tile_bytes(arch, 4, 40, 16) == 4 * 4 * 3 * (256 + 512 + 320)
 
 
 def test_kept_logits_are_planned_and_measured():
