@@ -89,11 +89,19 @@ def _exp(x: mx.array) -> mx.array:
     # every causal diagonal block paid for it (a layer's flash attention, 4 x 1,024 tokens:
     # 662 ms forward + backward, 500 ms with the zeros).
     t = mx.clip(x * LOG2E, -127.0, 127.0)
-    n = (t + ROUND) - ROUND
-    f = t - n
-    p = _C[6]
-    for c in _C[5::-1]:
-        p = c + f * p
+    # mx.compile fuses element-wise ops into one loop only where every consumer of an
+    # intermediate is in that loop and the chain is at most 11 ops deep. 2^n's bits pass a
+    # `view`, which it cannot fuse, so a rounded n shared by both halves (as in
+    # `n = round(t); f = t - n`) was written out and read back, and Horner's 12-deep
+    # polynomial split again: 5 loops over the data. Rounding t twice, as two different graph
+    # nodes (t - (-R) is t + R exactly), and Estrin's 5-deep polynomial leave 3: t (with
+    # whatever x was computed from), the bits, and the polynomial times 2^n. 2.35 -> 1.53 ns a
+    # float on the Xeon (benchmarks/RESULTS.md, section 1j).
+    f = t - ((t + ROUND) - ROUND)
+    n = (t - (-ROUND)) - ROUND
+    f2 = f * f
+    low = (_C[0] + _C[1] * f) + f2 * (_C[2] + _C[3] * f)
+    p = low + (f2 * f2) * ((_C[4] + _C[5] * f) + _C[6] * f2)
     # 2^n from the exponent bits (a `where` for the zeros would keep x alive past the fused
     # kernel)
     return p * mx.view((n.astype(mx.int32) + 127) << 23, mx.float32)

@@ -29,6 +29,29 @@ def test_exp_matches_float64_over_the_float32_range():
     assert np.all(tiny == 0.0)
 
 
+def test_exp_fuses_into_three_loops():
+    """The exp's compiled loops each write one array: t, 2^n's bits, the result (the result
+    takes t's buffer). Were its rounded n shared by both halves, or its polynomial deeper than
+    mx.compile fuses, more loops would each write a temporary: 5 arrays before the fix."""
+    x = mx.random.normal((1 << 20,), key=mx.random.key(0))
+    shifted = mx.compile(lambda x: cpu_kernels._exp(x - 1.0))  # x's own op fused in too
+    previous = mx.set_cache_limit(0)  # freed buffers go back at once: peaks are live bytes
+    try:
+        for fn in (cpu_kernels.exp, shifted):
+            mx.eval(x, fn(x))
+            mx.reset_peak_memory()
+            base = mx.get_active_memory()
+            y = fn(x)
+            mx.eval(y)
+            assert (mx.get_peak_memory() - base) / x.nbytes <= 2.5
+            np.testing.assert_allclose(
+                np.array(y), np.exp(np.array(x) - (fn is shifted)), rtol=1e-6
+            )
+            del y
+    finally:
+        mx.set_cache_limit(previous)
+
+
 def test_logsumexp_matches_float64():
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((7, 3000)) * 30).astype(np.float32)
