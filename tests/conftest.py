@@ -1,7 +1,9 @@
 """Shared fixtures. Torch and an RTLD_GLOBAL OpenBLAS (or MKL) in one process oversubscribe the two
 cores (torch 3x slower), so BLAS threads are pinned to 1 before anything imports them."""
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -10,8 +12,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")  # the same for the mkl wheel
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# reference log-prob caches of test runs stay out of the user's ~/.cache
-os.environ.setdefault("MLX_DPO_CACHE", tempfile.mkdtemp(prefix="mlx_dpo_cache_"))
+# reference log-prob caches of test runs stay out of the user's ~/.cache, and go when it ends
+if "MLX_DPO_CACHE" not in os.environ:
+    os.environ["MLX_DPO_CACHE"] = tempfile.mkdtemp(prefix="mlx_dpo_cache_")
+    atexit.register(shutil.rmtree, os.environ["MLX_DPO_CACHE"], ignore_errors=True)
 # the CPU kernels without timing them against MLX's own (mlx_dpo.kernel_choice): results must
 # not depend on which was faster on a loaded machine; tests/test_kernel_choice.py times nothing
 os.environ.setdefault("MLX_DPO_KERNELS", "all=on")
