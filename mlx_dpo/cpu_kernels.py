@@ -122,7 +122,8 @@ def _sigmoid(x):
 
 @mx.compile
 def _swiglu_fwd(gate, x):
-    return gate * _sigmoid(gate) * x
+    # one division at the end: exp(-gate) stays shallow enough in the fused loop (cpu_kernels._exp)
+    return (gate * x) / (1.0 + _exp(-gate))
 
 
 @mx.compile
