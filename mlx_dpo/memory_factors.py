@@ -113,7 +113,8 @@ def estimate(
     T_att=None,
 ) -> tuple[dict[str, int], dict[str, str]]:
     """The plan's parts (bytes) and notes, from the architecture's numbers alone, for the
-    step's `attention` ("mlx" or a key of cpu_kernels.FLASH_BLOCKS) and `head` tiles (a key of logps.HEAD_OPTIONS).
+    step's `attention` ("mlx" or a key of cpu_kernels.FLASH_BLOCKS) and `head` tiles (a key
+    of logps.HEAD_OPTIONS).
     `rows` are the rows the head scores (2 per pair); with `shared` (the shared-prompt layout)
     the blocks run half as many, T tokens long, and attention `rows` rows of `T_att` tokens
     (each answer's own row: the two-row layout's length; default T)."""
