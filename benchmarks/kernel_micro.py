@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Time mlx_dpo.cpu_kernels one at a time on random inputs: each flash attention block size
+against mlx-lm's attention (one layer's forward + backward), the exp, and the fused SwiGLU's
+forward and backward. Compiled, one warm-up, then --rounds rounds with the candidates
+alternating; prints min / median ms.
+
+    python benchmarks/kernel_micro.py --attention 2,1024,9,3,64 16,512,14,2,64
+    python benchmarks/kernel_micro.py --exp 2,3,3,64,1024 --swiglu 2048,1536
+
+An attention shape is rows,tokens,heads,kv_heads,head_dim. To compare two versions of the
+package, run this script with PYTHONPATH at a worktree of the other commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mlx_dpo import cpu_kernels  # noqa: E402, I001  (first: it preloads the fast BLAS)
+
+import mlx.core as mx  # noqa: E402, I001
+
+
+def _normal(shape, seed):
+    return mx.random.normal(shape, key=mx.random.key(seed))
+
+
+def attention_fns(B, T, H, Hkv, D) -> dict:
+    from mlx_lm.models.base import scaled_dot_product_attention as original
+
+    q, k, v = _normal((B, H, T, D), 1), _normal((B, Hkv, T, D), 2), _normal((B, Hkv, T, D), 3)
+    mx.eval(q, k, v)
+    variants = {"mlx-lm": original, "flash": cpu_kernels.scaled_dot_product_attention}
+    for name, block in getattr(cpu_kernels, "FLASH_BLOCKS", {}).items():  # older: 64 only
+        variants[name] = lambda *a, block=block: cpu_kernels.scaled_dot_product_attention(
+            *a, None, block
+        )
+    fns = {}
+    for name, f in variants.items():
+        loss = lambda q, k, v, f=f: (f(q, k, v, None, D**-0.5, "causal") ** 2).sum()  # noqa: E731
+        step = mx.compile(mx.value_and_grad(loss, argnums=(0, 1, 2)))
+        fns[name] = lambda step=step: mx.eval(step(q, k, v))
+    return fns
+
+
+def exp_fns(shape) -> dict:
+    s = _normal(shape, 0)
+    m = s.max(axis=-1, keepdims=True)
+    mx.eval(s, m)
+    fast = mx.compile(lambda: cpu_kernels._exp(s - m))
+    exact = mx.compile(lambda: mx.exp(s - m))
+    return {
+        "mlx_dpo exp(s - m)": lambda: mx.eval(fast()),
+        "mx.exp(s - m)": lambda: mx.eval(exact()),
+    }
+
+
+def swiglu_fns(shape) -> dict:
+    gate, x, g = (_normal(shape, i) for i in range(3))
+    mx.eval(gate, x, g)
+    return {
+        "swiglu forward": lambda: mx.eval(cpu_kernels._swiglu_fwd(gate, x)),
+        "swiglu backward": lambda: mx.eval(cpu_kernels._swiglu_bwd(gate, x, g)),
+    }
+
+
+def time_all(fns: dict, rounds: int) -> dict:
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for r in range(rounds):
+        for name in list(fns)[:: 1 if r % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--attention", nargs="*", default=[], help="rows,tokens,heads,kv_heads,dim")
+    p.add_argument("--exp", nargs="*", default=[], help="a shape, comma-separated")
+    p.add_argument("--swiglu", nargs="*", default=[], help="tokens,width")
+    p.add_argument("--rounds", type=int, default=7)
+    args = p.parse_args(argv)
+    jobs = [(f"attention {a}", attention_fns, a) for a in args.attention]
+    jobs += [(f"exp {a}", exp_fns, a) for a in args.exp]
+    jobs += [(f"swiglu {a}", swiglu_fns, a) for a in args.swiglu]
+    for title, make, text in jobs:
+        dims = tuple(int(d) for d in text.split(","))
+        times = time_all(make(*dims) if make is attention_fns else make(dims), args.rounds)
+        cells = [
+            f"{k} {min(v) * 1e3:.2f}/{statistics.median(v) * 1e3:.2f}" for k, v in times.items()
+        ]
+        print(f"{title}: " + ", ".join(cells) + " (ms, min/median)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
