@@ -7,8 +7,8 @@ alternating; prints min / median ms.
     python benchmarks/kernel_micro.py --attention 2,1024,9,3,64 16,512,14,2,64
     python benchmarks/kernel_micro.py --exp 2,3,3,64,1024 --swiglu 2048,1536
 
-An attention shape is rows,tokens,heads,kv_heads,head_dim. To compare two versions of the
-package, run this script with PYTHONPATH at a worktree of the other commit.
+An attention shape is rows,tokens,heads,kv_heads,head_dim. It imports the mlx_dpo beside it: to
+time another version, copy it into a worktree of that commit and run it there.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ OPT_OUT_ENV = "MLX_DPO_NO_FAST_EXP"
 ATTENTION_BLOCK = 64
 # The flash attention candidates kernel_choice times, by query block. Which is fastest depends
 # on the shape (one layer's forward + backward, 1 BLAS thread): at 2 rows x 128 tokens 64
-# (4.2 ms; 16: 5.7), at 2 x 1,024 x 9 heads 32 (177 ms; 64: 189), at 16 x 128 x 9 heads 16
-# (35 ms; 64: 41): smaller blocks mask less of the diagonal and keep each block's scores in
+# (4.1 ms; 16: 5.3), at 2 x 1,024 x 9 heads 32 (169 ms; 64: 191), at 16 x 512 x 14 heads 16
+# (663 ms; 64: 823): smaller blocks mask less of the diagonal and keep each block's scores in
 # cache, larger ones run fewer ops. 128 was slower than 64 everywhere measured.
 FLASH_BLOCKS = {"flash": ATTENTION_BLOCK, "flash-32": 32, "flash-16": 16}
 LOG2E = 1.4426950408889634
@@ -95,7 +95,7 @@ def _exp(x: mx.array) -> mx.array:
     # `n = round(t); f = t - n`) was written out and read back, and Horner's 12-deep
     # polynomial split again: 5 loops over the data. Rounding t twice, as two different graph
     # nodes (t - (-R) is t + R exactly), and Estrin's 5-deep polynomial leave 3: t (with
-    # whatever x was computed from), the bits, and the polynomial times 2^n. 2.35 -> 1.53 ns a
+    # whatever x was computed from), the bits, and the polynomial times 2^n. 2.8 -> 1.7 ns a
     # float on the Xeon (benchmarks/RESULTS.md, section 1j).
     f = t - ((t + ROUND) - ROUND)
     n = (t - (-ROUND)) - ROUND
