@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time mlx_dpo.cpu_kernels one at a time on random inputs: each flash attention block size
-against mlx-lm's attention (one layer's forward + backward), the exp, and the fused SwiGLU's
-forward and backward. Compiled, one warm-up, then --rounds rounds with the candidates
+against mlx-lm's attention (one layer's forward + backward, as kernel_choice times them), the
+exp, and the fused SwiGLU's forward and backward. Compiled, one warm-up, then --rounds rounds with the candidates
 alternating; prints min / median ms.
 
     python benchmarks/kernel_micro.py --attention 2,1024,9,3,64 16,512,14,2,64
@@ -31,21 +31,9 @@ def _normal(shape, seed):
 
 
 def attention_fns(B, T, H, Hkv, D) -> dict:
-    from mlx_lm.models.base import scaled_dot_product_attention as original
-
-    q, k, v = _normal((B, H, T, D), 1), _normal((B, Hkv, T, D), 2), _normal((B, Hkv, T, D), 3)
-    mx.eval(q, k, v)
-    variants = {"mlx-lm": original, "flash": cpu_kernels.scaled_dot_product_attention}
-    for name, block in getattr(cpu_kernels, "FLASH_BLOCKS", {}).items():  # older: 64 only
-        variants[name] = lambda *a, block=block: cpu_kernels.scaled_dot_product_attention(
-            *a, None, block
-        )
-    fns = {}
-    for name, f in variants.items():
-        loss = lambda q, k, v, f=f: (f(q, k, v, None, D**-0.5, "causal") ** 2).sum()  # noqa: E731
-        step = mx.compile(mx.value_and_grad(loss, argnums=(0, 1, 2)))
-        fns[name] = lambda step=step: mx.eval(step(q, k, v))
-    return fns
+    """The candidates as kernel_choice times them in a run (cpu_kernels._attention_bench:
+    mlx-lm's attention and each flash block size; 64 only before the block was a choice)."""
+    return cpu_kernels._attention_bench((B, H, Hkv, T, D), D**-0.5, mx.float32)
 
 
 def exp_fns(shape) -> dict:

@@ -36,8 +36,8 @@ OPT_OUT_ENV = "MLX_DPO_NO_FAST_EXP"
 ATTENTION_BLOCK = 64
 # The flash attention candidates kernel_choice times, by query block. Which is fastest depends
 # on the shape (one layer's forward + backward, 1 BLAS thread): at 2 rows x 128 tokens 64
-# (4.1 ms; 16: 5.3), at 2 x 1,024 x 9 heads 32 (169 ms; 64: 191), at 16 x 512 x 14 heads 16
-# (663 ms; 64: 823): smaller blocks mask less of the diagonal and keep each block's scores in
+# (4.0 ms; 16: 5.5), at 2 x 1,024 x 9 heads 32 (177 ms; 64: 196), at 16 x 512 x 14 heads 16
+# (645 ms; 64: 810): smaller blocks mask less of the diagonal and keep each block's scores in
 # cache, larger ones run fewer ops. 128 was slower than 64 everywhere measured.
 FLASH_BLOCKS = {"flash": ATTENTION_BLOCK, "flash-32": 32, "flash-16": 16}
 LOG2E = 1.4426950408889634
