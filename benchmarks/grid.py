@@ -8,7 +8,7 @@ Variants per point, each in its own process, alternating in --rounds rounds (the
 reversed every other round) so that load from other processes hits all alike:
 
   mlx_dpo              the default: kernels chosen by measurement (mlx_dpo.kernel_choice)
-  attention-off, swiglu-off, head-off, kernels-off   each kernel (or all) off
+  attention-off, swiglu-off, head-off, lora-off, kernels-off   each kernel (or all) off
   trl                  TRL's DPOTrainer, its defaults (reference forward every step)
   trl-precompute       the same with precompute_ref_log_probs=True
   mlx-lm-lora          mlx-lm-lora 5.10.2's DPO trainer (reference model every step)
@@ -42,6 +42,7 @@ MLX_VARIANTS = {  # variant -> grid_mlx.py's arguments
     "attention-off": ["--kernels", "attention=off"],
     "swiglu-off": ["--kernels", "swiglu=off"],
     "head-off": ["--kernels", "head=off"],
+    "lora-off": ["--kernels", "lora=off"],
     "kernels-off": ["--kernels", "all=off"],
     "share-off": ["--no-share-prompt"],  # two rows per pair: the prompt computed twice
 }

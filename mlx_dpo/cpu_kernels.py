@@ -26,7 +26,7 @@ from functools import partial
 
 import mlx.core as mx
 
-from mlx_dpo import kernel_choice, shared_prompt
+from mlx_dpo import kernel_choice, lora_kernel, shared_prompt
 from mlx_dpo.platform import Platform, detect
 
 OPT_OUT_ENV = "MLX_DPO_NO_FAST_EXP"
@@ -431,11 +431,14 @@ def _normal(shape, seed: int) -> mx.array:
     return mx.random.normal(shape, key=mx.random.key(seed))
 
 
-def _grad_timer(fn, *arrays):
-    """A blocking callable: compiled forward + backward of sum(fn(...) * a random cotangent)."""
+def _grad_timer(fn, *arrays, value: bool = False):
+    """A blocking callable: compiled forward + backward of sum(fn(...) * a random cotangent);
+    with `value` the sum is evaluated too, as a step evaluates its loss: without it MLX skips
+    the forward ops no gradient needs (a frozen projection's x W^T: all of it)."""
     out = fn(*arrays)
     ct = _normal(out.shape, 9).astype(out.dtype)
-    step = mx.compile(mx.grad(lambda *a: (fn(*a) * ct).sum(), argnums=tuple(range(len(arrays)))))
+    grad = mx.value_and_grad if value else mx.grad
+    step = mx.compile(grad(lambda *a: (fn(*a) * ct).sum(), argnums=tuple(range(len(arrays)))))
     mx.eval(ct, *arrays)
     return lambda: mx.eval(step(*arrays))
 
@@ -564,6 +567,7 @@ def install(model, plat: Platform | None = None, *, allowed: bool = True) -> lis
             if _MLP_MODELS.get(inter, (hidden,))[0] != hidden:
                 del _MLP_MODELS[inter]  # another architecture with this MLP width: the last wins
             _MLP_MODELS.setdefault(inter, (hidden, []))[1].append(weakref.ref(model))
+    lora_kernel.use(use)
     swapped = []
     kernels = (("scaled_dot_product_attention", auto_attention, mlx_attention),)
     kernels += (("swiglu", auto_swiglu, None),)
@@ -579,7 +583,7 @@ def install(model, plat: Platform | None = None, *, allowed: bool = True) -> lis
     if not swapped:
         return []
     return [
-        f"CPU kernels for {', '.join(swapped)} and the head's tiles chosen by timing each "
+        f"CPU kernels for {', '.join(swapped)}, the LoRA adapters and the head's tiles chosen by timing each "
         f"against MLX's own on the first step's shapes ({kernel_choice.ENV}=KERNEL=on|off, "
         f"{OPT_OUT_ENV}=1 for MLX's own everywhere)"
     ]

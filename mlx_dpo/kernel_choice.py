@@ -43,16 +43,21 @@ from pathlib import Path
 
 ENV = "MLX_DPO_KERNELS"
 MARGIN = 0.05  # a fast kernel must beat the baseline's best time by this fraction
+# ... except where timing it alone understates what it saves in the step: the fused LoRA runs
+# the same GEMMs as mlx-lm's adapter with fewer passes over memory, 3-4% faster alone on
+# SmolLM2-135M's MLP projections at 382 tokens, where the whole step gained 5% (RESULTS.md 1k)
+MARGINS = {"lora": 0.02}
 ROUNDS = 5  # timed rounds per candidate (after one warm-up), candidates alternating
 BUDGET_S = 20.0  # stop timing after this long (a huge shape); at least 2 rounds each
 CANDIDATES = {
     "attention": ("mlx", "flash", "flash-32", "flash-16"),
     "swiglu": ("mlx", "fused"),
     "head": ("mlx", "exp", "exp-wide", "exp-kept"),
+    "lora": ("mlx", "fused"),
 }
 KERNELS = tuple(CANDIDATES)
 # what "on" means in an override: the fast candidate to use without timing
-ON = {"attention": "flash", "swiglu": "fused", "head": "exp"}
+ON = {"attention": "flash", "swiglu": "fused", "head": "exp", "lora": "fused"}
 
 
 @dataclass(frozen=True)
@@ -225,7 +230,9 @@ class Chooser:
             times = self.measure_fn(bench())
             _release()
             best_ms = {k: min(v) * 1e3 for k, v in times.items() if v}
-            d = Decision(kernel, shape, decide(times), "measured", best_ms)
+            d = Decision(
+                kernel, shape, decide(times, MARGINS.get(kernel, MARGIN)), "measured", best_ms
+            )
             self._write(shape, d)
         self._record(shape, d)
         return d.choice

@@ -72,7 +72,8 @@ def test_override_parsing():
     assert kc.parse_override("") == {}
     assert kc.parse_override("attention=off, swiglu=on") == {"attention": "mlx", "swiglu": "fused"}
     assert kc.parse_override("all=off") == {k: "mlx" for k in kc.KERNELS}
-    assert kc.parse_override("all=on;head=auto") == {"attention": "flash", "swiglu": "fused"}
+    on = {"attention": "flash", "swiglu": "fused", "lora": "fused"}
+    assert kc.parse_override("all=on;head=auto") == on
     assert kc.parse_override("head=exp-wide") == {"head": "exp-wide"}
     for bad in ("attention", "softmax=on", "head=flash"):
         with pytest.raises(ValueError, match=kc.ENV):
