@@ -48,28 +48,26 @@ FACTORS = {
     },
 }
 # With mlx_dpo.cpu_kernels (x86 CPU): flash attention ("scores" is then rows x heads x block x T,
-# one query block of 64, 32 or 16), the fast exp in 2048-wide head tiles, the fused LoRA
-# adapters (mlx_dpo.lora_kernel). Fitted by benchmarks/memory_calibration.py --fit with every
-# kernel on; a step that mixes them (the kernels are chosen one by one) takes the blocks'
-# factors from its attention and the head's from its head tiles. The fused adapters lowered
-# the 48 fitted steps' measured peaks to 0.81-1.00x (median 0.87x) of mlx-lm's adapters', so
-# a step that keeps mlx-lm's (MLX_DPO_KERNELS=lora=off) is planned that much low.
+# one query block of 64, 32 or 16), the fast exp in 2048-wide head tiles. Fitted by
+# benchmarks/memory_calibration.py --fit with every kernel on; a step that mixes them (the
+# kernels are chosen one by one) takes the blocks' factors from its attention and the head's
+# from its head tiles.
 FACTORS["fast"] = {
     "saved": {
-        False: {"qkv": 2.458, "inter": 0.897, "hidden": 2.544, "scores": 1.202},
-        True: {"qkv": 0.595, "inter": 0.024, "hidden": 0.216, "scores": 0.512},
+        False: {"qkv": 2.491, "inter": 2.341, "hidden": 1.483, "scores": 0.513},
+        True: {"qkv": 0.282, "inter": 0.999, "hidden": 2.156, "scores": 1.303},
     },
     "retained": {
-        False: {"qkv": 2.505, "inter": 0.141, "hidden": 1.706, "scores": 0.834},
-        True: {"qkv": 0.887, "inter": 0.514, "hidden": 1.86, "scores": 1.507},
+        False: {"qkv": 1.624, "inter": 1.051, "hidden": 1.229, "scores": 1.007},
+        True: {"qkv": 0.092, "inter": 1.086, "hidden": 1.463, "scores": 0.301},
     },
     "layer": {
-        False: {"qkv": 2.436, "inter": 4.547, "hidden": 3.793, "scores": 2.546},
-        True: {"qkv": 6.175, "inter": 7.552, "hidden": 12.575, "scores": 0.323},
+        False: {"qkv": 2.825, "inter": 4.822, "hidden": 5.259, "scores": 2.549},
+        True: {"qkv": 2.557, "inter": 15.112, "hidden": 1.618, "scores": 1.592},
     },
     "head": {
         False: {"tiles": 1.836, "hidden": 3.198},
-        True: {"tiles": 1.623, "hidden": 0.328},
+        True: {"tiles": 1.248, "hidden": 3.902},
     },
 }
 _FULL_LOGITS = 2.62  # plain path: rows x T x vocab fp32 arrays alive at its peak
