@@ -66,7 +66,8 @@ def _fusable(layer: LoRALinear, x: mx.array) -> bool:
     from mlx_dpo.model import DequantLinear
 
     base, drop = layer.linear, layer.dropout
-    if x.dtype != mx.float32 or (drop.training and getattr(drop, "_p_1", 1.0) < 1.0):
+    # nn.Dropout keeps 1 - p as `_p_1`; were that renamed, assume dropout is on (mlx-lm's call)
+    if x.dtype != mx.float32 or (drop.training and getattr(drop, "_p_1", 0.0) < 1.0):
         return False
     return type(base) is DequantLinear or (type(base) is nn.Linear and base.weight.dtype == x.dtype)
 
