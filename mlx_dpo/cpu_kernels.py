@@ -583,8 +583,9 @@ def install(model, plat: Platform | None = None, *, allowed: bool = True) -> lis
     if not swapped:
         return []
     return [
-        f"CPU kernels for {', '.join(swapped)}, the LoRA adapters and the head's tiles chosen by timing each "
-        f"against MLX's own on the first step's shapes ({kernel_choice.ENV}=KERNEL=on|off, "
+        f"CPU kernels for {', '.join(swapped)}, the LoRA adapters and the head's tiles chosen "
+        f"by timing each against MLX's own on the first step's shapes "
+        f"({kernel_choice.ENV}=KERNEL=on|off, "
         f"{OPT_OUT_ENV}=1 for MLX's own everywhere)"
     ]
 
