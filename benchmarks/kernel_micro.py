@@ -16,18 +16,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_dpo import cpu_kernels  # noqa: E402, I001  (first: it preloads the fast BLAS)
+# mlx_dpo first: it preloads the fast BLAS
+from mlx_dpo import cpu_kernels, kernel_choice  # noqa: E402, I001
 
 import mlx.core as mx  # noqa: E402, I001
 
-
-def _normal(shape, seed):
-    return mx.random.normal(shape, key=mx.random.key(seed))
+_normal = cpu_kernels._normal
 
 
 def attention_fns(B, T, H, Hkv, D) -> dict:
@@ -57,18 +55,6 @@ def swiglu_fns(shape) -> dict:
     }
 
 
-def time_all(fns: dict, rounds: int) -> dict:
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for r in range(rounds):
-        for name in list(fns)[:: 1 if r % 2 == 0 else -1]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--attention", nargs="*", default=[], help="rows,tokens,heads,kv_heads,dim")
@@ -81,7 +67,9 @@ def main(argv=None) -> None:
     jobs += [(f"swiglu {a}", swiglu_fns, a) for a in args.swiglu]
     for title, make, text in jobs:
         dims = tuple(int(d) for d in text.split(","))
-        times = time_all(make(*dims) if make is attention_fns else make(dims), args.rounds)
+        fns = make(*dims) if make is attention_fns else make(dims)
+        # kernel_choice's timing (a warm-up each, the order alternating), every round taken
+        times = kernel_choice.measure(fns, rounds=args.rounds, budget_s=float("inf"))
         cells = [
             f"{k} {min(v) * 1e3:.2f}/{statistics.median(v) * 1e3:.2f}" for k, v in times.items()
         ]

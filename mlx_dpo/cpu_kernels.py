@@ -479,11 +479,9 @@ def _mlp_block(weights: dict, adapters: dict, act):
     (x W^T + scale * (x A) B, scale 20: the default)."""
 
     def linear(name, v):
-        y = v @ weights[name].T
         if name in adapters:
-            a, b = adapters[name]
-            y = y + 20.0 * ((v @ a) @ b)
-        return y
+            return lora_kernel.mlx_lm_adapter(v, weights[name], *adapters[name])
+        return v @ weights[name].T
 
     return lambda x: linear("down_proj", act(linear("gate_proj", x), linear("up_proj", x)))
 
