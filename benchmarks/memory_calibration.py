@@ -6,6 +6,13 @@ scipy).
     python benchmarks/memory_calibration.py                 # the quick grid, prints the errors
     python benchmarks/memory_calibration.py --grid full --fit --json out.jsonl
 
+Each geometry runs in both layouts (`--layouts rows shared`: two rows per pair, and the shared
+prompt's one row), with every CPU kernel on (`--kernels all=on`, the fused LoRA adapters
+included). The factors' fit reads both: the blocks' from the fused adapters' runs, and the
+extra of mlx-lm's adapters from runs with `--kernels all=on,lora=off` (`--measured a.jsonl b.jsonl
+--fit` fits what earlier runs wrote). `--part K/N` runs every N-th configuration from K, to
+spread a full grid over processes.
+
 Peaks are mx.get_peak_memory() of one update after a warm-up one, minus the live memory before
 it (weights, adapters, optimizer state): the "working" memory the factors describe. The total
 (plus weights) is what tests/test_memory.py checks.
@@ -60,28 +67,37 @@ FULL = QUICK + [
 ]
 
 
-def measure(spec: Spec, geos, paths, quantize) -> list[dict]:
+def measure(spec: Spec, geos, paths, quantize, shared: bool = False) -> list[dict]:
+    """Planned and measured peaks of one update per geometry, with and without checkpointing,
+    in the two-row layout or (`shared`) the shared-prompt one (one row per pair through the
+    blocks: what a run of pairs with a common prompt trains with)."""
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(tmp, spec)
-        net, _ = W.load_model(tmp, quantize)
+        net, _ = W.load_model(tmp, quantize, share_prompt=shared)
     adapted = False
     for geo in geos:
         cfg = W.train_config(argparse.Namespace(lora_rank=8, lora_scale=20.0, pairs=geo.pairs))
+        # the blocks' row: prompt + both answers when shared; attention runs each answer's own
+        length = geo.prompt_len + 2 * geo.completion_len if shared else geo.row_tokens
         for ckpt in (False, True):
             plan = memory.plan(
                 net,
                 replace(cfg, grad_checkpoint=ckpt),
-                geo.row_tokens,
+                length,
                 geo.rows,
                 completion_tokens_per_row=geo.completion_len,
                 lean=paths[0] == "lean",
+                shared=shared,
+                attention_tokens_per_row=geo.row_tokens,
             )
             if not adapted:
                 model_lib.apply_adapters(net, cfg)
                 mx.eval(net.parameters())
                 adapted = True
-            _, batch = W.make_batch(geo, spec.vocab_size, 0, refs=np.zeros((2, geo.pairs)))
+            _, batch = W.make_batch(
+                geo, spec.vocab_size, 0, refs=np.zeros((2, geo.pairs)), share_prompt=shared
+            )
             variant = W.Variant("x", ckpt=ckpt, logps=paths[0])
             with W.variant_context(variant, net):
                 step = W.Step(net, cfg, variant)  # trainer.make_step with its own AdamW
@@ -101,8 +117,11 @@ def measure(spec: Spec, geos, paths, quantize) -> list[dict]:
                 {
                     "spec": vars(spec),
                     "rows": geo.rows,
-                    "T": int(batch.tokens.shape[1]),
+                    "T": plan.tokens_per_row,
                     "C": int(batch.positions.shape[1]),
+                    "T_att": memory._padded(geo.row_tokens),
+                    "shared": shared,
+                    "lora": kernel_choice.chooser().override.get("lora", "mlx"),
                     "ckpt": ckpt,
                     "logps": paths[0],
                     "quantize": quantize,
@@ -115,7 +134,8 @@ def measure(spec: Spec, geos, paths, quantize) -> list[dict]:
             r = out[-1]
             print(
                 f"d={spec.hidden_size} L={spec.num_hidden_layers} V={spec.vocab_size} "
-                f"rows={geo.rows} T={r['T']} ckpt={ckpt} {paths[0]} q={quantize}: measured "
+                f"rows={geo.rows} T={r['T']} shared={shared} lora={r['lora']} ckpt={ckpt} "
+                f"{paths[0]} q={quantize}: measured "
                 f"{r['measured_peak_mb']:.0f} MB ({r['measured_above_mb']:.0f} above), planned "
                 f"{r['planned_mb']:.0f} ({r['planned_above_mb']:.0f}): total x"
                 f"{r['planned_mb'] / r['measured_peak_mb']:.2f}, above x"
@@ -129,17 +149,39 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", choices=["quick", "full"], default="quick")
     p.add_argument("--json", help="write one JSON line per measurement")
-    p.add_argument("--fit", action="store_true", help="re-fit the factors (needs scipy)")
+    p.add_argument(
+        "--fit", action="store_true", help="re-fit the factors (needs scipy; lean fp32 only)"
+    )
+    p.add_argument(
+        "--layouts",
+        nargs="+",
+        choices=["rows", "shared"],
+        default=["rows", "shared"],
+        help="two rows per pair, and/or the shared-prompt layout's one",
+    )
+    p.add_argument("--kernels", default="all=on", help="MLX_DPO_KERNELS-style override")
+    p.add_argument("--part", default="0/1", help="K/N: only every N-th configuration, from K")
+    p.add_argument("--measured", nargs="+", help="--json files to read instead of measuring")
     args = p.parse_args(argv)
     mx.set_cache_limit(W.BIG_CACHE)
     # the factors describe a fixed set of kernels: every CPU kernel on (where they run), not
     # the per-shape choice a run makes
-    kernel_choice.reset(kernel_choice.Chooser(None, kernel_choice.parse_override("all=on")))
-    rows = []
-    for spec, geos, paths, quantize in QUICK if args.grid == "quick" else FULL:
-        rows += measure(spec, geos, paths, quantize)
+    kernel_choice.reset(kernel_choice.Chooser(None, kernel_choice.parse_override(args.kernels)))
+    k, n = map(int, args.part.split("/"))
+    items = [
+        (spec, [geo], paths, quantize, layout == "shared")
+        for spec, geos, paths, quantize in (QUICK if args.grid == "quick" else FULL)
+        for geo in geos
+        for layout in args.layouts
+        if not args.fit or (paths == ("lean",) and quantize is None)  # what the fit reads
+    ][k::n]
+    rows = [json.loads(line) for f in args.measured or [] for line in open(f)]
+    for spec, geos, paths, quantize, shared in [] if args.measured else items:
+        rows += measure(spec, geos, paths, quantize, shared)
         gc.collect()
         mx.clear_cache()
+        if args.json:  # as it goes: a long calibration keeps what it measured
+            Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in rows))
     total = np.array([r["planned_mb"] / r["measured_peak_mb"] - 1 for r in rows])
     above = np.array([r["planned_above_mb"] / r["measured_above_mb"] - 1 for r in rows])
     print(
@@ -147,10 +189,9 @@ def main(argv=None) -> None:
         f"max {abs(total).max():.1%}; working memory: median {np.median(abs(above)):.1%}, "
         f"max {abs(above).max():.1%}"
     )
-    if args.json:
-        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if args.fit:
         print(json.dumps(fit(rows), indent=1))
+        summary(rows)
 
 
 KEYS = ("qkv", "inter", "hidden", "scores")
@@ -175,48 +216,99 @@ def arch_of(spec: dict, quantized: bool) -> memory_factors.Arch:
 
 
 def fit(rows: list[dict]) -> dict:
-    """Least-squares (relative error) factors per checkpointing mode, for the mode this
-    process runs in (default or fast CPU kernels), from the lean fp32 measurements."""
-    from scipy.optimize import least_squares
-
+    """Factors per checkpointing mode, for the mode this process runs in (default or fast CPU
+    kernels), from the lean fp32 measurements. With the CPU kernels the blocks' factors come
+    from the fused LoRA adapters' runs and then the extra of mlx-lm's adapters from theirs
+    (`--kernels all=on,lora=off`), over both layouts."""
     mode = "fast" if cpu_kernels.enabled() else "default"
     table = memory_factors.FACTORS[mode]
     out = {}
     for ckpt in (False, True):
         sel = [r for r in rows if r["ckpt"] == ckpt and r["logps"] == "lean" and not r["quantize"]]
-        if not sel:
+        fused = [r for r in sel if r.get("lora", "mlx") == "fused"] if mode == "fast" else sel
+        if not fused:
             continue
-        y = np.array([r["measured_above_mb"] for r in sel]) * 2**20
 
-        def residuals(p, sel=sel, y=y, ckpt=ckpt):
+        def blocks(p, ckpt=ckpt):
             table["saved"][ckpt] = dict(zip(KEYS, p[0:4], strict=True))
             table["retained"][ckpt] = dict(zip(KEYS, p[4:8], strict=True))
             table["layer"][ckpt] = dict(zip(KEYS, p[8:12], strict=True))
             table["head"][ckpt] = {"tiles": p[12], "hidden": p[13]}
-            pred = []
-            for r in sel:
-                a = arch_of(r["spec"], False)
-                lora = sum(8 * (i + o) for _, i, o in a.adapted)
-                parts, _ = memory_factors.estimate(
-                    a, rows=r["rows"], T=r["T"], C=r["C"], ckpt=ckpt, lean=True, act=4,
-                    lora_params=lora, n_states=2, weights=0, **KERNELS[mode],
-                )  # fmt: skip
-                pred.append(sum(parts.values()) - 4 * lora * 3)  # above weights/adapters/state
-            return np.array(pred) / y - 1
 
-        best = None
-        for seed in range(6):
-            p0 = np.random.default_rng(seed).uniform(0.2, 4, 14)
-            r = least_squares(residuals, p0, bounds=(0, 60))
-            if best is None or np.abs(r.fun).max() < np.abs(best.fun).max():
-                best = r
-        residuals(best.x)
-        out[str(ckpt)] = {
-            "max_rel_err": float(np.abs(best.fun).max()),
-            "median_rel_err": float(np.median(np.abs(best.fun))),
-            "factors": {k: table[k][ckpt] for k in ("saved", "retained", "layer", "head")},
+        out[str(ckpt)] = _least_squares(blocks, 14, fused, ckpt, mode)
+        out[str(ckpt)]["factors"] = {
+            k: table[k][ckpt] for k in ("saved", "retained", "layer", "head")
         }
+        plain = [r for r in sel if r.get("lora", "mlx") == "mlx"] if mode == "fast" else []
+        if plain:
+            extra = memory_factors._ADAPTER_EXTRA[ckpt]
+
+            def adapters(p, extra=extra):
+                extra.update(saved=p[0], layer=p[1])
+
+            out[f"{ckpt} mlx-lm adapters"] = _least_squares(adapters, 2, plain, ckpt, mode)
+            out[f"{ckpt} mlx-lm adapters"]["factors"] = dict(extra)
     return {"mode": mode, **out}
+
+
+UNDER_WEIGHT = 2.0  # an underestimate costs twice an overestimate: it can run out of memory
+
+
+def _least_squares(set_params, n: int, sel: list[dict], ckpt: bool, mode: str) -> dict:
+    """Fit `n` parameters (set into the tables by `set_params`) to the working memory of `sel`
+    by least squares on the relative error, underestimates weighted UNDER_WEIGHT; the best of
+    6 starts by its largest error. Leaves the best parameters set."""
+    from scipy.optimize import least_squares
+
+    y = np.array([r["measured_above_mb"] for r in sel]) * 2**20
+
+    def residuals(p):
+        set_params(p)
+        err = np.array([_predicted_above(r, ckpt, mode) for r in sel]) / y - 1
+        return np.where(err < 0, UNDER_WEIGHT * err, err)
+
+    best = None
+    for seed in range(6):
+        p0 = np.random.default_rng(seed).uniform(0.2, 4, n)
+        r = least_squares(residuals, p0, bounds=(0, 60))
+        if best is None or np.abs(r.fun).max() < np.abs(best.fun).max():
+            best = r
+    set_params(best.x)
+    err = np.array([_predicted_above(r, ckpt, mode) for r in sel]) / y - 1
+    return {
+        "n": len(sel),
+        "max_over": float(err.max()),
+        "max_under": float(-err.min()),
+        "median_abs_err": float(np.median(np.abs(err))),
+    }
+
+
+def summary(rows: list[dict]) -> None:
+    """Planned (by the fitted factors) / measured peak, by adapters, layout and checkpointing."""
+    mode = "fast" if cpu_kernels.enabled() else "default"
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        above = _predicted_above(r, r["ckpt"], mode) / 2**20
+        total = r["measured_peak_mb"] - r["measured_above_mb"] + above
+        key = (r.get("lora", "mlx"), "shared" if r.get("shared") else "rows", r["ckpt"])
+        groups.setdefault(key, []).append(total / r["measured_peak_mb"])
+    for (lora, layout, ckpt), ratios in sorted(groups.items()):
+        print(
+            f"lora={lora} {layout} ckpt={ckpt} ({len(ratios)}): planned/measured peak "
+            f"{min(ratios):.2f}-{max(ratios):.2f}, median {np.median(ratios):.2f}"
+        )
+
+
+def _predicted_above(r: dict, ckpt: bool, mode: str) -> float:
+    """The estimate's bytes above the weights, adapters and optimizer state for row `r`."""
+    a = arch_of(r["spec"], False)
+    lora = sum(8 * (i + o) for _, i, o in a.adapted)
+    parts, _ = memory_factors.estimate(
+        a, rows=r["rows"], T=r["T"], C=r["C"], ckpt=ckpt, lean=True, act=4, lora_params=lora,
+        n_states=2, weights=0, shared=r.get("shared", False), T_att=r.get("T_att"),
+        lora=r.get("lora", "mlx"), **KERNELS[mode],
+    )  # fmt: skip
+    return sum(parts.values()) - 4 * lora * 3
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ the machine's RAM on a CPU.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_dpo import cpu_kernels, shared_prompt
+from mlx_dpo import cpu_kernels, lora_kernel, shared_prompt
 from mlx_dpo.config import ConfigError
 from mlx_dpo.data import row_length
 from mlx_dpo.memory_factors import Arch, attention_tile_bytes, estimate, gb
@@ -173,13 +174,13 @@ def _planned_kernels(model, kernels: dict | None) -> dict[str, list[str]]:
     own where the CPU kernels are not installed, or every candidate where the choice is still
     to be made by timing on the first step (the plan then takes each part's largest)."""
     if not cpu_kernels.installed(model):
-        return {"attention": ["mlx"], "head": ["mlx"]}
+        return {"attention": ["mlx"], "head": ["mlx"], "lora": ["mlx"]}
     from mlx_dpo import kernel_choice
 
     known = {**kernel_choice.chooser().override, **(kernels or {})}
     return {
         k: [known[k]] if k in known else list(kernel_choice.CANDIDATES[k])
-        for k in ("attention", "head")
+        for k in ("attention", "head", "lora")
     }
 
 
@@ -247,12 +248,13 @@ def plan(
     options = _planned_kernels(model, kernels)
     offered = cpu_kernels.head_candidates(rows * C, arch.vocab)
     heads = [h for h in options["head"] if h in offered]
-    for attention in options["attention"]:
-        for head in heads or options["head"]:
-            p, n = estimate(arch, **common, attention=attention, head=head)
-            for k, v in p.items():
-                if v > parts.get(k, -1):
-                    parts[k], notes[k] = v, n[k]
+    for attention, head, lora in itertools.product(
+        options["attention"], heads or options["head"], options["lora"]
+    ):
+        p, n = estimate(arch, **common, attention=attention, head=head, lora=lora)
+        for k, v in p.items():
+            if v > parts.get(k, -1):
+                parts[k], notes[k] = v, n[k]
 
     def replan(**changes) -> MemoryPlan:
         new_rows = changes.pop("rows", rows)
@@ -311,6 +313,15 @@ def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
         block_rows=rows // 2 if shared else rows,
         attention_T=_padded(own_row),
     )
+    if kernels:  # the CPU kernels run: the adapters' call too, as the step will decide it
+        arch, params = _arch(model, cfg), dict(tree_flatten(model.parameters()))
+        kernels["lora"] = lora_kernel.step_choice(
+            [(i, o) for _, i, o in arch.adapted],
+            cfg.lora_rank,
+            (rows // 2 if shared else rows) * (T - 1),
+            dropout=getattr(cfg, "lora_dropout", 0.0),
+            float32=arch.quantized or _float_size(params) == 4,
+        )
     step = plan(
         model, cfg, longest, rows, completion_tokens_per_row=completion, kernels=kernels,
         shared=shared, attention_tokens_per_row=own_row,

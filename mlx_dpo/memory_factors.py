@@ -13,8 +13,9 @@ ops in flight, and the order it evaluates a lazy backward graph in keeps some gr
 alive longer. They were fitted against `mx.get_peak_memory()` of the compiled trainer step on
 MLX 0.32's CPU backend over 160 configurations (hidden 128-768, 1-8 blocks, vocab 1k-152k,
 T 128-2048, with and without checkpointing, fp32 and 4-bit) and land within ~20% of the
-measured peak; the CPU kernels' factors over 30 lean fp32 ones, within 25% (benchmarks/
-memory_calibration.py --grid full --fit). On Metal and CUDA the structure is the same; the
+measured peak; the CPU kernels' factors over 144 lean fp32 ones (both layouts, the fused and
+mlx-lm's LoRA adapters), 0.82-1.25x the measured peak, median 0.99-1.04 (benchmarks/
+memory_calibration.py --grid full --fit; the low end at 1-block models of 7-16 MB). On Metal and CUDA the structure is the same; the
 factors were not re-measured there.
 """
 
@@ -48,27 +49,36 @@ FACTORS = {
     },
 }
 # With mlx_dpo.cpu_kernels (x86 CPU): flash attention ("scores" is then rows x heads x block x T,
-# one query block of 64, 32 or 16), the fast exp in 2048-wide head tiles. Fitted by
-# benchmarks/memory_calibration.py --fit with every kernel on; a step that mixes them (the
-# kernels are chosen one by one) takes the blocks' factors from its attention and the head's
-# from its head tiles.
+# one query block of 64, 32 or 16), the fast exp in 2048-wide head tiles, the fused LoRA
+# adapters. Fitted by benchmarks/memory_calibration.py --fit with every kernel on, over both
+# layouts (two rows per pair, the shared prompt's one); a step that mixes them (the kernels are
+# chosen one by one) takes the blocks' factors from its attention, the head's from its head
+# tiles, and adds _ADAPTER_EXTRA where the adapters keep mlx-lm's call.
 FACTORS["fast"] = {
     "saved": {
-        False: {"qkv": 2.491, "inter": 2.341, "hidden": 1.483, "scores": 0.513},
-        True: {"qkv": 0.282, "inter": 0.999, "hidden": 2.156, "scores": 1.303},
+        False: {"qkv": 3.219, "inter": 2.687, "hidden": 1.643, "scores": 1.234},
+        True: {"qkv": 0.0, "inter": 0.845, "hidden": 5.989, "scores": 0.171},
     },
     "retained": {
-        False: {"qkv": 1.624, "inter": 1.051, "hidden": 1.229, "scores": 1.007},
-        True: {"qkv": 0.092, "inter": 1.086, "hidden": 1.463, "scores": 0.301},
+        False: {"qkv": 0.308, "inter": 1.424, "hidden": 1.419, "scores": 0.362},
+        True: {"qkv": 0.002, "inter": 0.0, "hidden": 0.116, "scores": 0.034},
     },
     "layer": {
-        False: {"qkv": 2.825, "inter": 4.822, "hidden": 5.259, "scores": 2.549},
-        True: {"qkv": 2.557, "inter": 15.112, "hidden": 1.618, "scores": 1.592},
+        False: {"qkv": 0.357, "inter": 3.676, "hidden": 2.924, "scores": 1.049},
+        True: {"qkv": 2.774, "inter": 12.542, "hidden": 4.296, "scores": 3.53},
     },
     "head": {
-        False: {"tiles": 1.836, "hidden": 3.198},
-        True: {"tiles": 1.248, "hidden": 3.902},
+        False: {"tiles": 1.843, "hidden": 3.971},
+        True: {"tiles": 1.395, "hidden": 2.463},
     },
+}
+# mlx-lm's LoRA call (x W^T + scale (x A) B) against mlx_dpo.lora_kernel's fused one, which the
+# "fast" factors above were fitted with: what it holds more, per token x the adapted
+# projections' output widths of one block, kept per differentiated block ("saved") and in one
+# block's working set ("layer"). Fitted by benchmarks/memory_calibration.py --fit.
+_ADAPTER_EXTRA = {
+    False: {"saved": 0.214, "layer": 0.708},
+    True: {"saved": 0.015, "layer": 1.738},
 }
 _FULL_LOGITS = 2.62  # plain path: rows x T x vocab fp32 arrays alive at its peak
 # Dequantized fp32 weights kept per block for the backward, in block weights: with MLX's ops
@@ -111,10 +121,11 @@ def estimate(
     head_quantized=False,
     shared=False,
     T_att=None,
+    lora="mlx",
 ) -> tuple[dict[str, int], dict[str, str]]:
     """The plan's parts (bytes) and notes, from the architecture's numbers alone, for the
-    step's `attention` ("mlx" or a key of cpu_kernels.FLASH_BLOCKS) and `head` tiles (a key
-    of logps.HEAD_OPTIONS).
+    step's `attention` ("mlx" or a key of cpu_kernels.FLASH_BLOCKS), `head` tiles (a key
+    of logps.HEAD_OPTIONS) and LoRA call (`lora`: mlx-lm's "mlx" or the CPU kernels' "fused").
     `rows` are the rows the head scores (2 per pair); with `shared` (the shared-prompt layout)
     the blocks run half as many, T tokens long, and attention `rows` rows of `T_att` tokens
     (each answer's own row: the two-row layout's length; default T)."""
@@ -141,7 +152,12 @@ def estimate(
     )
     blocks = "fast" if fast else "default"
     f = FACTORS[blocks]
-    parts["saved activations"] = int(deep * act * per_token(f["saved"][ckpt]))
+    # the "fast" factors were fitted with the fused adapters, the "default" ones with mlx-lm's
+    extra = _ADAPTER_EXTRA[ckpt] if fast and lora == "mlx" else {"saved": 0.0, "layer": 0.0}
+    adapted_out = n_tok * _adapted_out_per_block(arch)
+    parts["saved activations"] = int(
+        deep * act * (per_token(f["saved"][ckpt]) + extra["saved"] * adapted_out)
+    )
     notes["saved activations"] = f"{deep} blocks" + (
         ", block inputs (--grad-checkpoint)"
         if ckpt
@@ -160,7 +176,11 @@ def estimate(
         notes["dequantized output layer"] = f"fp32 copy of the {arch.vocab} x {arch.hidden} head"
     # The backward's gradient inputs MLX keeps until the LoRA gradients are evaluated grow
     # block by block on the way down, on top of one block's working set.
-    layer = act * (deep * per_token(f["retained"][ckpt]) + per_token(f["layer"][ckpt]))
+    layer = act * (
+        deep * per_token(f["retained"][ckpt])
+        + per_token(f["layer"][ckpt])
+        + extra["layer"] * adapted_out
+    )
     head_factors, vocab_tile, kept = _head_tiles(head)
     head, head_note = _head_working_set(
         arch, FACTORS[head_factors]["head"][ckpt], vocab_tile, lean=lean, rows=rows, T=T, C=C,
@@ -176,6 +196,12 @@ def estimate(
         f"{layer_note} and {head_note}" if layer >= head else f"{head_note} and {layer_note}"
     )
     return parts, notes
+
+
+def _adapted_out_per_block(arch: Arch) -> float:
+    """Output width of the adapted projections, averaged over the adapted blocks."""
+    blocks = {i for i, _, _ in arch.adapted}
+    return sum(o for _, _, o in arch.adapted) / len(blocks) if blocks else 0.0
 
 
 def _head_tiles(head: str) -> tuple[str, int, bool]:

@@ -170,3 +170,29 @@ def test_lora_takes_the_fused_adapter_on_a_smaller_margin(tmp_path):
     chooser = kc.Chooser(tmp_path / "k.json", report=lambda _: None, measure_fn=fake_measure)
     assert chooser.choose("lora", "lora N64", lambda: {"mlx": None, "fused": None}) == "fused"
     assert chooser.choose("swiglu", "swiglu N64", lambda: {"mlx": None, "fused": None}) == "mlx"
+
+
+@pytest.mark.parametrize("winner", ["fused", "mlx"])
+def test_step_choice_is_what_every_adapted_projection_will_run(winner):
+    """The plan's `lora`: "fused" only where every projection's shape class measured the
+    fused adapter faster; mlx-lm's where any did not, and where the step cannot fuse."""
+    timed = []
+
+    def fake_measure(fns):
+        timed.append(tuple(fns))
+        return {name: [1.0 if name == winner else 2.0] for name in fns}
+
+    dims = [(64, 64), (64, 16), (64, 16), (64, 64)]  # q, k, v, o: three shape classes
+    kc.reset(kc.Chooser(None, report=lambda _: None, measure_fn=fake_measure))
+    lora_kernel.use(True)
+    try:
+        assert lora_kernel.step_choice(dims, 8, 300, dropout=0.0, float32=True) == winner
+        assert len(timed) == 2 and len(kc.chooser().decisions) == 2  # decided for the step
+        with kc.pinned({"lora": "fused"}):
+            assert lora_kernel.step_choice(dims, 8, 300, dropout=0.1, float32=True) == "mlx"
+            assert lora_kernel.step_choice(dims, 8, 300, dropout=0.0, float32=False) == "mlx"
+            lora_kernel.use(False)
+            assert lora_kernel.step_choice(dims, 8, 300, dropout=0.0, float32=True) == "mlx"
+    finally:
+        lora_kernel.use(cpu_kernels.enabled())
+        kc.reset()

@@ -1,5 +1,6 @@
 """The memory planner against the allocator's measured peak of the trainer's compiled step."""
 
+import itertools
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,8 +39,8 @@ def small_model(vocab: int, hidden: int = 128, layers: int = 2) -> nn.Module:
 @contextmanager
 def untimed_choices() -> Iterator[list]:
     """Kernel decisions without timing (the fast candidates "win"); yields the list of
-    candidate sets that would have been timed. The LoRA adapters' kernel is set: it changes no
-    part of the plan, and its step takes it on the first trace."""
+    candidate sets that would have been timed. The LoRA adapters' kernel is set (fused): it is
+    decided per projection shape, which would only add to the counts."""
     from mlx_dpo import kernel_choice as kc
 
     timed = []
@@ -210,8 +211,9 @@ def test_plan_covers_either_kernel_when_they_are_chosen_by_timing():
     model = small_model(8192, layers=2)
     cfg = TrainConfig(num_layers=-1)
     plans = {}
-    combos = [(a, h) for a in kc.CANDIDATES["attention"] for h in kc.CANDIDATES["head"]]
-    for name, override in [("either", "")] + [(c, f"attention={c[0]},head={c[1]}") for c in combos]:
+    combos = list(itertools.product(*(kc.CANDIDATES[k] for k in ("attention", "head", "lora"))))
+    forced = [(c, "attention={},head={},lora={}".format(*c)) for c in combos]
+    for name, override in [("either", "")] + forced:
         kc.reset(kc.Chooser(None, kc.parse_override(override), report=lambda _: None))
         try:
             plans[name] = memory.plan(model, cfg, 512, 4)
@@ -220,15 +222,18 @@ def test_plan_covers_either_kernel_when_they_are_chosen_by_timing():
     if not cpu_kernels.installed(model):
         assert all(p.parts == plans["either"].parts for p in plans.values())
         return
-    assert plans[("flash", "exp")].parts != plans[("mlx", "mlx")].parts
+    assert plans[("flash", "exp", "fused")].parts != plans[("mlx", "mlx", "fused")].parts
+    # mlx-lm's adapters hold more than the fused ones (the "fast" factors are the fused ones')
+    assert plans[("flash", "exp", "mlx")].total_bytes > plans[("flash", "exp", "fused")].total_bytes
     # smaller query blocks hold fewer scores at once
-    sizes = [plans[(a, "exp")].total_bytes for a in ("flash", "flash-32", "flash-16")]
+    sizes = [plans[(a, "exp", "fused")].total_bytes for a in ("flash", "flash-32", "flash-16")]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[2], sizes
     for part, n in plans["either"].parts.items():
         assert n == max(plans[c].parts.get(part, 0) for c in combos)
     # choices handed in are planned as if forced
-    known = memory.plan(model, cfg, 512, 4, kernels={"attention": "flash", "head": "exp-wide"})
-    assert known.parts == plans[("flash", "exp-wide")].parts
+    kernels = {"attention": "flash", "head": "exp-wide", "lora": "fused"}
+    known = memory.plan(model, cfg, 512, 4, kernels=kernels)
+    assert known.parts == plans[("flash", "exp-wide", "fused")].parts
 
 
 def test_plan_for_pairs_decides_the_kernels_its_step_runs():
