@@ -101,15 +101,16 @@ def choice(n_tokens: int, d_in: int, d_out: int, r: int) -> str:
     return kernel_choice.chooser().choose("lora", shape, partial(bench, n_tokens, d_in, d_out, r))
 
 
-def step_choice(dims, r: int, n_tokens: int, *, dropout: float, float32: bool) -> str:
+def step_choice(dims, r: int, n_tokens: int, *, dropout: float, float32: bool):
     """The adapters' call a step of `n_tokens` tokens a block will run, for the memory plan:
     "fused" where `call` is routed and every adapted projection (`dims`: (d_in, d_out) pairs)
-    takes the fused function, else "mlx" (mlx-lm's, which holds more)."""
+    takes the fused function, "mlx" where none does (mlx-lm's call, which holds more), else
+    the sorted tuple of the (d_in, d_out) that keep mlx-lm's call."""
     if LoRALinear.__call__ is not call or dropout > 0 or not float32:
         return "mlx"
     # every shape class decided now (timed if not cached), as the step's first trace would
-    choices = [choice(n_tokens, i, o, r) for i, o in sorted(set(dims))]
-    return "fused" if all(c == "fused" for c in choices) else "mlx"
+    kept = tuple(d for d in sorted(set(dims)) if choice(n_tokens, *d, r) != "fused")
+    return "fused" if not kept else "mlx" if len(kept) == len(set(dims)) else kept
 
 
 def bench(n_tokens: int, d_in: int, d_out: int, r: int) -> dict:

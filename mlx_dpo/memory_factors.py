@@ -125,7 +125,8 @@ def estimate(
 ) -> tuple[dict[str, int], dict[str, str]]:
     """The plan's parts (bytes) and notes, from the architecture's numbers alone, for the
     step's `attention` ("mlx" or a key of cpu_kernels.FLASH_BLOCKS), `head` tiles (a key
-    of logps.HEAD_OPTIONS) and LoRA call (`lora`: mlx-lm's "mlx" or the CPU kernels' "fused").
+    of logps.HEAD_OPTIONS) and LoRA call (`lora`: mlx-lm's "mlx" or the CPU kernels' "fused"
+    everywhere, or the (in, out) widths of the projections that keep mlx-lm's, the rest fused).
     `rows` are the rows the head scores (2 per pair); with `shared` (the shared-prompt layout)
     the blocks run half as many, T tokens long, and attention `rows` rows of `T_att` tokens
     (each answer's own row: the two-row layout's length; default T)."""
@@ -153,8 +154,9 @@ def estimate(
     blocks = "fast" if fast else "default"
     f = FACTORS[blocks]
     # the "fast" factors were fitted with the fused adapters, the "default" ones with mlx-lm's
-    extra = _ADAPTER_EXTRA[ckpt] if fast and lora == "mlx" else {"saved": 0.0, "layer": 0.0}
-    adapted_out = n_tok * _adapted_out_per_block(arch)
+    extra = _ADAPTER_EXTRA[ckpt] if fast and lora != "fused" else {"saved": 0.0, "layer": 0.0}
+    kept = () if lora == "fused" else None if lora == "mlx" else lora  # mlx-lm's call
+    adapted_out = n_tok * _adapted_out_per_block(arch, kept)
     parts["saved activations"] = int(
         deep * act * (per_token(f["saved"][ckpt]) + extra["saved"] * adapted_out)
     )
@@ -198,10 +200,12 @@ def estimate(
     return parts, notes
 
 
-def _adapted_out_per_block(arch: Arch) -> float:
-    """Output width of the adapted projections, averaged over the adapted blocks."""
+def _adapted_out_per_block(arch: Arch, only=None) -> float:
+    """Output width of the adapted projections (`only` those of these (in, out) widths),
+    averaged over the adapted blocks."""
     blocks = {i for i, _, _ in arch.adapted}
-    return sum(o for _, _, o in arch.adapted) / len(blocks) if blocks else 0.0
+    widths = [o for _, i, o in arch.adapted if only is None or (i, o) in only]
+    return sum(widths) / len(blocks) if blocks else 0.0
 
 
 def _head_tiles(head: str) -> tuple[str, int, bool]:

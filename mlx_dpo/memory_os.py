@@ -21,10 +21,10 @@ RUNTIME_OVERHEAD = 512 << 20  # Python, MLX, mlx-lm, tokenizer: resident but not
 # size; the next block's tiles reuse them). Fitted at 13 grid points (5M-135M, 128-1024 tokens,
 # 1-8 pairs, fp32 and 4-bit), where RSS - runtime - MLX's peak was 18 MB to 2.4 GB: within 7%
 # of the RSS at each (benchmarks/RESULTS.md section 4b). The tiles' multiple refitted (7.5 ->
-# 6) at 12 points with the kernels of section 1l, where it was 3.2x (Qwen2.5-0.5B x 1,024 x 2)
-# to 6.1x (40M x 1,024 x 8): the plan 0.90-1.14x the peak RSS at each.
+# 5.5) at the grid points of section 1l, run with the kernels of then: 2.9-3.2x at Qwen2.5-0.5B
+# x 1,024 x 2, 6.1x at 40M x 1,024 x 8, which bound it from either side.
 ALLOCATOR_SLACK = 0.13
-TILE_SLACK = 6.0
+TILE_SLACK = 5.5
 OS_NOTES = {
     "runtime": "Python, MLX, mlx-lm, the BLAS: resident memory that is not an MLX array",
     "allocator cache": "freed MLX buffers kept for reuse (e.g. fp32 weights replaced by 4-bit "

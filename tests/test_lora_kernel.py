@@ -172,21 +172,24 @@ def test_lora_takes_the_fused_adapter_on_a_smaller_margin(tmp_path):
     assert chooser.choose("swiglu", "swiglu N64", lambda: {"mlx": None, "fused": None}) == "mlx"
 
 
-@pytest.mark.parametrize("winner", ["fused", "mlx"])
+@pytest.mark.parametrize("winner", ["fused", "mlx", "mixed"])
 def test_step_choice_is_what_every_adapted_projection_will_run(winner):
-    """The plan's `lora`: "fused" only where every projection's shape class measured the
-    fused adapter faster; mlx-lm's where any did not, and where the step cannot fuse."""
+    """The plan's `lora`: "fused" where every projection's shape class measured the fused
+    adapter faster, "mlx" where none did and where the step cannot fuse, else the widths that
+    keep mlx-lm's call ("mixed" here: the first shape timed, 64 -> 16, takes the fused one)."""
     timed = []
 
     def fake_measure(fns):
         timed.append(tuple(fns))
-        return {name: [1.0 if name == winner else 2.0] for name in fns}
+        fastest = "fused" if winner == "mixed" and len(timed) == 1 else winner
+        return {name: [1.0 if name == fastest else 2.0] for name in fns}
 
-    dims = [(64, 64), (64, 16), (64, 16), (64, 64)]  # q, k, v, o: three shape classes
+    dims = [(64, 64), (64, 16), (64, 16), (64, 64)]  # q, k, v, o: two shape classes
+    want = ((64, 64),) if winner == "mixed" else winner
     kc.reset(kc.Chooser(None, report=lambda _: None, measure_fn=fake_measure))
     lora_kernel.use(True)
     try:
-        assert lora_kernel.step_choice(dims, 8, 300, dropout=0.0, float32=True) == winner
+        assert lora_kernel.step_choice(dims, 8, 300, dropout=0.0, float32=True) == want
         assert len(timed) == 2 and len(kc.chooser().decisions) == 2  # decided for the step
         with kc.pinned({"lora": "fused"}):
             assert lora_kernel.step_choice(dims, 8, 300, dropout=0.1, float32=True) == "mlx"
