@@ -15,8 +15,8 @@ MLX 0.32's CPU backend over 160 configurations (hidden 128-768, 1-8 blocks, voca
 T 128-2048, with and without checkpointing, fp32 and 4-bit) and land within ~20% of the
 measured peak; the CPU kernels' factors over 144 lean fp32 ones (both layouts, the fused and
 mlx-lm's LoRA adapters), 0.82-1.25x the measured peak, median 0.99-1.04 (benchmarks/
-memory_calibration.py --grid full --fit; the low end at 1-block models of 7-16 MB). On Metal and CUDA the structure is the same; the
-factors were not re-measured there.
+memory_calibration.py --grid full --fit; the low end at 1-block models of 7-16 MB). On Metal
+and CUDA the structure is the same; the factors were not re-measured there.
 """
 
 from __future__ import annotations
@@ -155,8 +155,8 @@ def estimate(
     f = FACTORS[blocks]
     # the "fast" factors were fitted with the fused adapters, the "default" ones with mlx-lm's
     extra = _ADAPTER_EXTRA[ckpt] if fast and lora != "fused" else {"saved": 0.0, "layer": 0.0}
-    kept = () if lora == "fused" else None if lora == "mlx" else lora  # mlx-lm's call
-    adapted_out = n_tok * _adapted_out_per_block(arch, kept)
+    mlx_lm_call = () if lora == "fused" else None if lora == "mlx" else lora  # None: all
+    adapted_out = n_tok * _adapted_out_per_block(arch, mlx_lm_call)
     parts["saved activations"] = int(
         deep * act * (per_token(f["saved"][ckpt]) + extra["saved"] * adapted_out)
     )
