@@ -297,3 +297,39 @@ def test_grid_mlx_adapts_only_the_lora_keys_asked(tiny_model_path, tmp_path):
     assert both["trainable_parameters"] == layers * 8 * ((d + d) + (d + kv))
     every = grid_mlx.main([*run, "--json", str(tmp_path / "all.json")])
     assert every["trainable_parameters"] > both["trainable_parameters"]
+
+
+def test_memory_calibration_measures_both_layouts_and_each_adapter_call():
+    """One geometry in the two-row and the shared-prompt layout, fused adapters and mlx-lm's:
+    each row says what it measured and what the plan said, and the plan of a tiny step lands
+    near the allocator's peak (the fit's input)."""
+    _grid()
+    import memory_calibration as mc
+    from common import Geometry, Spec
+
+    from mlx_dpo import kernel_choice as kc
+
+    spec, geo = Spec(128, 1, 2, 1, 352, 1024), Geometry(1, 64, 64)
+    rows = []
+    for lora in ("fused", "mlx"):
+        kc.reset(kc.Chooser(None, kc.parse_override(f"all=on,lora={lora}")))
+        try:
+            rows += [
+                r
+                for shared in (False, True)
+                for r in mc.measure(spec, [geo], ("lean",), None, shared)
+            ]
+        finally:
+            kc.reset()
+    assert [(r["lora"], r["shared"], r["ckpt"]) for r in rows] == [
+        (lora, shared, ckpt)
+        for lora in ("fused", "mlx")
+        for shared in (False, True)
+        for ckpt in (False, True)
+    ]
+    two_rows, shared = rows[0], rows[2]
+    assert (two_rows["T"], two_rows["T_att"]) == (128, 128)  # prompt + answer
+    assert (shared["T"], shared["T_att"]) == (192, 128)  # prompt + both answers; each its own
+    for r in rows:
+        assert 0.6 < r["planned_mb"] / r["measured_peak_mb"] < 1.6, r
+        assert mc._predicted_above(r, r["ckpt"], "fast") > 0
