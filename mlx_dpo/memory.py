@@ -302,6 +302,7 @@ def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
     own_row = max((row_length(p) for p in pairs), default=1)  # attention's rows
     completion = max((max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=1)
     rows = 2 * cfg.batch_size
+    block_rows = rows // 2 if shared else rows
     T, C = _padded(longest), min(_padded(completion), _padded(longest))
     runtime = runtime_bytes()  # before the kernels' timing leaves freed buffers in the heap
     kernels = cpu_kernels.step_choices(
@@ -310,7 +311,7 @@ def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
         T,
         C,
         mlp_ranks=_mlp_ranks(model, cfg),
-        block_rows=rows // 2 if shared else rows,
+        block_rows=block_rows,
         attention_T=_padded(own_row),
     )
     if kernels:  # the CPU kernels run: the adapters' call too, as the step will decide it
@@ -318,7 +319,7 @@ def plan_for_pairs(model: nn.Module, cfg, pairs) -> MemoryPlan:
         kernels["lora"] = lora_kernel.step_choice(
             [(i, o) for _, i, o in arch.adapted],
             cfg.lora_rank,
-            (rows // 2 if shared else rows) * (T - 1),
+            block_rows * (T - 1),
             dropout=getattr(cfg, "lora_dropout", 0.0),
             float32=arch.quantized or _float_size(params) == 4,
         )

@@ -153,8 +153,9 @@ def estimate(
     )
     blocks = "fast" if fast else "default"
     f = FACTORS[blocks]
-    # the "fast" factors were fitted with the fused adapters, the "default" ones with mlx-lm's
-    extra = _ADAPTER_EXTRA[ckpt] if fast and lora != "fused" else {"saved": 0.0, "layer": 0.0}
+    # the "fast" factors were fitted with the fused adapters, the "default" ones with mlx-lm's;
+    # the extra counts the projections that keep mlx-lm's call (none when "fused")
+    extra = _ADAPTER_EXTRA[ckpt] if fast else {"saved": 0.0, "layer": 0.0}
     mlx_lm_call = () if lora == "fused" else None if lora == "mlx" else lora  # None: all
     adapted_out = n_tok * _adapted_out_per_block(arch, mlx_lm_call)
     parts["saved activations"] = int(
