@@ -98,6 +98,31 @@ def command(variant, model_dir, length, pairs, dtype, args, out_json) -> list[st
     return [args.bench_python, str(HERE / "grid_lora.py"), *common, *q4]
 
 
+def _oom_first() -> None:
+    """In the child: ask the kernel's OOM killer to take this process first, so a side that
+    needs more memory than the machine has ends as its own cell, not as the grid's shell."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:  # not Linux
+        pass
+
+
+def run_variant(cmd: list[str], env: dict, timeout: int, out_json: Path) -> dict | None:
+    """Run one cell's process. None when it wrote its result; else the cell that says why not:
+    "timeout" (ran past --timeout: slower than timeout / (warmup + steps) per update, loading
+    aside), "out of memory" (killed by SIGKILL, the OOM killer's signal) or "failed"."""
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=_oom_first)  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        return {"status": "timeout", "timeout_s": timeout, "stderr": err[-2000:]}
+    if proc.returncode == 0 and out_json.exists():
+        return None
+    status = "out of memory" if proc.returncode == -9 else "failed"
+    return {"status": status, "returncode": proc.returncode, "stderr": proc.stderr[-2000:]}
+
+
 def run_point(point, args, root: Path, tmp: Path) -> dict:
     model, length, pairs, dtype = point
     model_dir = checkpoint(model, args.qwen_layers, root)
@@ -115,11 +140,10 @@ def run_point(point, args, root: Path, tmp: Path) -> dict:
                 for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                     env[k] = str(args.threads)
             t0 = time.time()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                                  timeout=args.timeout)  # fmt: skip
-            if proc.returncode != 0 or not out_json.exists():
-                cells[v] = {"status": "failed", "stderr": proc.stderr[-2000:]}
-                print(f"  {v}: FAILED\n{proc.stderr[-800:]}", flush=True)
+            failed = run_variant(cmd, env, args.timeout, out_json)
+            if failed:
+                cells[v] = failed
+                print(f"  {v}: {failed['status']}\n{failed.get('stderr', '')[-800:]}", flush=True)
                 continue
             res = json.loads(out_json.read_text())
             res["wall_s"] = time.time() - t0

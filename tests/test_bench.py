@@ -118,6 +118,25 @@ def test_grid_commands(tmp_path):
     assert grid.command("mlx-lm-lora", m, 128, 2, "fp32", args, m) is None
 
 
+def test_grid_cells_say_why_a_side_did_not_finish(tmp_path):
+    """A process past --timeout, one SIGKILLed (the OOM killer's signal) and one that exits 1
+    end as their own cells; the grid goes on. The child asked to be the OOM killer's first."""
+    grid = _grid()
+    out = tmp_path / "o.json"
+    py = [sys.executable, "-c"]
+    adj = f"open({str(out)!r}, 'w').write(open('/proc/self/oom_score_adj').read())"
+    if Path("/proc/self/oom_score_adj").exists():
+        assert grid.run_variant([*py, adj], {**os.environ}, 30, out) is None
+        assert out.read_text().strip() == "1000"
+        out.unlink()
+    slow = grid.run_variant([*py, "import time; time.sleep(30)"], {**os.environ}, 1, out)
+    assert slow["status"] == "timeout" and slow["timeout_s"] == 1
+    killed = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    assert grid.run_variant([*py, killed], {**os.environ}, 30, out)["status"] == "out of memory"
+    bad = grid.run_variant([*py, "import sys; sys.exit('no model')"], {**os.environ}, 30, out)
+    assert bad["status"] == "failed" and "no model" in bad["stderr"]
+
+
 def test_grid_flop_ratios_by_hand():
     """The others' model FLOPs over mlx_dpo's, hand-derived for a 1-block model (hidden 4, one
     head, 7 linears of 4 x 4 = 112 weights, LoRA r=8: 448), 1 pair of 4 tokens (a prompt of 2,
