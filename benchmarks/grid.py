@@ -161,6 +161,8 @@ def run_point(point, args, root: Path, tmp: Path) -> dict:
             if "plan" in runs[0]:
                 cell["plan_bytes"] = runs[0]["plan"]["total"]
                 cell["plan_parts"] = runs[0]["plan"]["parts"]
+            if any(x.get("grad_checkpoint") for x in runs):  # the plan did not fit without
+                cell["grad_checkpoint"] = True
             if "decisions" in runs[-1]:
                 cell["decisions"] = runs[-1]["decisions"]
     point = {"model": model, "length": length, "pairs": pairs, "dtype": dtype, "cells": cells}
@@ -203,7 +205,7 @@ def _s(cell: dict | None) -> str:
         return "-"
     if cell.get("status") != "ok":
         return cell.get("status", "-")
-    return f"{cell['step_s']:.2f}"
+    return f"{cell['step_s']:.2f}" + (" (grad checkpoint)" if cell.get("grad_checkpoint") else "")
 
 
 def ratio(a: dict | None, b: dict | None) -> float | None:

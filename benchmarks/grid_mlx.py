@@ -6,7 +6,8 @@ python benchmarks/grid_mlx.py MODEL_DIR --pairs B --length T [--quantize 4] [--k
 Loads the checkpoint as `mlx_dpo train` does (set_compute_path: float32 compute on the CPU, the
 kernels chosen per shape class unless --kernels overrides), inserts LoRA r=8 on q/k/v/o/gate/
 up/down of every block (--lora-keys: on those only, to time what the adapters cost; with
---grad-checkpoint each block recomputed in the backward, as `mlx_dpo train` does), builds B
+--grad-checkpoint each block recomputed in the backward, as `mlx_dpo train` does; turned on
+when the memory plan does not fit the machine without it, as train's refusal offers), builds B
 synthetic pairs of T tokens (half prompt, half completion), runs the trainer's compiled step
 (trainer.make_step, through mlx_worker.Step) with a cached reference and writes: the
 marginal seconds per update after warm-up (min and median of --steps), the reference forward's
@@ -16,6 +17,7 @@ pairs/s, the memory plan's parts and the measured peaks (MLX allocator, process 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -36,6 +38,7 @@ from mlx_worker import BIG_CACHE, VARIANTS, Step, load_model, make_batch  # noqa
 from mlx_dpo import kernel_choice, memory, shared_prompt  # noqa: E402
 from mlx_dpo import model as model_lib  # noqa: E402
 from mlx_dpo.config import TrainConfig  # noqa: E402
+from mlx_dpo.config_values import ConfigError  # noqa: E402
 
 
 def rss_now() -> int:
@@ -46,6 +49,26 @@ def rss_now() -> int:
     except OSError:
         pass
     return 0
+
+
+def fit_or_checkpoint(net, cfg, pairs, available: int | None = None):
+    """(cfg, plan, note) as `mlx_dpo train` would run the point: when the plan does not fit
+    `available` (default: this machine's), with --grad-checkpoint, the change its refusal
+    offers that keeps the point's batch and length; note is the refusal, None when none.
+    Raises ConfigError when that does not fit either."""
+    plan = memory.plan_for_pairs(net, cfg, pairs)  # as `mlx_dpo train` plans (and picks kernels)
+    try:
+        memory.check_fits(plan, available)
+        return cfg, plan, None
+    except ConfigError as e:
+        if cfg.grad_checkpoint:
+            raise
+        note = str(e)
+    cfg = dataclasses.replace(cfg, grad_checkpoint=True)
+    model_lib.enable_grad_checkpoint(net)
+    plan = memory.plan_for_pairs(net, cfg, pairs)
+    memory.check_fits(plan, available)
+    return cfg, plan, note
 
 
 def main(argv=None) -> dict:
@@ -66,6 +89,10 @@ def main(argv=None) -> dict:
         help="adapt only these projections (default: all seven, as the other sides do)",
     )  # fmt: skip
     p.add_argument("--grad-checkpoint", action="store_true", help="mlx_dpo train's flag")
+    p.add_argument(
+        "--available", type=int, default=None,
+        help="bytes the plan must fit (default: this machine's, as mlx_dpo train checks)",
+    )  # fmt: skip
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", required=True)
@@ -92,7 +119,12 @@ def main(argv=None) -> dict:
     geo = Geometry(args.pairs, prompt, args.length - prompt)
     vocab = net.args.vocab_size
     pairs, _ = make_batch(geo, vocab, 0)
-    plan = memory.plan_for_pairs(net, cfg, pairs)  # as `mlx_dpo train` plans (and picks kernels)
+    try:
+        cfg, plan, refused = fit_or_checkpoint(net, cfg, pairs, args.available)
+    except ConfigError as e:
+        sys.exit(f"grid_mlx: does not fit, with --grad-checkpoint either: {e}")
+    out["grad_checkpoint"] = cfg.grad_checkpoint
+    out["refused_without_checkpoint"] = refused
     out["plan"] = {
         "total": plan.resident_bytes,
         "arrays": plan.total_bytes,

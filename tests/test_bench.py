@@ -85,8 +85,8 @@ def test_grid_table_from_injected_cells():
         "cells": {
             "mlx_dpo": ok(0.5, peak_rss_bytes=400 << 20, plan_bytes=380 << 20),
             "attention-off": ok(0.4), "swiglu-off": ok(0.6), "head-off": {"status": "failed"},
-            "kernels-off": ok(1.0), "trl": ok(1.5), "trl-precompute": ok(1.0),
-            "mlx-lm-lora": {"status": "n/a"},
+            "kernels-off": ok(1.0, grad_checkpoint=True), "trl": ok(1.5),
+            "trl-precompute": ok(1.0), "mlx-lm-lora": {"status": "n/a"},
         },
     }  # fmt: skip
     table = grid.markdown([point], grid.VARIANTS)
@@ -94,6 +94,7 @@ def test_grid_table_from_injected_cells():
     split = lambda line: [c.strip() for c in line.strip("| ").split("|")]  # noqa: E731
     cells = dict(zip(split(header), split(row), strict=True))
     assert cells["mlx_dpo"] == "0.50" and cells["head-off"] == "failed"
+    assert cells["kernels-off"] == "1.00 (grad checkpoint)"  # the plan did not fit without
     assert cells["default vs best own"] == "+25%"  # 0.5 against attention-off's 0.4
     assert cells["TRL / default"] == "3.00x" and cells["TRL-pre / default"] == "2.00x"
     assert cells["mlx-lm-lora / default"] == "-"
@@ -316,6 +317,48 @@ def test_grid_mlx_adapts_only_the_lora_keys_asked(tiny_model_path, tmp_path):
     assert both["trainable_parameters"] == layers * 8 * ((d + d) + (d + kv))
     every = grid_mlx.main([*run, "--json", str(tmp_path / "all.json")])
     assert every["trainable_parameters"] > both["trainable_parameters"]
+
+
+def test_grid_mlx_turns_on_grad_checkpoint_where_the_plan_does_not_fit(tmp_path, monkeypatch):
+    """Where `mlx_dpo train` would refuse the point and offer --grad-checkpoint, the grid runs
+    it so: between the two plans' needs checkpointing is turned on (in the model too), above
+    both nothing changes, below both it is refused."""
+    _grid()
+    import grid_mlx
+    from common import Geometry
+    from mlx_worker import load_model, make_batch
+    from tiny import build_tiny_model
+
+    from mlx_dpo import memory
+    from mlx_dpo import model as model_lib
+    from mlx_dpo.config import TrainConfig
+    from mlx_dpo.config_values import ConfigError
+
+    deep = build_tiny_model(tmp_path / "deep", num_layers=8)  # deep enough to gain by it
+
+    def fresh(ckpt=False):
+        net, _ = load_model(deep, None)
+        cfg = TrainConfig(num_layers=-1, lora_rank=8, batch_size=2, grad_checkpoint=ckpt)
+        model_lib.apply_adapters(net, cfg, seed=0)
+        return net, cfg
+
+    pairs, _ = make_batch(Geometry(2, 256, 256), 256, 0)
+    monkeypatch.setattr(memory, "runtime_bytes", lambda: 100 << 20)  # not the live heap's
+    need = {}
+    for ckpt in (False, True):
+        net, cfg = fresh(ckpt)
+        plan = memory.plan_for_pairs(net, cfg, pairs)
+        need[ckpt] = plan.total_bytes + sum(plan.os_parts.values())
+    assert need[True] < need[False], need
+    net, cfg = fresh()
+    got, plan, refused = grid_mlx.fit_or_checkpoint(net, cfg, pairs, need[False] + 1)
+    assert not got.grad_checkpoint and refused is None
+    between = (need[True] + need[False]) // 2
+    got, plan, refused = grid_mlx.fit_or_checkpoint(net, cfg, pairs, between)
+    assert got.grad_checkpoint and plan.grad_checkpoint and "--grad-checkpoint" in refused
+    assert getattr(type(net.layers[0]), "_mlx_dpo_checkpointed", False)  # the model's too
+    with pytest.raises(ConfigError):
+        grid_mlx.fit_or_checkpoint(*fresh(), pairs, need[True] // 2)
 
 
 def test_memory_calibration_measures_both_layouts_and_each_adapter_call():
