@@ -325,6 +325,7 @@ def test_grid_mlx_turns_on_grad_checkpoint_where_the_plan_does_not_fit(tmp_path,
     both nothing changes, below both it is refused."""
     _grid()
     import grid_mlx
+    import mlx.core as mx
     from common import Geometry
     from mlx_worker import load_model, make_batch
     from tiny import build_tiny_model
@@ -344,17 +345,21 @@ def test_grid_mlx_turns_on_grad_checkpoint_where_the_plan_does_not_fit(tmp_path,
 
     pairs, _ = make_batch(Geometry(2, 256, 256), 256, 0)
     monkeypatch.setattr(memory, "runtime_bytes", lambda: 100 << 20)  # not the live heap's
+    memory.plan_for_pairs(*fresh(), pairs)  # the kernels decided (and cached) first
     need = {}
     for ckpt in (False, True):
         net, cfg = fresh(ckpt)
+        mx.clear_cache()  # the allocator's cache is a live part of the plan
         plan = memory.plan_for_pairs(net, cfg, pairs)
         need[ckpt] = plan.total_bytes + sum(plan.os_parts.values())
-    assert need[True] < need[False], need
+    gap = need[False] - need[True]
+    assert gap > 0, need
     net, cfg = fresh()
-    got, plan, refused = grid_mlx.fit_or_checkpoint(net, cfg, pairs, need[False] + 1)
+    mx.clear_cache()
+    got, plan, refused = grid_mlx.fit_or_checkpoint(net, cfg, pairs, need[False] + gap // 2)
     assert not got.grad_checkpoint and refused is None
-    between = (need[True] + need[False]) // 2
-    got, plan, refused = grid_mlx.fit_or_checkpoint(net, cfg, pairs, between)
+    mx.clear_cache()
+    got, plan, refused = grid_mlx.fit_or_checkpoint(net, cfg, pairs, need[True] + gap // 2)
     assert got.grad_checkpoint and plan.grad_checkpoint and "--grad-checkpoint" in refused
     assert getattr(type(net.layers[0]), "_mlx_dpo_checkpointed", False)  # the model's too
     with pytest.raises(ConfigError):
