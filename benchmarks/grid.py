@@ -17,7 +17,10 @@ TRL and mlx-lm-lora run in the benchmark venv (--bench-python, default .bench-ve
 make it with `python3 -m venv .bench-venv && .bench-venv/bin/pip install torch==2.13.0
 trl==1.16.0 peft datasets mlx-lm-lora==5.10.2 "mlx[cpu]" mkl`); they are never dependencies of
 the project. TRL has no 4-bit CPU path (bitsandbytes needs a GPU) and cannot read the demo's
-MLX-quantized weights: those cells are "n/a". Each cell is the marginal seconds per update after
+MLX-quantized weights: those cells are "n/a". A side that runs past --timeout is "timeout", one
+the kernel's OOM killer ends (each child asks to be its first pick) is "out of memory". An
+mlx_dpo cell whose memory plan does not fit the machine runs with --grad-checkpoint, as
+`mlx_dpo train`'s refusal offers, and says so. Each cell is the marginal seconds per update after
 --warmup updates (min over --steps and rounds), peak RSS, and for mlx_dpo the memory plan.
 Writes <out>.json and <out>.md (default benchmarks/out/grid-<time>).
 """
