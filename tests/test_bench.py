@@ -124,17 +124,17 @@ def test_grid_cells_say_why_a_side_did_not_finish(tmp_path):
     end as their own cells; the grid goes on. The child asked to be the OOM killer's first."""
     grid = _grid()
     out = tmp_path / "o.json"
-    py = [sys.executable, "-c"]
+    py, env = [sys.executable, "-c"], dict(os.environ)
     adj = f"open({str(out)!r}, 'w').write(open('/proc/self/oom_score_adj').read())"
     if Path("/proc/self/oom_score_adj").exists():
-        assert grid.run_variant([*py, adj], {**os.environ}, 30, out) is None
+        assert grid.run_variant([*py, adj], env, 30, out) is None
         assert out.read_text().strip() == "1000"
         out.unlink()
-    slow = grid.run_variant([*py, "import time; time.sleep(30)"], {**os.environ}, 1, out)
+    slow = grid.run_variant([*py, "import time; time.sleep(30)"], env, 1, out)
     assert slow["status"] == "timeout" and slow["timeout_s"] == 1
     killed = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
-    assert grid.run_variant([*py, killed], {**os.environ}, 30, out)["status"] == "out of memory"
-    bad = grid.run_variant([*py, "import sys; sys.exit('no model')"], {**os.environ}, 30, out)
+    assert grid.run_variant([*py, killed], env, 30, out)["status"] == "out of memory"
+    bad = grid.run_variant([*py, "import sys; sys.exit('no model')"], env, 30, out)
     assert bad["status"] == "failed" and "no model" in bad["stderr"]
 
 
@@ -350,8 +350,7 @@ def test_grid_mlx_turns_on_grad_checkpoint_where_the_plan_does_not_fit(tmp_path,
     for ckpt in (False, True):
         net, cfg = fresh(ckpt)
         mx.clear_cache()  # the allocator's cache is a live part of the plan
-        plan = memory.plan_for_pairs(net, cfg, pairs)
-        need[ckpt] = plan.total_bytes + sum(plan.os_parts.values())
+        need[ckpt] = memory.plan_for_pairs(net, cfg, pairs).step_resident_bytes
     gap = need[False] - need[True]
     assert gap > 0, need
     net, cfg = fresh()
