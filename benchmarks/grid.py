@@ -40,6 +40,8 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from common import SPECS, Spec, load_average, step_flops, write_checkpoint  # noqa: E402
 
+from mlx_dpo.platform import cpu_model  # noqa: E402
+
 MLX_VARIANTS = {  # variant -> grid_mlx.py's arguments
     "mlx_dpo": [],
     "attention-off": ["--kernels", "attention=off"],
@@ -278,6 +280,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def header(report: dict) -> str:
+    """The line above the table: what the figures were measured on."""
+    loads = [report.get(k) or "?" for k in ("load_average_before", "load_average_after")]
+    return (
+        f"CPU: {report['cpu']}; BLAS threads: {report['threads']}; load average (1, 5, 15 min) "
+        f"before {loads[0]}, after {loads[1]}"
+    )
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     points = (
@@ -291,6 +302,7 @@ def main(argv=None) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     report = {
         "command": " ".join(sys.argv),
+        "cpu": cpu_model(),  # each point's figures hold for this CPU: cpu_model tells them apart
         "threads": args.threads or "library defaults",
         "load_average_before": load_average(),
         "points": [],
@@ -300,8 +312,9 @@ def main(argv=None) -> dict:
         report["points"].append(run_point(point, args, root, tmp))
         report["load_average_after"] = load_average()
         out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-        out.with_suffix(".md").write_text(markdown(report["points"], args.variants) + "\n")
-    print(markdown(report["points"], args.variants))
+        table = markdown(report["points"], args.variants)
+        out.with_suffix(".md").write_text(f"{header(report)}\n\n{table}\n")
+    print(header(report), markdown(report["points"], args.variants), sep="\n\n")
     print(f"wrote {out}.json and {out}.md")
     return report
 

@@ -8,7 +8,7 @@ import sys
 import time
 
 from mlx_dpo import _blas, cpu_kernels
-from mlx_dpo.platform import Platform, detect
+from mlx_dpo.platform import Platform, cpu_model, detect
 
 
 def _matmul_gflops() -> float:
@@ -49,6 +49,7 @@ def report() -> str:
 
     state = _blas.preload()
     lines = [f"python {sys.version.split()[0]} on {platform.system()} {platform.machine()}"]
+    lines.append(f"cpu: {cpu_model()}")  # what the kernels' timing cache is keyed by
     lines += backend_lines()
     lines.append(f"mlx-lm {mlx_lm.__version__}")
     if sys.platform.startswith("linux"):

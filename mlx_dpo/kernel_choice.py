@@ -7,9 +7,9 @@ here is assumed. The first time a kernel meets a shape class (its real shapes, b
 forward and backward, and the fastest best time wins, but a fast kernel replaces MLX's op only
 when it is at least MARGIN faster: on this noisy a machine a closer call is not a measurement,
 and keeping MLX's op then costs at most MARGIN. The decision is printed once and cached in
-`<cache dir>/kernels-<key>.json`, keyed by the machine (CPU model, cores), the MLX version and
-the shape class, which holds the model's dimensions; the cache dir is MLX_DPO_CACHE (default
-~/.cache/mlx_dpo).
+`<cache dir>/kernels-<key>.json`, keyed by the machine (CPU model and vector instructions,
+cores), the MLX version and the shape class, which holds the model's dimensions; the cache dir
+is MLX_DPO_CACHE (default ~/.cache/mlx_dpo).
 
 Overrides (MLX_DPO_KERNELS, e.g. `attention=off,swiglu=on`; `all=off`; `auto` is the default)
 skip the timing; MLX_DPO_NO_FAST_EXP=1 turns every kernel off.
@@ -169,21 +169,16 @@ TIMING_VERSION = 2
 
 
 def machine_key() -> str:
-    """CPU model, core count, OS/arch, the MLX version and the BLAS thread settings: what a
-    timing holds for (with one BLAS thread the matmuls around a kernel take longer); and the
-    candidates and TIMING_VERSION: a decision among other candidates, or timed another way,
-    is not one to reuse."""
+    """The CPU (`platform.cpu_model`: name, family, vector instructions), core count, OS/arch,
+    the MLX version and the BLAS thread settings: what a timing holds for (with one BLAS thread
+    the matmuls around a kernel take longer); and the candidates and TIMING_VERSION: a decision
+    among other candidates, or timed another way, is not one to reuse."""
     import mlx.core as mx
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    parts = [cpu, str(os.cpu_count()), platform.system(), platform.machine(), mx.__version__]
+    from mlx_dpo.platform import cpu_model
+
+    parts = [cpu_model(), str(os.cpu_count()), platform.system(), platform.machine()]
+    parts.append(mx.__version__)
     threads = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
     parts += [f"{k}={os.environ[k]}" for k in threads if os.environ.get(k)]
     parts += [f"timing v{TIMING_VERSION}", repr(sorted(CANDIDATES.items()))]

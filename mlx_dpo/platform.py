@@ -1,7 +1,7 @@
 """The machine the run is on: OS, CPU architecture, MLX backend and memory, read in one place.
 
-`detect()` is the only function that asks the system and MLX; everything that depends on the
-platform (the compute path, the CPU kernels, the memory budget, the wired-memory limit, the
+`detect()` is the only function that asks the system and MLX, and `cpu_model()` the only one
+that reads which CPU this is; everything that depends on the platform (the compute path, the CPU kernels, the memory budget, the wired-memory limit, the
 doctor's lines, the reference cache key) takes a `Platform` argument and calls `detect()` only
 when none is given. Tests build the four platforms with `Platform.make` and run every branch on
 any machine: the x86 CPU build (`mlx[cpu]` on Linux), the arm CPU backend, Metal (Apple silicon,
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import platform as _platform
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,6 +68,44 @@ class Platform:
         }.get(kind, {})
         backend = kind if kind in ("metal", "cuda") else "cpu"
         return cls(os_name, arch, backend, memory_bytes, {**device_info, **info})
+
+
+# The instruction sets a kernel's speed depends on: two CPUs that differ in these are not the
+# same machine to a timing, even where both call themselves "AMD EPYC" (as cloud VMs do).
+_FEATURES = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_tile", "asimd",
+             "sve", "sve2", "i8mm", "bf16")  # fmt: skip
+_IDENTITY = ("vendor_id", "cpu family", "model", "stepping", "CPU implementer", "CPU part")
+
+
+def cpu_model(cpuinfo: str | None = None, system: str | None = None) -> str:
+    """This CPU as a timing needs to tell it apart: its name, and on Linux its family, model and
+    stepping (or arm's implementer and part) and the vector instructions it has, from
+    /proc/cpuinfo (`cpuinfo`: that file's text, for tests); the brand string on macOS
+    ("Apple M3 Max"). The name alone is not enough: a cloud VM's may be "AMD EPYC" for a Zen 3
+    without AVX-512 one day and a Zen 5 with it the next."""
+    system = system or _platform.system()
+    if system == "Darwin":
+        try:
+            cmd = ["sysctl", "-n", "machdep.cpu.brand_string"]
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
+            return run.stdout.strip() or _platform.processor()
+        except (OSError, subprocess.SubprocessError):
+            return _platform.processor()
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read(1 << 16)  # the first core's lines are enough
+        except OSError:
+            return _platform.processor()
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or _platform.processor() or "unknown CPU"
+    have = set((fields.get("flags") or fields.get("Features") or "").split())
+    ident = [f"{k} {fields[k]}" for k in _IDENTITY if fields.get(k)]
+    features = [f for f in _FEATURES if f in have]
+    return f"{name} ({', '.join(ident)}; {' '.join(features) or 'no vector extensions listed'})"
 
 
 def _ram_bytes() -> int:

@@ -99,6 +99,10 @@ def test_grid_table_from_injected_cells():
     assert cells["TRL / default"] == "3.00x" and cells["TRL-pre / default"] == "2.00x"
     assert cells["mlx-lm-lora / default"] == "-"
     assert cells["RSS MiB"] == "400" and cells["plan / RSS"] == "0.95"
+    run = {"cpu": "AMD EPYC (cpu family 25; avx2)", "threads": 1, "load_average_before": [1.0]}
+    line = grid.header(run)  # the machine above the table; "?" for what was not recorded
+    assert line.startswith("CPU: AMD EPYC (cpu family 25; avx2); BLAS threads: 1;")
+    assert line.endswith("before [1.0], after ?")
 
 
 def test_grid_commands(tmp_path):

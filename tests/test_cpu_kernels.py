@@ -176,7 +176,7 @@ def test_doctor_says_whether_the_kernels_run(opt_out, monkeypatch):
     from click.testing import CliRunner
 
     from mlx_dpo.cli import main
-    from mlx_dpo.platform import detect
+    from mlx_dpo.platform import cpu_model, detect
 
     monkeypatch.setenv(cpu_kernels.OPT_OUT_ENV, opt_out)
     result = CliRunner().invoke(main, ["doctor"])
@@ -188,6 +188,7 @@ def test_doctor_says_whether_the_kernels_run(opt_out, monkeypatch):
     verdict = line.removeprefix("cpu exp kernels:").strip()
     assert verdict.startswith("off") == (not runs), line
     assert cpu_kernels.enabled() == runs == ("fused-arithmetic" in line)
+    assert f"cpu: {cpu_model()}" in result.output.splitlines()  # the timing cache's CPU
 
 
 def test_attention_backward_memory_is_linear_in_length():

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from mlx_dpo import cpu_kernels, doctor, memory, reference
 from mlx_dpo import model as model_lib
 from mlx_dpo.config import TrainConfig
-from mlx_dpo.platform import KINDS, Platform, detect, set_wired_limit
+from mlx_dpo.platform import KINDS, Platform, cpu_model, detect, set_wired_limit
 from mlx_dpo.reference import model_identity
 
 GIB = 1 << 30
@@ -143,3 +143,48 @@ def test_reference_cache_key_differs_per_platform(tiny_model_path):
     assert again == keys["metal"]
     ld = TrainConfig(model=str(tiny_model_path), ld_alpha=0.5)
     assert reference.cache_key(model_identity(ld, loaded, Platform.make("metal")), []) != again
+
+
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC
+stepping\t: 1
+flags\t\t: fpu sse sse2 avx fma avx2 bmi2
+processor\t: 1
+model name\t: another core, not read
+"""
+ZEN5 = ZEN3.replace("cpu family\t: 25", "cpu family\t: 26").replace("avx2", "avx2 avx512f")
+GRAVITON = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd crc32 atomics sve i8mm bf16
+CPU implementer\t: 0x41
+CPU part\t: 0xd40
+"""
+
+
+def test_cpu_model_tells_apart_cpus_that_share_a_name():
+    """Cloud VMs call a Zen 3 and a Zen 5 both "AMD EPYC": family and vector instructions
+    must make them two machines to the kernels' timing cache."""
+    zen3, zen5 = cpu_model(ZEN3, "Linux"), cpu_model(ZEN5, "Linux")
+    assert (
+        zen3
+        == "AMD EPYC (vendor_id AuthenticAMD, cpu family 25, model 1, stepping 1; avx avx2 fma)"
+    )
+    assert zen5 != zen3 and "cpu family 26" in zen5 and zen5.endswith("avx avx2 fma avx512f)")
+    arm = cpu_model(GRAVITON, "Linux")
+    assert "CPU implementer 0x41, CPU part 0xd40" in arm and arm.endswith("asimd sve i8mm bf16)")
+    assert "no vector extensions listed" in cpu_model("model name\t: X\n", "Linux")
+
+
+def test_kernel_cache_is_per_cpu(monkeypatch, tmp_path):
+    from mlx_dpo import kernel_choice
+    from mlx_dpo import platform as platform_mod
+
+    monkeypatch.setenv("MLX_DPO_CACHE", str(tmp_path))
+    paths = []
+    for text in (ZEN3, ZEN5, ZEN3):
+        monkeypatch.setattr(platform_mod, "cpu_model", lambda t=text: cpu_model(t, "Linux"))
+        paths.append(kernel_choice.default_cache_path())
+    assert paths[0] == paths[2] != paths[1]
