@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mlx_dpo import cpu_kernels
@@ -403,3 +404,24 @@ def test_memory_calibration_measures_both_layouts_and_each_adapter_call():
     for r in rows:
         assert 0.6 < r["planned_mb"] / r["measured_peak_mb"] < 1.6, r
         assert mc._predicted_above(r, r["ckpt"], "fast") > 0
+
+
+def test_gemm_packed_times_three_calls_of_the_same_product():
+    """benchmarks/gemm_packed.py (RESULTS.md 1n) times what it says: the plain, transposed and
+    pre-packed calls each write x W^T."""
+    sys.path.insert(0, str(BENCH.parent))
+    import gemm_packed
+
+    try:
+        lib = gemm_packed._mkl()
+    except SystemExit:
+        pytest.skip("no libmkl_rt in this environment")
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((37, 19), np.float32), rng.standard_normal((23, 19), np.float32)
+    calls = gemm_packed.products(lib, x, w)
+    assert list(calls) == list(gemm_packed.NAMES)
+    for fn, y in calls.values():
+        fn()
+        np.testing.assert_allclose(
+            y, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4
+        )
