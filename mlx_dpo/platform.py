@@ -1,12 +1,13 @@
 """The machine the run is on: OS, CPU architecture, MLX backend and memory, read in one place.
 
 `detect()` is the only function that asks the system and MLX, and `cpu_model()` the only one
-that reads which CPU this is; everything that depends on the platform (the compute path, the CPU kernels, the memory budget, the wired-memory limit, the
-doctor's lines, the reference cache key) takes a `Platform` argument and calls `detect()` only
-when none is given. Tests build the four platforms with `Platform.make` and run every branch on
-any machine: the x86 CPU build (`mlx[cpu]` on Linux), the arm CPU backend, Metal (Apple silicon,
-unified memory) and CUDA (`mlx[cuda]`); `forced(plat)` makes `detect()` return `plat` for a
-whole command (tests/test_gpu_path.py trains down the Metal path on a Linux CPU this way).
+that reads which CPU this is; everything that depends on the platform (the compute path, the
+CPU kernels, the memory budget, the wired-memory limit, the doctor's lines, the reference cache
+key) takes a `Platform` argument and calls `detect()` only when none is given. Tests build the
+four platforms with `Platform.make` and run every branch on any machine: the x86 CPU build
+(`mlx[cpu]` on Linux), the arm CPU backend, Metal (Apple silicon, unified memory) and CUDA
+(`mlx[cuda]`); `forced(plat)` makes `detect()` return `plat` for a whole command
+(tests/test_gpu_path.py trains down the Metal path on a Linux CPU this way).
 """
 
 from __future__ import annotations
