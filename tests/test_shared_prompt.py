@@ -171,9 +171,12 @@ def test_shared_layout_gives_the_gradients_of_two_rows(attention, checkpoint):
                 # cancels (dS = P * (dP - rowsum(dO * O))). With MKL the flash kernel's
                 # two-row gradients differ from MLX attention's by 3e-3 of that in layer 1's
                 # q_proj.lora_a, and the layouts (which sum the prompt's cotangents before the
-                # kernel's backward, not after) by 5e-4; with MLX attention, or the reference
-                # BLAS, by 2e-6. A missing or doubled gradient path is O(1).
-                tolerance = 2e-3 if attention == "flash" else 1e-4
+                # kernel's backward, not after) by 5e-4 on an AVX-512 Xeon; with MLX attention,
+                # or the reference BLAS, by 2e-6. On a Zen 3 (MKL's AVX2 path) the gap changes
+                # from run to run of the same test (MKL's round-off follows the arrays'
+                # alignment): 6e-5 to 2.9e-3 with flash, 1e-6 or 2.3e-4 with MLX attention.
+                # A missing or doubled gradient path is O(1).
+                tolerance = 1e-2 if attention == "flash" else 1e-3
                 scale = max(float(np.abs(np.array(g)).max()), 1e-6)
                 np.testing.assert_allclose(
                     np.array(got[k]), np.array(g), atol=tolerance * scale, err_msg=k
