@@ -1,6 +1,6 @@
 """Would pre-packed frozen weights speed up the update's GEMMs? (benchmarks/RESULTS.md 1n)
 
-    python benchmarks/gemm_packed.py      # in a venv with the `mkl` wheel (both venvs have it)
+    python benchmarks/gemm_packed.py      # in the project's venv (the `mkl` wheel comes with it)
 
 Times MKL's sgemm at the frozen projections' shapes (SmolLM2-135M: 576 -> 1,536, 1,536 -> 576,
 576 -> 576, 576 -> 192; 191-764 rows, the shapes of 1-4 pairs of 128 tokens) three ways, 1
@@ -12,19 +12,19 @@ Prints ms and GFLOP/s, best of 5 x 50 calls.
 from __future__ import annotations
 
 import ctypes
-import glob
-import os
 import sys
 import time
 
 import numpy as np
+
+from mlx_dpo._blas import _mkl_candidates
 
 ROW_MAJOR, NO_TRANS, TRANS, PACKED, PACK_B = 101, 111, 112, 151, 162
 NAMES = ("x W^T", "x W (stored transposed)", "packed W")
 
 
 def _mkl() -> ctypes.CDLL:
-    found = glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*"))
+    found = _mkl_candidates()  # where mlx_dpo's own preload finds the wheel's libmkl_rt
     if not found:
         sys.exit("no libmkl_rt in this venv: pip install mkl")
     lib = ctypes.CDLL(found[0])
@@ -52,20 +52,19 @@ def products(lib, x: np.ndarray, w: np.ndarray) -> dict[str, tuple]:
     wt = np.ascontiguousarray(w.T)
     packed = np.zeros(lib.cblas_sgemm_pack_get_size(PACK_B, M, N, K) // 4 + 16, np.float32)
     lib.cblas_sgemm_pack(ROW_MAJOR, PACK_B, TRANS, M, N, K, f(1), ptr(w), K, ptr(packed))
-    ys = {name: np.zeros((M, N), np.float32) for name in NAMES}
-    y0, y1, y2 = ys.values()
-    calls = {
-        "x W^T": lambda: lib.cblas_sgemm(
+    y0, y1, y2 = ys = [np.zeros((M, N), np.float32) for _ in NAMES]
+    calls = (  # in the order of NAMES
+        lambda: lib.cblas_sgemm(
             ROW_MAJOR, NO_TRANS, TRANS, M, N, K, f(1), ptr(x), K, ptr(w), K, f(0), ptr(y0), N
         ),
-        "x W (stored transposed)": lambda: lib.cblas_sgemm(
+        lambda: lib.cblas_sgemm(
             ROW_MAJOR, NO_TRANS, NO_TRANS, M, N, K, f(1), ptr(x), K, ptr(wt), N, f(0), ptr(y1), N
         ),
-        "packed W": lambda: lib.cblas_sgemm_compute(
+        lambda: lib.cblas_sgemm_compute(
             ROW_MAJOR, NO_TRANS, PACKED, M, N, K, ptr(x), K, ptr(packed), N, f(0), ptr(y2), N
         ),
-    }
-    return {name: (calls[name], ys[name]) for name in NAMES}
+    )
+    return dict(zip(NAMES, zip(calls, ys, strict=True), strict=True))
 
 
 def time_shape(lib, M: int, K: int, N: int) -> dict[str, float]:
