@@ -192,10 +192,15 @@ def test_doctor_says_whether_the_kernels_run(opt_out, monkeypatch):
 
 
 def test_attention_backward_memory_is_linear_in_length():
-    # FlashAttention's point: no T x T probabilities kept. Quadrupling T must roughly
-    # quadruple the backward's peak (it grew ~7x when every block's probabilities stayed alive).
+    # FlashAttention's point: no T x T probabilities kept. Quadrupling T may quadruple the
+    # backward's peak, and the growth beyond that must stay far below the H x T x T
+    # probabilities: with every block's probabilities alive (dk and dv out of the chain) it
+    # was 27.5 MiB at T = 2,048, against 1.6 MiB here. The bound is not on the ratio: a busy
+    # CI once measured 5.26x; alone or beside busy processes it gives 4.08-4.22x, and what
+    # moved it there was not found (a ratio bound was 1 x peak(512) = 8 MiB of slack).
+    B, H, Hkv, D = 1, 4, 2, 32
+
     def peak(T):
-        B, H, Hkv, D = 1, 4, 2, 32
         q, d_out = (mx.random.normal((B, H, T, D)) for _ in range(2))
         k, v = (mx.random.normal((B, Hkv, T, D)) for _ in range(2))
         mx.eval(q, k, v, d_out)
@@ -214,10 +219,11 @@ def test_attention_backward_memory_is_linear_in_length():
 
     previous = mx.set_cache_limit(0)  # freed buffers go back at once: peaks are live bytes
     try:
-        ratio = peak(2048) / peak(512)
+        beyond_linear = peak(2048) - 4 * peak(512)
     finally:
         mx.set_cache_limit(previous)
-    assert ratio < 5, ratio
+    probabilities = H * 2048 * 2048 * 4
+    assert beyond_linear < probabilities / 4, beyond_linear / 2**20
 
 
 @pytest.mark.parametrize("winner", ["mlx", "fast", "flash-16"])
