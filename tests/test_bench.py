@@ -100,10 +100,35 @@ def test_grid_table_from_injected_cells():
     assert cells["TRL / default"] == "3.00x" and cells["TRL-pre / default"] == "2.00x"
     assert cells["mlx-lm-lora / default"] == "-"
     assert cells["RSS MiB"] == "400" and cells["plan / RSS"] == "0.95"
+    # a gap past 5% but within the updates' spread says so; one past the spread does not
+    near = {**point, "cells": {"mlx_dpo": ok(0.53, spread=0.04), "lora-off": ok(0.5, spread=0.2)}}
+    far = {**point, "cells": {"mlx_dpo": ok(0.53, spread=0.02), "lora-off": ok(0.5, spread=0.03)}}
+    rows = grid.markdown([near, far], ["mlx_dpo", "lora-off"]).splitlines()
+    gaps = [
+        dict(zip(split(rows[0]), split(r), strict=True))["default vs best own"] for r in rows[2:]
+    ]
+    assert gaps == ["+6% (updates vary 20%)", "+6%"]
     run = {"cpu": "AMD EPYC (cpu family 25; avx2)", "threads": 1, "load_average_before": [1.0]}
     line = grid.header(run)  # the machine above the table; "?" for what was not recorded
     assert line.startswith("CPU: AMD EPYC (cpu family 25; avx2); BLAS threads: 1;")
     assert line.endswith("before [1.0], after ?")
+
+
+def test_grid_cell_from_its_rounds():
+    """A cell over two rounds: the fastest update after warm-up, the largest RSS, and the
+    spread of the updates after warm-up only (the first update's kernel timing is not noise)."""
+    grid = _grid()
+    run = lambda times, rss: {  # noqa: E731
+        "step_s_min": min(times[1:]), "step_times": times, "peak_rss_bytes": rss,
+        "load_average": [1.0], "plan": {"total": 7, "parts": {}},
+    }  # fmt: skip
+    cell = {"runs": [run([9.0, 2.0, 2.5], 100), run([8.0, 2.4, 1.6], 120)]}
+    grid.summarize(cell, warmup=1)
+    assert cell["step_s"] == 1.6 and cell["peak_rss_bytes"] == 120 and cell["plan_bytes"] == 7
+    assert cell["spread"] == pytest.approx(2.5 / 1.6 - 1)
+    one = {"runs": [run([9.0, 2.0], 100)]}
+    grid.summarize(one, warmup=1)
+    assert "spread" not in one  # one update: no spread to speak of
 
 
 def test_grid_commands(tmp_path):
