@@ -431,14 +431,15 @@ def _normal(shape, seed: int) -> mx.array:
     return mx.random.normal(shape, key=mx.random.key(seed))
 
 
-def _grad_timer(fn, *arrays, value: bool = False):
-    """A blocking callable: compiled forward + backward of sum(fn(...) * a random cotangent);
-    with `value` the sum is evaluated too, as a step evaluates its loss: without it MLX skips
-    the forward ops no gradient needs (a frozen projection's x W^T: all of it)."""
+def _grad_timer(fn, *arrays):
+    """A blocking callable: compiled forward + backward of sum(fn(...) * a random cotangent),
+    the sum evaluated too, as a step evaluates its loss: a gradient alone lets MLX skip the
+    forward ops no gradient needs (a frozen projection's x W^T: all of it; MLX attention's
+    P V, where the flash kernel's backward reads its output), which the step still runs."""
     out = fn(*arrays)
     ct = _normal(out.shape, 9).astype(out.dtype)
-    grad = mx.value_and_grad if value else mx.grad
-    step = mx.compile(grad(lambda *a: (fn(*a) * ct).sum(), argnums=tuple(range(len(arrays)))))
+    loss = lambda *a: (fn(*a) * ct).sum()  # noqa: E731
+    step = mx.compile(mx.value_and_grad(loss, argnums=tuple(range(len(arrays)))))
     mx.eval(ct, *arrays)
     return lambda: mx.eval(step(*arrays))
 
@@ -475,12 +476,14 @@ def _mlp_arrays(n: int, hidden: int, width: int, dtype, ranks: dict) -> tuple:
 
 
 def _mlp_block(weights: dict, adapters: dict, act):
-    """x -> down(act(gate(x), up(x))), each projection adapted as mlx-lm's LoRALinear does
-    (x W^T + scale * (x A) B, scale 20: the default)."""
+    """x -> down(act(gate(x), up(x))), each adapted projection computing x W^T + scale (x A) B
+    (scale 20: mlx-lm's default) through the call the step takes for its shape
+    (`lora_kernel.adapter`: the fused function or mlx-lm's LoRALinear)."""
 
     def linear(name, v):
         if name in adapters:
-            return lora_kernel.mlx_lm_adapter(v, weights[name], *adapters[name])
+            w, (a, b) = weights[name], adapters[name]
+            return lora_kernel.adapter(v, w, a)(v, w, a, b)
         return v @ weights[name].T
 
     return lambda x: linear("down_proj", act(linear("gate_proj", x), linear("up_proj", x)))

@@ -164,8 +164,10 @@ def shape_class(kernel: str, **dims: int) -> str:
 
 
 # Bumped when the way candidates are timed changes, so that no decision taken the old way is
-# read again (2: the head's timing slice evaluated before timing; 1 timed its random draws too).
-TIMING_VERSION = 2
+# read again (3: every candidate's forward value evaluated, and the SwiGLU's MLP block adapted
+# through the call the step takes; 2: the head's timing slice evaluated before timing; 1 timed
+# its random draws too).
+TIMING_VERSION = 3
 
 
 def machine_key() -> str:

@@ -4,6 +4,7 @@ CPU build, against float64 (numpy, torch) and against the mx ops they replace.""
 from __future__ import annotations
 
 import gc
+import itertools
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -348,8 +349,15 @@ def test_swiglu_is_timed_inside_the_mlp_of_the_installed_model(tmp_path):
         shapes = list(kc.chooser().decisions)
     finally:
         kc.reset()
-    assert shapes == ["swiglu I136 N128", "swiglu H48 I136 N128 R0", "swiglu H48 I136 N128 R4"]
-    assert len(benches) == 3 and all(sorted(b) == ["fused", "mlx"] for b in benches)
+    # the block with adapters decides their call first: it adapts them as the step will
+    lora = "lora I48 N128 O136 R4"  # gate and up: 48 -> 136 at rank 4, one shape class
+    assert shapes == [
+        "swiglu I136 N128",
+        "swiglu H48 I136 N128 R0",
+        lora,
+        "swiglu H48 I136 N128 R4",
+    ]
+    assert len(benches) == 4 and all(sorted(b) == ["fused", "mlx"] for b in benches)
 
 
 def test_mlp_block_adapts_its_projections_as_lora_linear_does():
@@ -362,8 +370,11 @@ def test_mlp_block_adapts_its_projections_as_lora_linear_does():
     up = LoRALinear(16, 24, r=4, scale=20.0)
     up.linear.weight, (up.lora_a, up.lora_b) = w["up_proj"], adapters["up_proj"]
     want = (nn.silu(x @ w["gate_proj"].T) * up(x)) @ w["down_proj"].T
-    for act in (cpu_kernels._mlx_swiglu, cpu_kernels.swiglu):
-        got = cpu_kernels._mlp_block(w, adapters, act)(x)
+    for act, call in itertools.product(
+        (cpu_kernels._mlx_swiglu, cpu_kernels.swiglu), ("fused", "mlx")
+    ):
+        with kernel_choice.pinned({"lora": call}):
+            got = cpu_kernels._mlp_block(w, adapters, act)(x)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     bare = cpu_kernels._mlp_block(w, {}, cpu_kernels._mlx_swiglu)(x)
     assert not np.allclose(bare, want, rtol=1e-3)  # the adapter changes the output

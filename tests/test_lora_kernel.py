@@ -199,3 +199,23 @@ def test_step_choice_is_what_every_adapted_projection_will_run(winner):
     finally:
         lora_kernel.use(cpu_kernels.enabled())
         kc.reset()
+
+
+def test_timings_adapt_projections_through_the_call_the_step_takes():
+    """The kernels' timings (the SwiGLU's MLP block) adapt a projection as the step will: the
+    fused function where `call` is routed and chose it for the shape, else mlx-lm's."""
+    x, w = mx.ones((5, 8)), mx.ones((6, 8))
+    a, half = mx.ones((8, 2)), mx.ones((5, 8), dtype=mx.float16)
+    try:
+        for routed, pinned, dtype_x, want_fused in [
+            (True, "fused", x, True),
+            (True, "mlx", x, False),
+            (False, "fused", x, False),
+            (True, "fused", half, False),
+        ]:
+            lora_kernel.use(routed)
+            with kc.pinned({"lora": pinned}):
+                got = lora_kernel.adapter(dtype_x, w, a)
+            assert (got is not lora_kernel.mlx_lm_adapter) == want_fused, (routed, pinned)
+    finally:
+        lora_kernel.use(cpu_kernels.enabled())
