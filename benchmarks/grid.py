@@ -25,7 +25,10 @@ mlx_dpo cell whose memory plan does not fit the machine runs with --grad-checkpo
 Where the default trails one of its own variants by more than 5% but by no more than the
 updates' spread (slowest over fastest after warm-up, in either cell), the table says so: run
 that point again with more --steps and --rounds before reading it as a wrong decision.
-Writes <out>.json and <out>.md (default benchmarks/out/grid-<time>).
+Writes <out>.json and <out>.md (default benchmarks/out/grid-<time>), and each process's run in
+<out>.runs; with --resume a command takes up where one with the same --out stopped, keeping the
+runs it finished on this CPU (the table's header counts them: their seconds are from another
+stretch of the machine's time).
 """
 
 from __future__ import annotations
@@ -131,6 +134,32 @@ def run_variant(cmd: list[str], env: dict, timeout: int, out_json: Path) -> dict
     return {"status": status, "returncode": proc.returncode, "stderr": proc.stderr[-2000:]}
 
 
+def earlier_run(out_json: Path, cpu: str) -> dict | None:
+    """With --resume: the run that an earlier command with the same --out finished for this
+    cell and round on this CPU (its JSON in <out>.runs), else None: run it."""
+    try:
+        res = json.loads(out_json.read_text())
+    except (OSError, ValueError):
+        return None
+    return {**res, "resumed": True} if res.get("cpu") == cpu and "step_s_min" in res else None
+
+
+def run_once(cmd: list[str], args, out_json: Path) -> dict:
+    """One cell's process for one round: its result, with the CPU it ran on (for --resume),
+    or the cell that says why it has none."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:  # every side alike: MKL/OpenBLAS/OpenMP (torch's intra-op too)
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[k] = str(args.threads)
+    t0 = time.time()
+    failed = run_variant(cmd, env, args.timeout, out_json)
+    if failed:
+        return failed
+    res = {**json.loads(out_json.read_text()), "wall_s": time.time() - t0, "cpu": cpu_model()}
+    out_json.write_text(json.dumps(res, indent=1))
+    return res
+
+
 def run_point(point, args, root: Path, tmp: Path) -> dict:
     model, length, pairs, dtype = point
     model_dir = checkpoint(model, args.qwen_layers, root)
@@ -143,23 +172,18 @@ def run_point(point, args, root: Path, tmp: Path) -> dict:
             if cmd is None:
                 cells.setdefault(v, {"status": "n/a"})
                 continue
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-            if args.threads:  # every side alike: MKL/OpenBLAS/OpenMP (torch's intra-op too)
-                for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-                    env[k] = str(args.threads)
-            t0 = time.time()
-            failed = run_variant(cmd, env, args.timeout, out_json)
-            if failed:
-                cells[v] = failed
-                print(f"  {v}: {failed['status']}\n{failed.get('stderr', '')[-800:]}", flush=True)
+            res = earlier_run(out_json, cpu_model()) if args.resume else None
+            res = res or run_once(cmd, args, out_json)
+            if "step_s_min" not in res:
+                cells[v] = res
+                print(f"  {v}: {res['status']}\n{res.get('stderr', '')[-800:]}", flush=True)
                 continue
-            res = json.loads(out_json.read_text())
-            res["wall_s"] = time.time() - t0
             cell = cells.setdefault(v, {"status": "ok", "runs": []})
             cell.setdefault("runs", []).append(res)
             cell["status"] = "ok"
             print(f"  {v} round {r}: {res['step_s_min']:.3f} s/update, "
-                  f"RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
+                  f"RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB"
+                  + (" (resumed)" if res.get("resumed") else ""), flush=True)  # fmt: skip
     for cell in cells.values():
         if cell.get("runs"):
             summarize(cell, args.warmup)
@@ -303,16 +327,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=3600, help="seconds per process")
     p.add_argument("--bench-python", default=str(HERE.parent / ".bench-venv" / "bin" / "python"))
     p.add_argument("--out", help="output path without suffix (default benchmarks/out/grid-<time>)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs an earlier command with the same --out finished on this CPU "
+        "(<out>.runs), running only the rest: a grid of many hours taken up where it stopped",
+    )
     return p.parse_args(argv)
 
 
 def header(report: dict) -> str:
     """The line above the table: what the figures were measured on."""
     loads = [report.get(k) or "?" for k in ("load_average_before", "load_average_after")]
-    return (
+    line = (
         f"CPU: {report['cpu']}; BLAS threads: {report['threads']}; load average (1, 5, 15 min) "
         f"before {loads[0]}, after {loads[1]}"
     )
+    points = report.get("points", [])
+    runs = [x for p in points for c in p["cells"].values() for x in c.get("runs", [])]
+    resumed = sum(bool(x.get("resumed")) for x in runs)
+    if resumed:  # their seconds are from another stretch of the machine's time
+        line += f"; {resumed} of {len(runs)} runs resumed from an earlier command (--resume)"
+    return line
 
 
 def main(argv=None) -> dict:

@@ -131,6 +131,37 @@ def test_grid_cell_from_its_rounds():
     assert "spread" not in one  # one update: no spread to speak of
 
 
+def test_grid_resume_keeps_the_runs_finished_on_this_cpu(tmp_path, monkeypatch):
+    """--resume runs only what an earlier command with the same --out did not finish on this
+    CPU: a missing run and one from another CPU run again; without it every run does."""
+    grid = _grid()
+    ran = []
+
+    def fake_run(cmd, env, timeout, out_json):
+        ran.append(out_json.name)
+        run = {"step_s_min": 1.0, "step_times": [2.0, 1.0], "peak_rss_bytes": 1, "load_average": []}
+        out_json.write_text(json.dumps(run))
+
+    monkeypatch.setattr(grid, "checkpoint", lambda *a: tmp_path / "m")
+    monkeypatch.setattr(grid, "command", lambda *a: ["true"])
+    monkeypatch.setattr(grid, "run_variant", fake_run)
+    point, argv = ("5m", 128, 2, "fp32"), ["--variants", "mlx_dpo", "swiglu-off", "--warmup", "1"]
+    grid.run_point(point, grid.parse_args(argv), tmp_path, tmp_path)
+    assert len(ran) == 4  # 2 variants x 2 rounds
+    other = tmp_path / "5m-128-2-fp32-swiglu-off-1.json"
+    other.write_text(json.dumps({**json.loads(other.read_text()), "cpu": "another CPU"}))
+    (tmp_path / "5m-128-2-fp32-mlx_dpo-0.json").unlink()
+    ran.clear()
+    report = grid.run_point(point, grid.parse_args([*argv, "--resume"]), tmp_path, tmp_path)
+    assert sorted(ran) == ["5m-128-2-fp32-mlx_dpo-0.json", "5m-128-2-fp32-swiglu-off-1.json"]
+    assert [bool(x.get("resumed")) for x in report["cells"]["mlx_dpo"]["runs"]] == [False, True]
+    header = grid.header({"cpu": "c", "threads": 1, "points": [report]})
+    assert "2 of 4 runs resumed" in header
+    ran.clear()
+    grid.run_point(point, grid.parse_args(argv), tmp_path, tmp_path)
+    assert len(ran) == 4
+
+
 def test_grid_commands(tmp_path):
     """TRL has no 4-bit CPU path and cannot read the demo's MLX weights: those are n/a; the
     mlx_dpo variants pass their kernel override."""
