@@ -481,3 +481,16 @@ def test_gemm_packed_times_three_calls_of_the_same_product():
         np.testing.assert_allclose(
             y, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4
         )
+
+
+def test_attention_value_times_every_candidate_both_ways(capsys, monkeypatch):
+    """benchmarks/attention_value.py (RESULTS.md 1p): MLX's attention and every flash tile,
+    each timed with the gradient alone and with the value, one row per candidate and shape."""
+    sys.path.insert(0, str(BENCH.parent))
+    import attention_value
+
+    monkeypatch.setattr(attention_value, "SHAPES", [(1, 4, 2, 40, 8)])
+    attention_value.main()
+    rows = [r.split(" | ") for r in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[1] for r in rows] == ["mlx", *cpu_kernels.FLASH_BLOCKS]
+    assert all(r[0] == "1 x 4 (2) x 40 x 8" and float(r[2]) > 0 < float(r[3]) for r in rows)
