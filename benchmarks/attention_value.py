@@ -12,7 +12,6 @@ flash tile at a few grid shapes both ways: the gradient only, and with the value
 
 from __future__ import annotations
 
-import time
 from functools import partial
 
 from mlx_dpo import _blas
@@ -20,6 +19,7 @@ from mlx_dpo import _blas
 _blas.preload()  # the fast BLAS, before the first import of mlx.core
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_attention  # noqa: E402
+from swiglu_in_mlp import best_ms  # noqa: E402
 
 from mlx_dpo import cpu_kernels as ck  # noqa: E402
 
@@ -41,16 +41,6 @@ def timer(fn, arrays, value: bool):
     return lambda: mx.eval(step(*arrays))
 
 
-def best_ms(f, repeats: int = 7) -> float:
-    f()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return min(times) * 1e3
-
-
 def main() -> None:
     candidates = {"mlx": mlx_attention}
     candidates |= {n: partial(ck.scaled_dot_product_attention, block=b) for n, b in ck.FLASH_BLOCKS.items()}  # fmt: skip
@@ -60,7 +50,7 @@ def main() -> None:
         k, v = (ck._normal((B, Hkv, T, D), i) for i in (1, 2))
         for name, f in candidates.items():
             fn = partial(lambda q, k, v, f, s: f(q, k, v, None, s, "causal"), f=f, s=D**-0.5)
-            ms = [best_ms(timer(fn, (q, k, v), value)) for value in (False, True)]
+            ms = [best_ms(timer(fn, (q, k, v), value), 7) for value in (False, True)]
             print(f"{B} x {H} ({Hkv}) x {T} x {D} | {name} | {ms[0]:.1f} | {ms[1]:.1f}", flush=True)
 
 
