@@ -144,9 +144,9 @@ def earlier_run(out_json: Path, cpu: str) -> dict | None:
     return {**res, "resumed": True} if res.get("cpu") == cpu and "step_s_min" in res else None
 
 
-def run_once(cmd: list[str], args, out_json: Path) -> dict:
-    """One cell's process for one round: its result, with the CPU it ran on (for --resume),
-    or the cell that says why it has none."""
+def run_once(cmd: list[str], args, out_json: Path, cpu: str) -> dict:
+    """One cell's process for one round: its result, with the CPU it ran on (`cpu`, for
+    --resume), or the cell that says why it has none."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:  # every side alike: MKL/OpenBLAS/OpenMP (torch's intra-op too)
         for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -155,7 +155,7 @@ def run_once(cmd: list[str], args, out_json: Path) -> dict:
     failed = run_variant(cmd, env, args.timeout, out_json)
     if failed:
         return failed
-    res = {**json.loads(out_json.read_text()), "wall_s": time.time() - t0, "cpu": cpu_model()}
+    res = {**json.loads(out_json.read_text()), "wall_s": time.time() - t0, "cpu": cpu}
     out_json.write_text(json.dumps(res, indent=1))
     return res
 
@@ -163,6 +163,7 @@ def run_once(cmd: list[str], args, out_json: Path) -> dict:
 def run_point(point, args, root: Path, tmp: Path) -> dict:
     model, length, pairs, dtype = point
     model_dir = checkpoint(model, args.qwen_layers, root)
+    cpu = cpu_model()  # read once: every run of the point is on this CPU
     cells: dict[str, dict] = {}
     for r in range(args.rounds):
         order = list(args.variants)[:: 1 if r % 2 == 0 else -1]
@@ -172,8 +173,8 @@ def run_point(point, args, root: Path, tmp: Path) -> dict:
             if cmd is None:
                 cells.setdefault(v, {"status": "n/a"})
                 continue
-            res = earlier_run(out_json, cpu_model()) if args.resume else None
-            res = res or run_once(cmd, args, out_json)
+            res = earlier_run(out_json, cpu) if args.resume else None
+            res = res or run_once(cmd, args, out_json, cpu)
             if "step_s_min" not in res:
                 cells[v] = res
                 print(f"  {v}: {res['status']}\n{res.get('stderr', '')[-800:]}", flush=True)
