@@ -350,11 +350,11 @@ def test_swiglu_is_timed_inside_the_mlp_of_the_installed_model(tmp_path):
     finally:
         kc.reset()
     # the block with adapters decides their call first: it adapts them as the step will
-    lora = "lora I48 N128 O136 R4"  # gate and up: 48 -> 136 at rank 4, one shape class
+    adapters_class = "lora I48 N128 O136 R4"  # gate and up: 48 -> 136 at rank 4, one class
     assert shapes == [
         "swiglu I136 N128",
         "swiglu H48 I136 N128 R0",
-        lora,
+        adapters_class,
         "swiglu H48 I136 N128 R4",
     ]
     assert len(benches) == 4 and all(sorted(b) == ["fused", "mlx"] for b in benches)
