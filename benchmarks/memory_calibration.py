@@ -5,6 +5,7 @@ scipy).
 
     python benchmarks/memory_calibration.py                 # the quick grid, prints the errors
     python benchmarks/memory_calibration.py --grid full --fit --json out.jsonl
+    python benchmarks/memory_calibration.py --grid depth --layouts shared   # one width, 2-16 blocks
 
 Each geometry runs in both layouts (`--layouts rows shared`: two rows per pair, and the shared
 prompt's one row), with every CPU kernel on (`--kernels all=on`, the fused LoRA adapters
@@ -65,6 +66,13 @@ FULL = QUICK + [
     (Spec(256, 4, 4, 2, 704, 8192), [G(1, 64, 64), G(2, 128, 128)], ("lean",), 4),
     (Spec(512, 8, 8, 2, 1408, 32000), [G(2, 128, 128)], ("lean",), 4),
 ]
+# One width (SmolLM2-135M's blocks) at 2, 8 and 16 blocks: the per-block factors against the
+# constant, which the FULL grid's 1-8 block models barely tell apart (RESULTS.md section 1q).
+DEPTH = [
+    (Spec(576, blocks, 9, 3, 1536, 8192), [G(2, 256, 256)], ("lean",), None)
+    for blocks in (2, 8, 16)
+]
+GRIDS = {"quick": QUICK, "full": FULL, "depth": DEPTH}
 
 
 def measure(spec: Spec, geos, paths, quantize, shared: bool = False) -> list[dict]:
@@ -147,7 +155,7 @@ def measure(spec: Spec, geos, paths, quantize, shared: bool = False) -> list[dic
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--grid", choices=["quick", "full"], default="quick")
+    p.add_argument("--grid", choices=list(GRIDS), default="quick")
     p.add_argument("--json", help="write one JSON line per measurement")
     p.add_argument(
         "--fit", action="store_true", help="re-fit the factors (needs scipy; lean fp32 only)"
@@ -170,7 +178,7 @@ def main(argv=None) -> None:
     k, n = map(int, args.part.split("/"))
     items = [
         (spec, [geo], paths, quantize, layout == "shared")
-        for spec, geos, paths, quantize in (QUICK if args.grid == "quick" else FULL)
+        for spec, geos, paths, quantize in GRIDS[args.grid]
         for geo in geos
         for layout in args.layouts
         if not args.fit or (paths == ("lean",) and quantize is None)  # what the fit reads

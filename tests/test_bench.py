@@ -462,6 +462,21 @@ def test_memory_calibration_measures_both_layouts_and_each_adapter_call():
         assert mc._predicted_above(r, r["ckpt"], "fast") > 0
 
 
+def test_memory_calibration_depth_grid_varies_the_blocks_alone():
+    """`--grid depth` (RESULTS.md 1q) separates the per-block factors from the constant only if
+    its models differ in their number of blocks and nothing else."""
+    _grid()
+    import dataclasses
+
+    import memory_calibration as mc
+
+    specs = [spec for spec, _, _, _ in mc.GRIDS["depth"]]
+    depths = [s.num_hidden_layers for s in specs]
+    assert depths == sorted(set(depths)) and depths[-1] >= 4 * depths[0]
+    assert len({dataclasses.replace(s, num_hidden_layers=1) for s in specs}) == 1
+    assert len({(tuple(g), p, q) for _, g, p, q in mc.GRIDS["depth"]}) == 1
+
+
 def test_gemm_packed_times_three_calls_of_the_same_product():
     """benchmarks/gemm_packed.py (RESULTS.md 1n) times what it says: the plain, transposed and
     pre-packed calls each write x W^T."""
