@@ -8,11 +8,11 @@ scipy).
     python benchmarks/memory_calibration.py --grid depth --layouts shared   # one width, 2-16 blocks
 
 Each geometry runs in both layouts (`--layouts rows shared`: two rows per pair, and the shared
-prompt's one row), with every CPU kernel on (`--kernels all=on`, the fused LoRA adapters
-included). The factors' fit reads both: the blocks' from the fused adapters' runs, and the
-extra of mlx-lm's adapters from runs with `--kernels all=on,lora=off` (`--measured a.jsonl b.jsonl
---fit` fits what earlier runs wrote). `--part K/N` runs every N-th configuration from K, to
-spread a full grid over processes.
+prompt's one row), with every CPU kernel on (`--kernels all=on`, the fused LoRA adapters and
+SwiGLU included). The fit reads the blocks' factors off those runs, the extra of mlx-lm's
+adapters off runs with `--kernels all=on,lora=off` and the extra of MLX's SwiGLU off runs with
+`all=on,swiglu=off` (`--measured a.jsonl b.jsonl --fit` fits what earlier runs wrote).
+`--part K/N` runs every N-th configuration from K, to spread a full grid over processes.
 
 Peaks are mx.get_peak_memory() of one update after a warm-up one, minus the live memory before
 it (weights, adapters, optimizer state): the "working" memory the factors describe. The total
@@ -65,6 +65,12 @@ FULL = QUICK + [
     (Spec(256, 4, 4, 2, 704, 8192), [G(1, 64, 64), G(2, 128, 128)], ("plain",), None),
     (Spec(256, 4, 4, 2, 704, 8192), [G(1, 64, 64), G(2, 128, 128)], ("lean",), 4),
     (Spec(512, 8, 8, 2, 1408, 32000), [G(2, 128, 128)], ("lean",), 4),
+    # deep models, so that the fit tells the per-block factors from the constant ones (fitted
+    # on 1-8 blocks alone they planned 30 blocks ~10% high, RESULTS.md section 1q)
+    (Spec(576, 16, 9, 3, 1536, 8192), [G(1, 128, 128)], ("lean",), None),
+    (Spec(256, 12, 4, 2, 704, 8192), [G(2, 64, 64)], ("lean",), None),
+    (Spec(896, 8, 14, 2, 4864, 8192), [G(1, 128, 128)], ("lean",), None),
+    (Spec(384, 24, 6, 2, 1024, 4096), [G(1, 64, 64)], ("lean",), None),
 ]
 # One width (SmolLM2-135M's blocks) at 2, 8 and 16 blocks: the per-block factors against the
 # constant, which the FULL grid's 1-8 block models barely tell apart (RESULTS.md section 1q).
@@ -130,6 +136,7 @@ def measure(spec: Spec, geos, paths, quantize, shared: bool = False) -> list[dic
                     "T_att": memory._padded(geo.row_tokens),
                     "shared": shared,
                     "lora": kernel_choice.chooser().override.get("lora", "mlx"),
+                    "swiglu": kernel_choice.chooser().override.get("swiglu", "mlx"),
                     "ckpt": ckpt,
                     "logps": paths[0],
                     "quantize": quantize,
@@ -142,7 +149,8 @@ def measure(spec: Spec, geos, paths, quantize, shared: bool = False) -> list[dic
             r = out[-1]
             print(
                 f"d={spec.hidden_size} L={spec.num_hidden_layers} V={spec.vocab_size} "
-                f"rows={geo.rows} T={r['T']} shared={shared} lora={r['lora']} ckpt={ckpt} "
+                f"rows={geo.rows} T={r['T']} shared={shared} lora={r['lora']} "
+                f"swiglu={r['swiglu']} ckpt={ckpt} "
                 f"{paths[0]} q={quantize}: measured "
                 f"{r['measured_peak_mb']:.0f} MB ({r['measured_above_mb']:.0f} above), planned "
                 f"{r['planned_mb']:.0f} ({r['planned_above_mb']:.0f}): total x"
@@ -226,14 +234,15 @@ def arch_of(spec: dict, quantized: bool) -> memory_factors.Arch:
 def fit(rows: list[dict]) -> dict:
     """Factors per checkpointing mode, for the mode this process runs in (default or fast CPU
     kernels), from the lean fp32 measurements. With the CPU kernels the blocks' factors come
-    from the fused LoRA adapters' runs and then the extra of mlx-lm's adapters from theirs
-    (`--kernels all=on,lora=off`), over both layouts."""
+    from the runs with every kernel on, over both layouts; then the extra of mlx-lm's adapters
+    from the runs with `--kernels all=on,lora=off` and the extra of MLX's SwiGLU from those
+    with `all=on,swiglu=off`."""
     mode = "fast" if cpu_kernels.enabled() else "default"
     table = memory_factors.FACTORS[mode]
     out = {}
     for ckpt in (False, True):
         sel = [r for r in rows if r["ckpt"] == ckpt and r["logps"] == "lean" and not r["quantize"]]
-        fused = [r for r in sel if r.get("lora", "mlx") == "fused"] if mode == "fast" else sel
+        fused = [r for r in sel if _kernels(r) == ("fused", "fused")] if mode == "fast" else sel
         if not fused:
             continue
 
@@ -243,29 +252,46 @@ def fit(rows: list[dict]) -> dict:
             table["layer"][ckpt] = dict(zip(KEYS, p[8:12], strict=True))
             table["head"][ckpt] = {"tiles": p[12], "hidden": p[13]}
 
-        out[str(ckpt)] = _least_squares(blocks, 14, fused, ckpt, mode)
+        now = [table[k][ckpt][x] for k in ("saved", "retained", "layer") for x in KEYS]
+        now += [table["head"][ckpt][x] for x in ("tiles", "hidden")]
+        out[str(ckpt)] = _least_squares(blocks, now, fused, ckpt, mode)
         out[str(ckpt)]["factors"] = {
             k: table[k][ckpt] for k in ("saved", "retained", "layer", "head")
         }
-        plain = [r for r in sel if r.get("lora", "mlx") == "mlx"] if mode == "fast" else []
-        if plain:
-            extra = memory_factors._ADAPTER_EXTRA[ckpt]
+        if mode != "fast":
+            continue
+        extras = {
+            "mlx-lm adapters": (("mlx", "fused"), memory_factors._ADAPTER_EXTRA[ckpt]),
+            "MLX's SwiGLU": (("fused", "mlx"), memory_factors._SWIGLU_EXTRA[ckpt]),
+        }
+        for name, (kernels, extra) in extras.items():
+            measured = [r for r in sel if _kernels(r) == kernels]
+            if not measured:
+                continue
 
-            def adapters(p, extra=extra):
+            def set_extra(p, extra=extra):
                 extra.update(saved=p[0], layer=p[1])
 
-            out[f"{ckpt} mlx-lm adapters"] = _least_squares(adapters, 2, plain, ckpt, mode)
-            out[f"{ckpt} mlx-lm adapters"]["factors"] = dict(extra)
+            now = [extra["saved"], extra["layer"]]
+            out[f"{ckpt} {name}"] = _least_squares(set_extra, now, measured, ckpt, mode)
+            out[f"{ckpt} {name}"]["factors"] = dict(extra)
     return {"mode": mode, **out}
+
+
+def _kernels(r: dict) -> tuple[str, str]:
+    """A measurement's (LoRA call, SwiGLU)."""
+    return r.get("lora", "mlx"), r.get("swiglu", "mlx")
 
 
 UNDER_WEIGHT = 2.0  # an underestimate costs twice an overestimate: it can run out of memory
 
 
-def _least_squares(set_params, n: int, sel: list[dict], ckpt: bool, mode: str) -> dict:
-    """Fit `n` parameters (set into the tables by `set_params`) to the working memory of `sel`
-    by least squares on the relative error, underestimates weighted UNDER_WEIGHT; the best of
-    6 starts by its largest error. Leaves the best parameters set."""
+def _least_squares(set_params, now: list, sel: list[dict], ckpt: bool, mode: str) -> dict:
+    """Fit the parameters (set into the tables by `set_params`; `now` their current values)
+    to the working memory of `sel` by least squares on the relative error, underestimates
+    weighted UNDER_WEIGHT; the best by its largest error of 7 starts: the current values and
+    6 random ones (with 14 factors, some near-collinear, one start can end far from the best).
+    Leaves the best parameters set."""
     from scipy.optimize import least_squares
 
     y = np.array([r["measured_above_mb"] for r in sel]) * 2**20
@@ -276,8 +302,10 @@ def _least_squares(set_params, n: int, sel: list[dict], ckpt: bool, mode: str) -
         return np.where(err < 0, UNDER_WEIGHT * err, err)
 
     best = None
-    for seed in range(6):
-        p0 = np.random.default_rng(seed).uniform(0.2, 4, n)
+    starts = [np.clip(now, 0, 60)] + [
+        np.random.default_rng(s).uniform(0.2, 4, len(now)) for s in range(6)
+    ]
+    for p0 in starts:
         r = least_squares(residuals, p0, bounds=(0, 60))
         if best is None or np.abs(r.fun).max() < np.abs(best.fun).max():
             best = r
@@ -298,11 +326,12 @@ def summary(rows: list[dict]) -> None:
     for r in rows:
         above = _predicted_above(r, r["ckpt"], mode) / 2**20
         total = r["measured_peak_mb"] - r["measured_above_mb"] + above
-        key = (r.get("lora", "mlx"), "shared" if r.get("shared") else "rows", r["ckpt"])
+        key = (*_kernels(r), "shared" if r.get("shared") else "rows", r["ckpt"])
         groups.setdefault(key, []).append(total / r["measured_peak_mb"])
-    for (lora, layout, ckpt), ratios in sorted(groups.items()):
+    for (lora, swiglu, layout, ckpt), ratios in sorted(groups.items()):
         print(
-            f"lora={lora} {layout} ckpt={ckpt} ({len(ratios)}): planned/measured peak "
+            f"lora={lora} swiglu={swiglu} {layout} ckpt={ckpt} ({len(ratios)}): "
+            "planned/measured peak "
             f"{min(ratios):.2f}-{max(ratios):.2f}, median {np.median(ratios):.2f}"
         )
 
@@ -314,7 +343,7 @@ def _predicted_above(r: dict, ckpt: bool, mode: str) -> float:
     parts, _ = memory_factors.estimate(
         a, rows=r["rows"], T=r["T"], C=r["C"], ckpt=ckpt, lean=True, act=4, lora_params=lora,
         n_states=2, weights=0, shared=r.get("shared", False), T_att=r.get("T_att"),
-        lora=r.get("lora", "mlx"), **KERNELS[mode],
+        lora=r.get("lora", "mlx"), swiglu=r.get("swiglu", "mlx"), **KERNELS[mode],
     )  # fmt: skip
     return sum(parts.values()) - 4 * lora * 3
 

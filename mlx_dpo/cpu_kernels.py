@@ -411,7 +411,7 @@ def step_choices(
     n = T - 1  # the step's inputs: tokens[:, :-1]
     block_rows = rows if block_rows is None else block_rows
     out = {"attention": attention_choice((rows, H, Hkv, (attention_T or T) - 1, D))}
-    if getattr(sys.modules.get(type(model).__module__), "swiglu", None) is auto_swiglu:
+    if swiglu_installed(model):
         out["swiglu"] = swiglu_choice(block_rows * n, inter, ranks=mlp_ranks)
     head = LMHead.from_model(model)
     if head is not None:
@@ -554,6 +554,11 @@ def installed(model) -> bool:
     """Whether `model` runs the measured kernel choice (its mlx-lm module has the dispatchers)."""
     module = sys.modules.get(type(model).__module__)
     return getattr(module, "scaled_dot_product_attention", None) is auto_attention
+
+
+def swiglu_installed(model) -> bool:
+    """Whether `model`'s MLP runs the measured SwiGLU choice (its module's `swiglu` is ours)."""
+    return getattr(sys.modules.get(type(model).__module__), "swiglu", None) is auto_swiglu
 
 
 def install(model, plat: Platform | None = None, *, allowed: bool = True) -> list[str]:

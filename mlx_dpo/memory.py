@@ -168,20 +168,22 @@ def _arch(model: nn.Module, cfg) -> Arch:
     )
 
 
+_PLANNED = ("attention", "head", "lora", "swiglu")  # the kernels that change a step's memory
+
+
 def _planned_kernels(model, kernels: dict | None) -> dict[str, list[str]]:
     """Per kernel that changes the step's memory, the candidates the plan covers: the one
     chosen (`kernels`, from cpu_kernels.step_choices, or forced by MLX_DPO_KERNELS), MLX's
     own where the CPU kernels are not installed, or every candidate where the choice is still
     to be made by timing on the first step (the plan then takes each part's largest)."""
     if not cpu_kernels.installed(model):
-        return {"attention": ["mlx"], "head": ["mlx"], "lora": ["mlx"]}
+        return {k: ["mlx"] for k in _PLANNED}
     from mlx_dpo import kernel_choice
 
     known = {**kernel_choice.chooser().override, **(kernels or {})}
-    return {
-        k: [known[k]] if k in known else list(kernel_choice.CANDIDATES[k])
-        for k in ("attention", "head", "lora")
-    }
+    if not cpu_kernels.swiglu_installed(model):
+        known["swiglu"] = "fused"  # no SwiGLU to choose: the MLP as the factors were fitted
+    return {k: [known[k]] if k in known else list(kernel_choice.CANDIDATES[k]) for k in _PLANNED}
 
 
 def _head_quantized(model) -> bool:
@@ -248,10 +250,10 @@ def plan(
     options = _planned_kernels(model, kernels)
     offered = cpu_kernels.head_candidates(rows * C, arch.vocab)
     heads = [h for h in options["head"] if h in offered]
-    for attention, head, lora in itertools.product(
-        options["attention"], heads or options["head"], options["lora"]
+    for attention, head, lora, swiglu in itertools.product(
+        options["attention"], heads or options["head"], options["lora"], options["swiglu"]
     ):
-        p, n = estimate(arch, **common, attention=attention, head=head, lora=lora)
+        p, n = estimate(arch, **common, attention=attention, head=head, lora=lora, swiglu=swiglu)
         for k, v in p.items():
             if v > parts.get(k, -1):
                 parts[k], notes[k] = v, n[k]

@@ -13,10 +13,11 @@ ops in flight, and the order it evaluates a lazy backward graph in keeps some gr
 alive longer. They were fitted against `mx.get_peak_memory()` of the compiled trainer step on
 MLX 0.32's CPU backend over 160 configurations (hidden 128-768, 1-8 blocks, vocab 1k-152k,
 T 128-2048, with and without checkpointing, fp32 and 4-bit) and land within ~20% of the
-measured peak; the CPU kernels' factors over 144 lean fp32 ones (both layouts, the fused and
-mlx-lm's LoRA adapters), 0.82-1.25x the measured peak, median 0.99-1.04 (benchmarks/
-memory_calibration.py --grid full --fit; the low end at 1-block models of 7-16 MB). On Metal
-and CUDA the structure is the same; the factors were not re-measured there.
+measured peak; the CPU kernels' factors over 202 lean fp32 ones (1-24 blocks, both layouts,
+the fused and mlx-lm's LoRA adapters, the fused and MLX's SwiGLU), 0.82-1.39x the measured
+peak, median 0.99-1.11 by group (benchmarks/memory_calibration.py --grid full --fit; both ends
+at 1-block models of 7-24 MB). On Metal and CUDA the structure is the same; the factors were
+not re-measured there.
 """
 
 from __future__ import annotations
@@ -57,15 +58,15 @@ FACTORS = {
 FACTORS["fast"] = {
     "saved": {
         False: {"qkv": 3.219, "inter": 2.687, "hidden": 1.643, "scores": 1.234},
-        True: {"qkv": 0.0, "inter": 0.845, "hidden": 5.989, "scores": 0.171},
+        True: {"qkv": 0.431, "inter": 0.297, "hidden": 3.732, "scores": 0.135},
     },
     "retained": {
         False: {"qkv": 0.308, "inter": 1.424, "hidden": 1.419, "scores": 0.362},
-        True: {"qkv": 0.002, "inter": 0.0, "hidden": 0.116, "scores": 0.034},
+        True: {"qkv": 0.0, "inter": 0.0, "hidden": 0.072, "scores": 0.02},
     },
     "layer": {
         False: {"qkv": 0.357, "inter": 3.676, "hidden": 2.924, "scores": 1.049},
-        True: {"qkv": 2.774, "inter": 12.542, "hidden": 4.296, "scores": 3.53},
+        True: {"qkv": 2.628, "inter": 14.104, "hidden": 4.241, "scores": 4.435},
     },
     "head": {
         False: {"tiles": 1.843, "hidden": 3.971},
@@ -77,8 +78,20 @@ FACTORS["fast"] = {
 # projections' output widths of one block, kept per differentiated block ("saved") and in one
 # block's working set ("layer"). Fitted by benchmarks/memory_calibration.py --fit.
 _ADAPTER_EXTRA = {
-    False: {"saved": 0.214, "layer": 0.708},
-    True: {"saved": 0.015, "layer": 1.738},
+    False: {"saved": 0.201, "layer": 0.589},
+    True: {"saved": 0.202, "layer": 1.688},
+}
+# MLX's SwiGLU (silu(gate) * up as separate ops) against mlx_dpo.cpu_kernels' fused one, which
+# the "fast" factors were fitted with: what it holds more per token x the MLP's intermediate
+# width, kept per differentiated block ("saved") and in one block's working set ("layer").
+# Measured, not fitted: one more fp32 intermediate-wide tensor per token per block (30 blocks,
+# 8,184 tokens: MLX's peak 2,105 MiB above the fused one's, 0.97 of that tensor; 4 blocks:
+# 5.9 MB, tests/test_memory.py). The calibration's runs with --kernels all=on,swiglu=off
+# (1-24 blocks) fit 0.2 per block + 1.9 in the working set: the two scale alike there, and
+# only depth tells them apart. With --grad-checkpoint it fits 0 (the recompute keeps nothing).
+_SWIGLU_EXTRA = {
+    False: {"saved": 1.0, "layer": 0.0},
+    True: {"saved": 0.0, "layer": 0.0},
 }
 _FULL_LOGITS = 2.62  # plain path: rows x T x vocab fp32 arrays alive at its peak
 # Dequantized fp32 weights kept per block for the backward, in block weights: with MLX's ops
@@ -122,11 +135,13 @@ def estimate(
     shared=False,
     T_att=None,
     lora="mlx",
+    swiglu="mlx",
 ) -> tuple[dict[str, int], dict[str, str]]:
     """The plan's parts (bytes) and notes, from the architecture's numbers alone, for the
     step's `attention` ("mlx" or a key of cpu_kernels.FLASH_BLOCKS), `head` tiles (a key
-    of logps.HEAD_OPTIONS) and LoRA call (`lora`: mlx-lm's "mlx" or the CPU kernels' "fused"
-    everywhere, or the (in, out) widths of the projections that keep mlx-lm's, the rest fused).
+    of logps.HEAD_OPTIONS), LoRA call (`lora`: mlx-lm's "mlx" or the CPU kernels' "fused"
+    everywhere, or the (in, out) widths of the projections that keep mlx-lm's, the rest fused)
+    and SwiGLU (`swiglu`: MLX's ops "mlx" or the CPU kernels' "fused").
     `rows` are the rows the head scores (2 per pair); with `shared` (the shared-prompt layout)
     the blocks run half as many, T tokens long, and attention `rows` rows of `T_att` tokens
     (each answer's own row: the two-row layout's length; default T)."""
@@ -155,12 +170,19 @@ def estimate(
     f = FACTORS[blocks]
     # the "fast" factors were fitted with the fused adapters, the "default" ones with mlx-lm's;
     # the extra counts the projections that keep mlx-lm's call (none when "fused")
-    extra = _ADAPTER_EXTRA[ckpt] if fast else {"saved": 0.0, "layer": 0.0}
+    none = {"saved": 0.0, "layer": 0.0}
+    extra = _ADAPTER_EXTRA[ckpt] if fast else none
     mlx_lm_call = () if lora == "fused" else None if lora == "mlx" else lora  # None: all
     adapted_out = n_tok * _adapted_out_per_block(arch, mlx_lm_call)
+    # likewise MLX's SwiGLU (the "default" factors were fitted with it)
+    mlp = _SWIGLU_EXTRA[ckpt] if fast and swiglu == "mlx" else none
+    mlp_tokens = n_tok * arch.inter
     parts["saved activations"] = int(
-        deep * act * (per_token(f["saved"][ckpt]) + extra["saved"] * adapted_out)
-    )
+        deep * act * (
+            per_token(f["saved"][ckpt]) + extra["saved"] * adapted_out
+            + mlp["saved"] * mlp_tokens
+        )
+    )  # fmt: skip
     notes["saved activations"] = f"{deep} blocks" + (
         ", block inputs (--grad-checkpoint)"
         if ckpt
@@ -183,6 +205,7 @@ def estimate(
         deep * per_token(f["retained"][ckpt])
         + per_token(f["layer"][ckpt])
         + extra["layer"] * adapted_out
+        + mlp["layer"] * mlp_tokens
     )
     head_factors, vocab_tile, kept = _head_tiles(head)
     head, head_note = _head_working_set(

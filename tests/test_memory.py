@@ -211,8 +211,9 @@ def test_plan_covers_either_kernel_when_they_are_chosen_by_timing():
     model = small_model(8192, layers=2)
     cfg = TrainConfig(num_layers=-1)
     plans = {}
-    combos = list(itertools.product(*(kc.CANDIDATES[k] for k in ("attention", "head", "lora"))))
-    forced = [(c, "attention={},head={},lora={}".format(*c)) for c in combos]
+    kernels = ("attention", "head", "lora", "swiglu")
+    combos = list(itertools.product(*(kc.CANDIDATES[k] for k in kernels)))
+    forced = [(c, ",".join(f"{k}={v}" for k, v in zip(kernels, c, strict=True))) for c in combos]
     for name, override in [("either", "")] + forced:
         kc.reset(kc.Chooser(None, kc.parse_override(override), report=lambda _: None))
         try:
@@ -222,21 +223,27 @@ def test_plan_covers_either_kernel_when_they_are_chosen_by_timing():
     if not cpu_kernels.installed(model):
         assert all(p.parts == plans["either"].parts for p in plans.values())
         return
-    assert plans[("flash", "exp", "fused")].parts != plans[("mlx", "mlx", "fused")].parts
+    fast = plans[("flash", "exp", "fused", "fused")]
+    assert fast.parts != plans[("mlx", "mlx", "fused", "fused")].parts
     # mlx-lm's adapters hold more than the fused ones (the "fast" factors are the fused ones'),
     # and where only some projections keep mlx-lm's call, in between
-    fused, plain = (plans[("flash", "exp", c)].total_bytes for c in ("fused", "mlx"))
+    plain = plans[("flash", "exp", "mlx", "fused")].total_bytes
     mlp_only = {"attention": "flash", "head": "exp", "lora": ((128, 384), (384, 128))}  # the MLP
-    assert fused < memory.plan(model, cfg, 512, 4, kernels=mlp_only).total_bytes < plain
+    mlp_only["swiglu"] = "fused"
+    assert fast.total_bytes < memory.plan(model, cfg, 512, 4, kernels=mlp_only).total_bytes < plain
+    # MLX's SwiGLU holds more than the fused one
+    assert plans[("flash", "exp", "fused", "mlx")].total_bytes > fast.total_bytes
     # smaller query blocks hold fewer scores at once
-    sizes = [plans[(a, "exp", "fused")].total_bytes for a in ("flash", "flash-32", "flash-16")]
+    sizes = [
+        plans[(a, "exp", "fused", "fused")].total_bytes for a in ("flash", "flash-32", "flash-16")
+    ]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[2], sizes
     for part, n in plans["either"].parts.items():
         assert n == max(plans[c].parts.get(part, 0) for c in combos)
     # choices handed in are planned as if forced
-    kernels = {"attention": "flash", "head": "exp-wide", "lora": "fused"}
-    known = memory.plan(model, cfg, 512, 4, kernels=kernels)
-    assert known.parts == plans[("flash", "exp-wide", "fused")].parts
+    chosen = {"attention": "flash", "head": "exp-wide", "lora": "fused", "swiglu": "mlx"}
+    known = memory.plan(model, cfg, 512, 4, kernels=chosen)
+    assert known.parts == plans[tuple(chosen.values())].parts
 
 
 def test_plan_for_pairs_decides_the_kernels_its_step_runs():
@@ -253,13 +260,56 @@ def test_plan_for_pairs_decides_the_kernels_its_step_runs():
         plan = memory.plan_for_pairs(model, cfg, pairs)
         expected = [kc.CANDIDATES[k] for k in ("attention", "swiglu", "head")]
         assert sorted(timed) == sorted(expected)
-        kernels = {"attention": "flash", "head": "exp"}  # what fake_measure made them pick
+        # what fake_measure made them pick
+        kernels = {"attention": "flash", "head": "exp", "swiglu": "fused"}
         forced = memory.plan(model, cfg, 160, 4, completion_tokens_per_row=60, kernels=kernels)
         assert plan.parts == forced.parts
         measured_peak(model, cfg, make_batch(2, prompt=100, completion=60, vocab=8192))
         assert len(timed) == 3, timed  # the step on the longest batch found every decision
         swiglu = [k for k in kc.chooser().decisions if k.startswith("swiglu")]
         assert swiglu == ["swiglu H128 I384 N1024 R8"]  # timed with the run's rank-8 adapters
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_plan_follows_the_swiglu_choice(ckpt):
+    """MLX's SwiGLU keeps more for the backward than the fused one (the "fast" factors'): the
+    plan adds its extra per differentiated block where the step will run it, covers it while
+    the choice is open, and is within 25% of the measured peak either way."""
+    from mlx_dpo import kernel_choice as kc
+    from mlx_dpo import memory_factors
+
+    layers, pairs, T = 4, 2, 256
+    model = small_model(8192, layers=layers)
+    if not cpu_kernels.installed(model):
+        pytest.skip("the CPU kernels are not installed on this platform")
+    cfg = TrainConfig(num_layers=-1, batch_size=pairs, grad_checkpoint=ckpt)
+    fixed = "attention=flash,head=exp,lora=fused"
+    planned, peaks = {}, {}
+    for swiglu in ("fused", "mlx", None):
+        override = fixed + (f",swiglu={swiglu}" if swiglu else "")
+        kc.reset(kc.Chooser(None, kc.parse_override(override), report=lambda _: None))
+        try:
+            planned[swiglu] = memory.plan(model, cfg, T, 2 * pairs, completion_tokens_per_row=64)
+            if swiglu:
+                peaks[swiglu] = measured_peak(
+                    small_model(8192, layers=layers), cfg, make_batch(pairs, T - 64, 64, 8192)
+                )
+        finally:
+            kc.reset()
+    extra = memory_factors._SWIGLU_EXTRA[ckpt]
+    tokens = 2 * pairs * (T - 1) * 3 * 128  # rows x inputs x the MLP's intermediate width
+    saved = {k: p.parts["saved activations"] for k, p in planned.items()}
+    assert saved["mlx"] - saved["fused"] == pytest.approx(
+        4 * layers * extra["saved"] * tokens, abs=1
+    )
+    assert planned[None].parts == planned["mlx"].parts  # an open choice: the larger
+    if not ckpt:  # the one more tensor per block, as measured (with checkpointing it is lost
+        # in the recompute's working set, which MLX orders differently with either SwiGLU)
+        more = planned["mlx"].total_bytes - planned["fused"].total_bytes
+        assert peaks["mlx"] - peaks["fused"] == pytest.approx(more, rel=0.5)
+    for swiglu, peak in peaks.items():
+        total = planned[swiglu].total_bytes
+        assert abs(total / peak - 1) < 0.25, f"{swiglu}: {planned[swiglu]}\nmeasured {peak}"
 
 
 def test_the_swiglu_is_planned_with_the_adapters_the_run_will_insert():
