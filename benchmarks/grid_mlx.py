@@ -1,7 +1,7 @@
 """One grid point, one variant, mlx_dpo side: run by grid.py in its own process.
 
 python benchmarks/grid_mlx.py MODEL_DIR --pairs B --length T [--quantize 4] [--kernels SPEC]
-  [--lora-keys KEY ...] [--grad-checkpoint] [--warmup 2] [--steps 3] --json OUT
+  [--lora-keys KEY ...] [--grad-checkpoint] [--plan-only] [--warmup 2] [--steps 3] --json OUT
 
 Loads the checkpoint as `mlx_dpo train` does (set_compute_path: float32 compute on the CPU, the
 kernels chosen per shape class unless --kernels overrides), inserts LoRA r=8 on q/k/v/o/gate/
@@ -11,7 +11,8 @@ when the memory plan does not fit the machine without it, as train's refusal off
 synthetic pairs of T tokens (half prompt, half completion), runs the trainer's compiled step
 (trainer.make_step, through mlx_worker.Step) with a cached reference and writes: the
 marginal seconds per update after warm-up (min and median of --steps), the reference forward's
-pairs/s, the memory plan's parts and the measured peaks (MLX allocator, process RSS).
+pairs/s, the memory plan's parts and the measured peaks (MLX allocator, process RSS);
+--plan-only writes the plan alone (with --kernels forced, nothing is timed: seconds a point).
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ def main(argv=None) -> dict:
         "--available", type=int, default=None,
         help="bytes the plan must fit (default: this machine's, as mlx_dpo train checks)",
     )  # fmt: skip
+    p.add_argument(
+        "--plan-only", action="store_true",
+        help="write the memory plan and stop before the reference pass and the steps",
+    )  # fmt: skip
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", required=True)
@@ -132,6 +137,10 @@ def main(argv=None) -> dict:
         "notes": plan.notes,
         "peak_so_far": plan.peak_so_far,
     }
+    if args.plan_only:  # what the planner says at this point (RESULTS.md 1r re-plans the grid)
+        out["decisions"] = [d.line() for d in kernel_choice.chooser().decisions.values()]
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        return out
     _, batch = make_batch(geo, vocab, 0, share_prompt=share)
     from mlx_worker import reference_logps
 

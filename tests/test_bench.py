@@ -381,6 +381,22 @@ def test_grid_mlx_adapts_only_the_lora_keys_asked(tiny_model_path, tmp_path):
     assert every["trainable_parameters"] > both["trainable_parameters"]
 
 
+def test_grid_mlx_plan_only_writes_the_plan_a_run_makes(tiny_model_path, tmp_path):
+    """--plan-only stops after the plan: the same plan as the full run of the point (the same
+    forced kernels), and nothing timed or trained."""
+    _grid()
+    import grid_mlx
+
+    run = [str(tiny_model_path), "--pairs", "2", "--length", "64", "--kernels", "all=on"]
+    run += ["--warmup", "1", "--steps", "1"]
+    planned = grid_mlx.main([*run, "--plan-only", "--json", str(tmp_path / "plan.json")])
+    full = grid_mlx.main([*run, "--json", str(tmp_path / "run.json")])
+    assert planned["plan"]["arrays"] == full["plan"]["arrays"] > 0
+    assert planned["plan"]["parts"].keys() == full["plan"]["parts"].keys()
+    assert "step_s_min" in full and "step_s_min" not in planned
+    assert json.loads((tmp_path / "plan.json").read_text())["plan"] == planned["plan"]
+
+
 def test_grid_mlx_turns_on_grad_checkpoint_where_the_plan_does_not_fit(tmp_path, monkeypatch):
     """Where `mlx_dpo train` would refuse the point and offer --grad-checkpoint, the grid runs
     it so: between the two plans' needs checkpointing is turned on (in the model too), above
