@@ -6,6 +6,7 @@ scipy).
     python benchmarks/memory_calibration.py                 # the quick grid, prints the errors
     python benchmarks/memory_calibration.py --grid full --fit --json out.jsonl
     python benchmarks/memory_calibration.py --grid depth --layouts shared   # one width, 2-16 blocks
+    python benchmarks/memory_calibration.py --grid deep --layouts shared --checkpointing off
 
 Each geometry runs in both layouts (`--layouts rows shared`: two rows per pair, and the shared
 prompt's one row), with every CPU kernel on (`--kernels all=on`, the fused LoRA adapters and
@@ -78,10 +79,22 @@ DEPTH = [
     (Spec(576, blocks, 9, 3, 1536, 8192), [G(2, 256, 256)], ("lean",), None)
     for blocks in (2, 8, 16)
 ]
-GRIDS = {"quick": QUICK, "full": FULL, "depth": DEPTH}
+# SmolLM2-135M's 30 blocks (a small vocabulary) at 767-6,140 tokens a step: the per-block
+# factors at the grid's depth, short rows and long (RESULTS.md section 1r; --checkpointing off)
+DEEP = [
+    (
+        Spec(576, 30, 9, 3, 1536, 8192),
+        [G(1, 256, 256), G(2, 256, 256), G(2, 512, 512), G(4, 512, 512)],
+        ("lean",),
+        None,
+    )
+]
+GRIDS = {"quick": QUICK, "full": FULL, "depth": DEPTH, "deep": DEEP}
 
 
-def measure(spec: Spec, geos, paths, quantize, shared: bool = False) -> list[dict]:
+def measure(
+    spec: Spec, geos, paths, quantize, shared: bool = False, ckpts=(False, True)
+) -> list[dict]:
     """Planned and measured peaks of one update per geometry, with and without checkpointing,
     in the two-row layout or (`shared`) the shared-prompt one (one row per pair through the
     blocks: what a run of pairs with a common prompt trains with)."""
@@ -94,7 +107,7 @@ def measure(spec: Spec, geos, paths, quantize, shared: bool = False) -> list[dic
         cfg = W.train_config(argparse.Namespace(lora_rank=8, lora_scale=20.0, pairs=geo.pairs))
         # the blocks' row: prompt + both answers when shared; attention runs each answer's own
         length = geo.prompt_len + 2 * geo.completion_len if shared else geo.row_tokens
-        for ckpt in (False, True):
+        for ckpt in ckpts:
             plan = memory.plan(
                 net,
                 replace(cfg, grad_checkpoint=ckpt),
@@ -177,6 +190,10 @@ def main(argv=None) -> None:
     )
     p.add_argument("--kernels", default="all=on", help="MLX_DPO_KERNELS-style override")
     p.add_argument("--part", default="0/1", help="K/N: only every N-th configuration, from K")
+    p.add_argument(
+        "--checkpointing", choices=["both", "off", "on"], default="both",
+        help="measure each step without and/or with --grad-checkpoint",
+    )  # fmt: skip
     p.add_argument("--measured", nargs="+", help="--json files to read instead of measuring")
     args = p.parse_args(argv)
     mx.set_cache_limit(W.BIG_CACHE)
@@ -192,8 +209,9 @@ def main(argv=None) -> None:
         if not args.fit or (paths == ("lean",) and quantize is None)  # what the fit reads
     ][k::n]
     rows = [json.loads(line) for f in args.measured or [] for line in open(f)]
+    ckpts = {"both": (False, True), "off": (False,), "on": (True,)}[args.checkpointing]
     for spec, geos, paths, quantize, shared in [] if args.measured else items:
-        rows += measure(spec, geos, paths, quantize, shared)
+        rows += measure(spec, geos, paths, quantize, shared, ckpts)
         gc.collect()
         mx.clear_cache()
         if args.json:  # as it goes: a long calibration keeps what it measured

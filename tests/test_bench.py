@@ -535,6 +535,14 @@ def test_memory_calibration_depth_grid_varies_the_blocks_alone():
     assert depths == sorted(set(depths)) and depths[-1] >= 4 * depths[0]
     assert len({dataclasses.replace(s, num_hidden_layers=1) for s in specs}) == 1
     assert len({(tuple(g), p, q) for _, g, p, q in mc.GRIDS["depth"]}) == 1
+    # `--grid deep`: the depth grid's width at the grid's 30 blocks, its steps growing in tokens
+    (spec, geos, _, _), *more = mc.GRIDS["deep"]
+    assert not more and spec.num_hidden_layers == 30
+    assert dataclasses.replace(spec, num_hidden_layers=1) == dataclasses.replace(
+        specs[0], num_hidden_layers=1
+    )
+    tokens = [g.pairs * (g.prompt_len + 2 * g.completion_len) for g in geos]
+    assert tokens == sorted(set(tokens))
 
 
 def test_gemm_packed_times_three_calls_of_the_same_product():
