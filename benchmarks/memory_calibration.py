@@ -66,8 +66,9 @@ FULL = QUICK + [
     (Spec(256, 4, 4, 2, 704, 8192), [G(1, 64, 64), G(2, 128, 128)], ("plain",), None),
     (Spec(256, 4, 4, 2, 704, 8192), [G(1, 64, 64), G(2, 128, 128)], ("lean",), 4),
     (Spec(512, 8, 8, 2, 1408, 32000), [G(2, 128, 128)], ("lean",), 4),
-    # deep models, so that the fit tells the per-block factors from the constant ones (fitted
-    # on 1-8 blocks alone they planned 30 blocks ~10% high, RESULTS.md section 1q)
+    # deep models, for the fit to tell the per-block factors from the constant ones: fitted on
+    # 1-8 blocks alone they planned 30 blocks ~10% high (RESULTS.md 1q); with these too, still
+    # 11% (1r: the 1-2 block steps outnumber them)
     (Spec(576, 16, 9, 3, 1536, 8192), [G(1, 128, 128)], ("lean",), None),
     (Spec(256, 12, 4, 2, 704, 8192), [G(2, 64, 64)], ("lean",), None),
     (Spec(896, 8, 14, 2, 4864, 8192), [G(1, 128, 128)], ("lean",), None),
