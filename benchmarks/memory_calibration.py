@@ -96,8 +96,8 @@ GRIDS = {"quick": QUICK, "full": FULL, "depth": DEPTH, "deep": DEEP}
 def measure(
     spec: Spec, geos, paths, quantize, shared: bool = False, ckpts=(False, True)
 ) -> list[dict]:
-    """Planned and measured peaks of one update per geometry, with and without checkpointing,
-    in the two-row layout or (`shared`) the shared-prompt one (one row per pair through the
+    """Planned and measured peaks of one update per geometry, with and/or without
+    checkpointing (`ckpts`), in the two-row layout or (`shared`) the shared-prompt one (one row per pair through the
     blocks: what a run of pairs with a common prompt trains with)."""
     out = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -487,7 +487,7 @@ def test_memory_calibration_fit_recovers_the_factors_it_was_given(monkeypatch):
 
     import memory_calibration as mc
 
-    from mlx_dpo import cpu_kernels, memory_factors
+    from mlx_dpo import cpu_kernels, memory, memory_factors
 
     if not cpu_kernels.enabled():
         pytest.skip("the fast factors are fitted where the CPU kernels run")
@@ -504,8 +504,8 @@ def test_memory_calibration_fit_recovers_the_factors_it_was_given(monkeypatch):
         ):
             T = geo.prompt_len + 2 * geo.completion_len if shared else geo.row_tokens
             r = {
-                "spec": vars(spec), "rows": geo.rows, "T": -(-T // 32) * 32,
-                "C": geo.completion_len, "T_att": -(-geo.row_tokens // 32) * 32,
+                "spec": vars(spec), "rows": geo.rows, "T": memory._padded(T),
+                "C": geo.completion_len, "T_att": memory._padded(geo.row_tokens),
                 "shared": shared, "lora": kernels[0], "swiglu": kernels[1], "ckpt": ckpt,
                 "logps": "lean", "quantize": None,
             }  # fmt: skip
