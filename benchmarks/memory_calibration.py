@@ -5,14 +5,17 @@ scipy).
 
     python benchmarks/memory_calibration.py                 # the quick grid, prints the errors
     python benchmarks/memory_calibration.py --grid full --fit --json out.jsonl
-    python benchmarks/memory_calibration.py --grid depth --layouts shared   # one width, 2-16 blocks
+    python benchmarks/memory_calibration.py --grid depth   # full's deep models at 2 blocks, and more
     python benchmarks/memory_calibration.py --grid deep --layouts shared --checkpointing off
 
 Each geometry runs in both layouts (`--layouts rows shared`: two rows per pair, and the shared
 prompt's one row), with every CPU kernel on (`--kernels all=on`, the fused LoRA adapters and
 SwiGLU included). The fit reads the blocks' factors off those runs, the extra of mlx-lm's
 adapters off runs with `--kernels all=on,lora=off` and the extra of MLX's SwiGLU off runs with
-`all=on,swiglu=off` (`--measured a.jsonl b.jsonl --fit` fits what earlier runs wrote).
+`all=on,swiglu=off` (`--measured a.jsonl b.jsonl --fit` fits what earlier runs wrote). Without
+checkpointing it also fits the slope of each pair of steps that differ in depth alone (`--grid
+depth` holds the full grid's deep models at 2 blocks): the per-block factors, which the many
+1-2 block steps cannot tell from one block's working set.
 `--part K/N` runs every N-th configuration from K, to spread a full grid over processes.
 
 Peaks are mx.get_peak_memory() of one update after a warm-up one, minus the live memory before
@@ -67,16 +70,21 @@ FULL = QUICK + [
     (Spec(256, 4, 4, 2, 704, 8192), [G(1, 64, 64), G(2, 128, 128)], ("lean",), 4),
     (Spec(512, 8, 8, 2, 1408, 32000), [G(2, 128, 128)], ("lean",), 4),
     # deep models, for the fit to tell the per-block factors from the constant ones: fitted on
-    # 1-8 blocks alone they planned 30 blocks ~10% high (RESULTS.md 1q); with these too, still
-    # 11% (1r: the 1-2 block steps outnumber them)
+    # 1-8 blocks alone they planned 30 blocks ~10% high (RESULTS.md 1q), with these too still
+    # 11% (1r); with their 2-block twins (DEPTH) and the fit's slopes, within 2% (1s)
     (Spec(576, 16, 9, 3, 1536, 8192), [G(1, 128, 128)], ("lean",), None),
     (Spec(256, 12, 4, 2, 704, 8192), [G(2, 64, 64)], ("lean",), None),
     (Spec(896, 8, 14, 2, 4864, 8192), [G(1, 128, 128)], ("lean",), None),
     (Spec(384, 24, 6, 2, 1024, 4096), [G(1, 64, 64)], ("lean",), None),
 ]
-# One width (SmolLM2-135M's blocks) at 2, 8 and 16 blocks: the per-block factors against the
-# constant, which the FULL grid's 1-8 block models barely tell apart (RESULTS.md section 1q).
+# The per-block factors against the constant ones, which the FULL grid's 1-8 block models
+# barely tell apart (RESULTS.md sections 1q, 1s): each of FULL's deep models again at 2 blocks
+# (the fit compares each depth pair's slope), and SmolLM2-135M's width at 2, 8 and 16 blocks.
 DEPTH = [
+    (replace(spec, num_hidden_layers=2), geos, paths, quantize)
+    for spec, geos, paths, quantize in FULL
+    if spec.num_hidden_layers >= 8 and quantize is None
+] + [
     (Spec(576, blocks, 9, 3, 1536, 8192), [G(2, 256, 256)], ("lean",), None)
     for blocks in (2, 8, 16)
 ]
@@ -273,7 +281,11 @@ def fit(rows: list[dict]) -> dict:
 
         now = [table[k][ckpt][x] for k in ("saved", "retained", "layer") for x in KEYS]
         now += [table["head"][ckpt][x] for x in ("tiles", "hidden")]
-        out[str(ckpt)] = _least_squares(blocks, now, fused, ckpt, mode)
+        # with checkpointing a block keeps at least its input, one hidden-wide fp32 tensor per
+        # token: unbounded, the fit put that on the other widths (their steps scale alike)
+        low = np.zeros(len(now))
+        low[2] = 1.0 if ckpt else 0.0
+        out[str(ckpt)] = _least_squares(blocks, now, fused, ckpt, mode, slopes=not ckpt, low=low)
         out[str(ckpt)]["factors"] = {
             k: table[k][ckpt] for k in ("saved", "retained", "layer", "head")
         }
@@ -292,7 +304,9 @@ def fit(rows: list[dict]) -> dict:
                 extra.update(saved=p[0], layer=p[1])
 
             now = [extra["saved"], extra["layer"]]
-            out[f"{ckpt} {name}"] = _least_squares(set_extra, now, measured, ckpt, mode)
+            out[f"{ckpt} {name}"] = _least_squares(
+                set_extra, now, measured, ckpt, mode, slopes=not ckpt
+            )
             out[f"{ckpt} {name}"]["factors"] = dict(extra)
     return {"mode": mode, **out}
 
@@ -303,39 +317,79 @@ def _kernels(r: dict) -> tuple[str, str]:
 
 
 UNDER_WEIGHT = 2.0  # an underestimate costs twice an overestimate: it can run out of memory
+# Weight of a depth pair's slope error against one step's error. The 1-2 block steps outnumber
+# the deep ones ~10 to 1, and at their depth a block's factors and one block's working set
+# scale alike: the slopes pin the per-block factors (RESULTS.md 1s). Without checkpointing
+# alone: there MLX's peak grows by the same bytes with each block from 2 to 30 (15 pairs, 1%),
+# with it not (SmolLM2-135M's width: 14.8 MB a block from 2 to 8, 9.3 from 2 to 16), so a
+# 2-block step peaks elsewhere in the update than a deep one.
+SLOPE_WEIGHT = 3.0
 
 
-def _least_squares(set_params, now: list, sel: list[dict], ckpt: bool, mode: str) -> dict:
+def _least_squares(
+    set_params, now: list, sel: list[dict], ckpt: bool, mode: str, slopes: bool = True, low=0.0
+) -> dict:
     """Fit the parameters (set into the tables by `set_params`; `now` their current values)
-    to the working memory of `sel` by least squares on the relative error, underestimates
-    weighted UNDER_WEIGHT; the best by its largest error of 7 starts: the current values and
-    6 random ones (with 14 factors, some near-collinear, one start can end far from the best).
-    Leaves the best parameters set."""
+    to the working memory of `sel` by least squares on the relative error of each step and
+    (with `slopes`, SLOPE_WEIGHT) of each depth pair's difference, underestimates weighted
+    UNDER_WEIGHT, each parameter between `low` and 60; the best by its largest step error of
+    7 starts: the current values and 6 random ones (with 14 factors, some near-collinear, one
+    start can end far from the best). Leaves the best parameters set."""
     from scipy.optimize import least_squares
 
     y = np.array([r["measured_above_mb"] for r in sel]) * 2**20
+    pairs = np.array(_depth_pairs(sel) if slopes else [], dtype=int).reshape(-1, 2)
+    dy = y[pairs[:, 1]] - y[pairs[:, 0]]
+
+    def errors(p):
+        set_params(p)
+        pred = np.array([_predicted_above(r, ckpt, mode) for r in sel])
+        err = np.concatenate([pred / y - 1, (pred[pairs[:, 1]] - pred[pairs[:, 0]]) / dy - 1])
+        return err, len(sel)
 
     def residuals(p):
-        set_params(p)
-        err = np.array([_predicted_above(r, ckpt, mode) for r in sel]) / y - 1
-        return np.where(err < 0, UNDER_WEIGHT * err, err)
+        err, n = errors(p)
+        err = np.where(err < 0, UNDER_WEIGHT * err, err)
+        err[n:] *= SLOPE_WEIGHT
+        return err
 
     best = None
-    starts = [np.clip(now, 0, 60)] + [
-        np.random.default_rng(s).uniform(0.2, 4, len(now)) for s in range(6)
+    starts = [np.clip(now, low, 60)] + [
+        np.maximum(np.random.default_rng(s).uniform(0.2, 4, len(now)), low) for s in range(6)
     ]
     for p0 in starts:
-        r = least_squares(residuals, p0, bounds=(0, 60))
-        if best is None or np.abs(r.fun).max() < np.abs(best.fun).max():
+        # the parts are whole bytes: a default finite-difference step (1e-8 of a factor) moves
+        # them by less than one, and the fit stopped where it started
+        r = least_squares(residuals, p0, bounds=(low, 60), diff_step=1e-3)
+        if best is None or np.abs(r.fun[: len(sel)]).max() < np.abs(best.fun[: len(sel)]).max():
             best = r
-    set_params(best.x)
-    err = np.array([_predicted_above(r, ckpt, mode) for r in sel]) / y - 1
+    err, n = errors(best.x)
     return {
-        "n": len(sel),
-        "max_over": float(err.max()),
-        "max_under": float(-err.min()),
-        "median_abs_err": float(np.median(np.abs(err))),
+        "n": n,
+        "max_over": float(err[:n].max()),
+        "max_under": float(-err[:n].min()),
+        "median_abs_err": float(np.median(np.abs(err[:n]))),
+        "depth_pairs": len(pairs),
+        "slope_err": [float(err[n:].min(initial=0)), float(err[n:].max(initial=0))],
     }
+
+
+def _depth_pairs(sel: list[dict]) -> list[tuple[int, int]]:
+    """Indices (shallow, deep) of the steps in `sel` that differ in their number of blocks
+    alone: each against the shallowest of its kind."""
+    groups: dict[str, list[tuple[int, int]]] = {}
+    for i, r in enumerate(sel):
+        s = Spec(**r["spec"])
+        widths = (s.hidden_size, s.num_attention_heads, s.num_key_value_heads,
+                  s.intermediate_size, s.vocab_size)  # fmt: skip
+        step = (r["rows"], r["T"], r["C"], r.get("T_att"), r.get("shared", False), r["ckpt"])
+        key = repr((widths, step, _kernels(r), r["logps"], r["quantize"]))
+        groups.setdefault(key, []).append((s.num_hidden_layers, i))
+    pairs = []
+    for steps in groups.values():
+        (low, first), *rest = sorted(steps)
+        pairs += [(first, i) for blocks, i in rest if blocks > low]
+    return pairs
 
 
 def summary(rows: list[dict]) -> None:

@@ -480,8 +480,9 @@ def test_memory_calibration_measures_both_layouts_and_each_adapter_call():
 
 def test_memory_calibration_fit_recovers_the_factors_it_was_given(monkeypatch):
     """Working memory made by the estimate itself, with known factors, over the full grid's
-    geometries (both layouts, each kernel set): the fit, started elsewhere, lands on factors
-    that predict it again, the extra of MLX's SwiGLU among them."""
+    and depth grids' geometries (both layouts, each kernel set): the fit, started elsewhere,
+    lands on factors that predict it again, each step and each depth pair's difference, the
+    extra of MLX's SwiGLU among them."""
     _grid()
     import copy
 
@@ -496,7 +497,7 @@ def test_memory_calibration_fit_recovers_the_factors_it_was_given(monkeypatch):
     truth = {False: {"saved": 0.8, "layer": 1.3}, True: {"saved": 0.0, "layer": 1.7}}
     memory_factors._SWIGLU_EXTRA.update(copy.deepcopy(truth))
     rows = []
-    for spec, geos, paths, quantize in mc.GRIDS["full"]:
+    for spec, geos, paths, quantize in mc.GRIDS["full"] + mc.GRIDS["depth"]:
         if paths != ("lean",) or quantize:
             continue
         for geo, shared, ckpt, kernels in itertools.product(
@@ -512,37 +513,61 @@ def test_memory_calibration_fit_recovers_the_factors_it_was_given(monkeypatch):
             r["measured_above_mb"] = mc._predicted_above(r, ckpt, "fast") / 2**20
             rows.append(r)
     memory_factors._SWIGLU_EXTRA.update({c: {"saved": 3.0, "layer": 3.0} for c in truth})
+    for table in memory_factors.FACTORS["fast"].values():  # every start away from the truth
+        for factors in table.values():
+            factors.update({k: 1.3 * v + 0.1 for k, v in factors.items()})
     fitted = mc.fit(rows)
     errors = [
         mc._predicted_above(r, r["ckpt"], "fast") / 2**20 / r["measured_above_mb"] - 1 for r in rows
     ]
-    assert max(map(abs, errors)) < 0.05  # 7 starts of a bounded fit: near, not exact
+    # the estimate's parts are whole bytes: a fit whose finite differences move them by less
+    # than one never leaves its start (0.07 here from the starts above, 0.001 now)
+    assert max(map(abs, errors)) < 0.01
+    # the depth pairs' slopes without checkpointing (with it the peak moves within the update)
+    assert fitted["False"]["depth_pairs"] >= len(mc.GRIDS["depth"])
+    assert max(map(abs, fitted["False"]["slope_err"])) < 0.05
+    assert fitted["True"]["depth_pairs"] == 0
     # per block and in one block's working set both scale with tokens x width: told apart by
     # the models' depths alone, so recovered only roughly
     assert fitted["False MLX's SwiGLU"]["factors"]["saved"] == pytest.approx(0.8, abs=0.1)
 
 
 def test_memory_calibration_depth_grid_varies_the_blocks_alone():
-    """`--grid depth` (RESULTS.md 1q) separates the per-block factors from the constant only if
-    its models differ in their number of blocks and nothing else."""
+    """`--grid depth` (RESULTS.md 1q, 1s) separates the per-block factors from the constant only
+    if each of its models has a twin, in it or in the full grid, that differs in its number of
+    blocks and nothing else; the fit pairs exactly those steps."""
     _grid()
     import dataclasses
 
     import memory_calibration as mc
 
-    specs = [spec for spec, _, _, _ in mc.GRIDS["depth"]]
-    depths = [s.num_hidden_layers for s in specs]
-    assert depths == sorted(set(depths)) and depths[-1] >= 4 * depths[0]
-    assert len({dataclasses.replace(s, num_hidden_layers=1) for s in specs}) == 1
-    assert len({(tuple(g), p, q) for _, g, p, q in mc.GRIDS["depth"]}) == 1
-    # `--grid deep`: the depth grid's width at the grid's 30 blocks, its steps growing in tokens
+    def kind(item):
+        spec, geos, paths, quantize = item
+        return dataclasses.replace(spec, num_hidden_layers=1), tuple(geos), paths, quantize
+
+    both = mc.GRIDS["depth"] + mc.GRIDS["full"]
+    for item in mc.GRIDS["depth"]:
+        depths = {twin[0].num_hidden_layers for twin in both if kind(twin) == kind(item)}
+        assert len(depths) >= 2 and max(depths) >= 4 * min(depths), item
+    # `--grid deep`: the depth grid's last width at the grid's 30 blocks, its steps growing
     (spec, geos, _, _), *more = mc.GRIDS["deep"]
     assert not more and spec.num_hidden_layers == 30
-    assert dataclasses.replace(spec, num_hidden_layers=1) == dataclasses.replace(
-        specs[0], num_hidden_layers=1
-    )
+    assert kind((spec, [], (), None))[0] == kind(mc.GRIDS["depth"][-1])[0]
     tokens = [g.pairs * (g.prompt_len + 2 * g.completion_len) for g in geos]
     assert tokens == sorted(set(tokens))
+    # the pairs: each step against the shallowest step of its kind, none across kinds
+    row = {"rows": 2, "T": 128, "C": 64, "T_att": 128, "shared": False, "ckpt": False,
+           "lora": "fused", "swiglu": "fused", "logps": "lean", "quantize": None}  # fmt: skip
+    spec = vars(mc.GRIDS["deep"][0][0])
+    sel = [
+        {**row, "spec": {**spec, "num_hidden_layers": 8}},
+        {**row, "spec": {**spec, "num_hidden_layers": 2}},
+        {**row, "spec": {**spec, "num_hidden_layers": 16}},
+        {**row, "spec": {**spec, "num_hidden_layers": 16}, "T": 256},
+        {**row, "spec": {**spec, "num_hidden_layers": 2}, "ckpt": True},
+        {**row, "spec": {**spec, "num_hidden_layers": 8, "hidden_size": 512}},
+    ]
+    assert sorted(mc._depth_pairs(sel)) == [(1, 0), (1, 2)]
 
 
 def test_gemm_packed_times_three_calls_of_the_same_product():
