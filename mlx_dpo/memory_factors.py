@@ -13,11 +13,12 @@ ops in flight, and the order it evaluates a lazy backward graph in keeps some gr
 alive longer. They were fitted against `mx.get_peak_memory()` of the compiled trainer step on
 MLX 0.32's CPU backend over 160 configurations (hidden 128-768, 1-8 blocks, vocab 1k-152k,
 T 128-2048, with and without checkpointing, fp32 and 4-bit) and land within ~20% of the
-measured peak; the CPU kernels' factors over 202 lean fp32 ones (1-24 blocks, both layouts,
-the fused and mlx-lm's LoRA adapters, the fused and MLX's SwiGLU), 0.82-1.39x the measured
-peak, median 0.99-1.11 by group (benchmarks/memory_calibration.py --grid full --fit; both ends
-at 1-block models of 7-24 MB). On Metal and CUDA the structure is the same; the factors were
-not re-measured there.
+measured peak; the CPU kernels' factors over 235 lean fp32 ones (1-30 blocks, both layouts,
+the fused and mlx-lm's LoRA adapters, the fused and MLX's SwiGLU) and, without checkpointing,
+the growth of the peak with depth (17 pairs of one step at 2 and 8-30 blocks, each within 2%):
+0.91-1.11x the measured peak without checkpointing and 0.88-1.46x with it, median 1.00-1.09
+by group (benchmarks/memory_calibration.py --grid full/depth --fit; RESULTS.md section 1s).
+On Metal and CUDA the structure is the same; the factors were not re-measured there.
 """
 
 from __future__ import annotations
@@ -52,25 +53,27 @@ FACTORS = {
 # With mlx_dpo.cpu_kernels (x86 CPU): flash attention ("scores" is then rows x heads x block x T,
 # one query block of 64, 32 or 16), the fast exp in 2048-wide head tiles, the fused LoRA
 # adapters. Fitted by benchmarks/memory_calibration.py --fit with every kernel on, over both
-# layouts (two rows per pair, the shared prompt's one); a step that mixes them (the kernels are
-# chosen one by one) takes the blocks' factors from its attention, the head's from its head
-# tiles, and adds _ADAPTER_EXTRA where the adapters keep mlx-lm's call.
+# layouts (two rows per pair, the shared prompt's one), the per-block factors pinned by depth
+# pairs (the earlier ones counted 11% too much per block at 30 blocks: RESULTS.md 1s); with
+# --grad-checkpoint a block keeps at least its input (hidden >= 1). A step that mixes kernels
+# (they are chosen one by one) takes the blocks' factors from its attention, the head's from
+# its head tiles, and adds _ADAPTER_EXTRA where the adapters keep mlx-lm's call.
 FACTORS["fast"] = {
     "saved": {
-        False: {"qkv": 3.219, "inter": 2.687, "hidden": 1.643, "scores": 1.234},
-        True: {"qkv": 0.431, "inter": 0.297, "hidden": 3.732, "scores": 0.135},
+        False: {"qkv": 1.804, "inter": 3.897, "hidden": 2.434, "scores": 2.663},
+        True: {"qkv": 0.041, "inter": 0.483, "hidden": 1.012, "scores": 0.005},
     },
     "retained": {
-        False: {"qkv": 0.308, "inter": 1.424, "hidden": 1.419, "scores": 0.362},
-        True: {"qkv": 0.0, "inter": 0.0, "hidden": 0.072, "scores": 0.02},
+        False: {"qkv": 0.001, "inter": 0.006, "hidden": 0.013, "scores": 0.011},
+        True: {"qkv": 0.913, "inter": 0.001, "hidden": 0.006, "scores": 0.003},
     },
     "layer": {
-        False: {"qkv": 0.357, "inter": 3.676, "hidden": 2.924, "scores": 1.049},
-        True: {"qkv": 2.628, "inter": 14.104, "hidden": 4.241, "scores": 4.435},
+        False: {"qkv": 0.015, "inter": 3.281, "hidden": 8.215, "scores": 1.653},
+        True: {"qkv": 0.478, "inter": 13.929, "hidden": 12.991, "scores": 4.566},
     },
     "head": {
-        False: {"tiles": 1.843, "hidden": 3.971},
-        True: {"tiles": 1.395, "hidden": 2.463},
+        False: {"tiles": 1.525, "hidden": 17.369},
+        True: {"tiles": 1.596, "hidden": 0.102},
     },
 }
 # mlx-lm's LoRA call (x W^T + scale (x A) B) against mlx_dpo.lora_kernel's fused one, which the
@@ -78,8 +81,8 @@ FACTORS["fast"] = {
 # projections' output widths of one block, kept per differentiated block ("saved") and in one
 # block's working set ("layer"). Fitted by benchmarks/memory_calibration.py --fit.
 _ADAPTER_EXTRA = {
-    False: {"saved": 0.201, "layer": 0.589},
-    True: {"saved": 0.202, "layer": 1.688},
+    False: {"saved": 0.07, "layer": 1.102},
+    True: {"saved": 0.255, "layer": 1.484},
 }
 # MLX's SwiGLU (silu(gate) * up as separate ops) against mlx_dpo.cpu_kernels' fused one, which
 # the "fast" factors were fitted with: what it holds more per token x the MLP's intermediate
@@ -87,8 +90,9 @@ _ADAPTER_EXTRA = {
 # Measured, not fitted: one more fp32 intermediate-wide tensor per token per block (30 blocks,
 # 8,184 tokens: MLX's peak 2,105 MiB above the fused one's, 0.97 of that tensor; 4 blocks:
 # 5.9 MB, tests/test_memory.py). The calibration's runs with --kernels all=on,swiglu=off
-# (1-24 blocks) fit 0.2 per block + 1.9 in the working set: the two scale alike there, and
-# only depth tells them apart. With --grad-checkpoint it fits 0 (the recompute keeps nothing).
+# (1-24 blocks, no depth pairs) fit 0.2-0.75 per block and the rest in the working set: the two
+# scale alike there, and only depth tells them apart. With --grad-checkpoint it fits 0 (the
+# recompute keeps nothing).
 _SWIGLU_EXTRA = {
     False: {"saved": 1.0, "layer": 0.0},
     True: {"saved": 0.0, "layer": 0.0},
