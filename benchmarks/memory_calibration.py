@@ -339,6 +339,7 @@ def _least_squares(
 
     y = np.array([r["measured_above_mb"] for r in sel]) * 2**20
     pairs = np.array(_depth_pairs(sel) if slopes else [], dtype=int).reshape(-1, 2)
+    pairs = pairs[y[pairs[:, 1]] > y[pairs[:, 0]]]  # a slope only where the peak grew
     dy = y[pairs[:, 1]] - y[pairs[:, 0]]
 
     def errors(p):
