@@ -284,7 +284,7 @@ def fit(rows: list[dict]) -> dict:
         # with checkpointing a block keeps at least its input, one hidden-wide fp32 tensor per
         # token: unbounded, the fit put that on the other widths (their steps scale alike)
         low = np.zeros(len(now))
-        low[2] = 1.0 if ckpt else 0.0
+        low[KEYS.index("hidden")] = 1.0 if ckpt else 0.0  # saved's hidden: now's third
         out[str(ckpt)] = _least_squares(blocks, now, fused, ckpt, mode, slopes=not ckpt, low=low)
         out[str(ckpt)]["factors"] = {
             k: table[k][ckpt] for k in ("saved", "retained", "layer", "head")
@@ -342,14 +342,15 @@ def _least_squares(
     pairs = pairs[y[pairs[:, 1]] > y[pairs[:, 0]]]  # a slope only where the peak grew
     dy = y[pairs[:, 1]] - y[pairs[:, 0]]
 
+    n = len(sel)  # the steps' errors come first, then the pairs'
+
     def errors(p):
         set_params(p)
         pred = np.array([_predicted_above(r, ckpt, mode) for r in sel])
-        err = np.concatenate([pred / y - 1, (pred[pairs[:, 1]] - pred[pairs[:, 0]]) / dy - 1])
-        return err, len(sel)
+        return np.concatenate([pred / y - 1, (pred[pairs[:, 1]] - pred[pairs[:, 0]]) / dy - 1])
 
     def residuals(p):
-        err, n = errors(p)
+        err = errors(p)
         err = np.where(err < 0, UNDER_WEIGHT * err, err)
         err[n:] *= SLOPE_WEIGHT
         return err
@@ -362,9 +363,9 @@ def _least_squares(
         # the parts are whole bytes: a default finite-difference step (1e-8 of a factor) moves
         # them by less than one, and the fit stopped where it started
         r = least_squares(residuals, p0, bounds=(low, 60), diff_step=1e-3)
-        if best is None or np.abs(r.fun[: len(sel)]).max() < np.abs(best.fun[: len(sel)]).max():
+        if best is None or np.abs(r.fun[:n]).max() < np.abs(best.fun[:n]).max():
             best = r
-    err, n = errors(best.x)
+    err = errors(best.x)
     return {
         "n": n,
         "max_over": float(err[:n].max()),
@@ -378,13 +379,11 @@ def _least_squares(
 def _depth_pairs(sel: list[dict]) -> list[tuple[int, int]]:
     """Indices (shallow, deep) of the steps in `sel` that differ in their number of blocks
     alone: each against the shallowest of its kind."""
-    groups: dict[str, list[tuple[int, int]]] = {}
+    groups: dict[tuple, list[tuple[int, int]]] = {}
     for i, r in enumerate(sel):
         s = Spec(**r["spec"])
-        widths = (s.hidden_size, s.num_attention_heads, s.num_key_value_heads,
-                  s.intermediate_size, s.vocab_size)  # fmt: skip
         step = (r["rows"], r["T"], r["C"], r.get("T_att"), r.get("shared", False), r["ckpt"])
-        key = repr((widths, step, _kernels(r), r["logps"], r["quantize"]))
+        key = (replace(s, num_hidden_layers=0), step, _kernels(r), r["logps"], r["quantize"])
         groups.setdefault(key, []).append((s.num_hidden_layers, i))
     pairs = []
     for steps in groups.values():
