@@ -17,6 +17,10 @@ checkpointing it also fits the slope of each pair of steps that differ in depth 
 depth` holds the full grid's deep models at 2 blocks): the per-block factors, which the many
 1-2 block steps cannot tell from one block's working set.
 `--part K/N` runs every N-th configuration from K, to spread a full grid over processes.
+MLX's own operations' factors (Metal, CUDA, arm CPUs, a step without the kernels) are fitted
+the same way with the kernels opted out (RESULTS.md section 1t):
+
+    MLX_DPO_NO_FAST_EXP=1 python benchmarks/memory_calibration.py --grid full --fit --kernels all=off --json off.jsonl
 
 Peaks are mx.get_peak_memory() of one update after a warm-up one, minus the live memory before
 it (weights, adapters, optimizer state): the "working" memory the factors describe. The total

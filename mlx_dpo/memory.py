@@ -182,7 +182,7 @@ def _planned_kernels(model, kernels: dict | None) -> dict[str, list[str]]:
 
     known = {**kernel_choice.chooser().override, **(kernels or {})}
     if not cpu_kernels.swiglu_installed(model):
-        known["swiglu"] = "fused"  # no SwiGLU to choose: the MLP as the factors were fitted
+        known["swiglu"] = "none"  # no SwiGLU to choose: the MLP as the factors were fitted
     return {k: [known[k]] if k in known else list(kernel_choice.CANDIDATES[k]) for k in _PLANNED}
 
 

@@ -11,13 +11,17 @@ block's backward and the log-prob head's working set.
 The per-token and per-tile factors are not all derivable by hand: MLX's scheduler keeps ~10
 ops in flight, and the order it evaluates a lazy backward graph in keeps some gradient inputs
 alive longer. They were fitted against `mx.get_peak_memory()` of the compiled trainer step on
-MLX 0.32's CPU backend over 160 configurations (hidden 128-768, 1-8 blocks, vocab 1k-152k,
-T 128-2048, with and without checkpointing, fp32 and 4-bit) and land within ~20% of the
-measured peak; the CPU kernels' factors over 235 lean fp32 ones (1-30 blocks, both layouts,
-the fused and mlx-lm's LoRA adapters, the fused and MLX's SwiGLU) and, without checkpointing,
-the growth of the peak with depth (17 pairs of one step at 2 and 8-30 blocks, each within 2%):
-0.91-1.11x the measured peak without checkpointing and 0.88-1.46x with it, median 1.00-1.09
-by group (benchmarks/memory_calibration.py --grid full/depth --fit; RESULTS.md section 1s).
+MLX 0.32's CPU backend: MLX's own operations' ("default": the CPU kernels opted out) over 134
+lean fp32 steps (hidden 128-896, 1-30 blocks, vocab 1k-152k, T 128-2048, both layouts) and 18
+depth pairs (each within 3%), 0.90-1.15x the measured peak without checkpointing and 0.80-1.37x
+with it (0.92-1.14x from hidden 256 up; RESULTS.md section 1t); the CPU kernels' factors over
+235 lean fp32 ones (1-30 blocks, both layouts, the fused and mlx-lm's LoRA adapters, the fused
+and MLX's SwiGLU) and, without checkpointing, the growth of the peak with depth (17 pairs of one
+step at 2 and 8-30 blocks, each within 2%): 0.91-1.11x the measured peak without checkpointing
+and 0.88-1.46x with it, median 1.00-1.09 by group (benchmarks/memory_calibration.py --grid
+full/depth --fit; RESULTS.md section 1s). A step that runs MLX's attention with the fused
+SwiGLU or adapters (MLX_DPO_KERNELS=attention=off) takes the "default" factors less the
+extras below.
 On Metal and CUDA the structure is the same; the factors were not re-measured there.
 """
 
@@ -33,20 +37,20 @@ from mlx_dpo import cpu_kernels, logps
 FACTORS = {
     "default": {
         "saved": {  # kept from the forward for the backward, per differentiated block
-            False: {"qkv": 2.126, "inter": 3.536, "hidden": 3.261, "scores": 0.635},
-            True: {"qkv": 0.58, "inter": 1.03, "hidden": 2.539, "scores": 0.061},
+            False: {"qkv": 1.693, "inter": 5.173, "hidden": 3.675, "scores": 1.043},
+            True: {"qkv": 0.642, "inter": 0.83, "hidden": 1.013, "scores": 0.004},
         },
         "retained": {  # gradient inputs held until the LoRA gradients run (backward only)
-            False: {"qkv": 0.752, "inter": 0.231, "hidden": 1.74, "scores": 0.736},
-            True: {"qkv": 0.598, "inter": 0.05, "hidden": 0.115, "scores": 0.057},
+            False: {"qkv": 0.0, "inter": 0.0, "hidden": 0.0, "scores": 0.0},
+            True: {"qkv": 0.021, "inter": 0.002, "hidden": 0.635, "scores": 0.107},
         },
         "layer": {  # one block's forward + backward working set (with its recompute)
-            False: {"qkv": 1.132, "inter": 5.495, "hidden": 8.897, "scores": 1.043},
-            True: {"qkv": 6.239, "inter": 9.493, "hidden": 14.285, "scores": 2.743},
+            False: {"qkv": 0.001, "inter": 3.742, "hidden": 21.574, "scores": 1.761},
+            True: {"qkv": 4.199, "inter": 13.87, "hidden": 10.819, "scores": 3.298},
         },
         "head": {
-            False: {"tiles": 0.976, "hidden": 23.898},
-            True: {"tiles": 0.583, "hidden": 50.82},
+            False: {"tiles": 1.086, "hidden": 12.649},
+            True: {"tiles": 0.759, "hidden": 51.078},
         },
     },
 }
@@ -145,7 +149,8 @@ def estimate(
     step's `attention` ("mlx" or a key of cpu_kernels.FLASH_BLOCKS), `head` tiles (a key
     of logps.HEAD_OPTIONS), LoRA call (`lora`: mlx-lm's "mlx" or the CPU kernels' "fused"
     everywhere, or the (in, out) widths of the projections that keep mlx-lm's, the rest fused)
-    and SwiGLU (`swiglu`: MLX's ops "mlx" or the CPU kernels' "fused").
+    and SwiGLU (`swiglu`: MLX's ops "mlx", the CPU kernels' "fused", or "none": an MLP the
+    kernels do not replace, as the factors were fitted).
     `rows` are the rows the head scores (2 per pair); with `shared` (the shared-prompt layout)
     the blocks run half as many, T tokens long, and attention `rows` rows of `T_att` tokens
     (each answer's own row: the two-row layout's length; default T)."""
@@ -172,15 +177,17 @@ def estimate(
     )
     blocks = "fast" if fast else "default"
     f = FACTORS[blocks]
-    # the "fast" factors were fitted with the fused adapters, the "default" ones with mlx-lm's;
-    # the extra counts the projections that keep mlx-lm's call (none when "fused")
-    none = {"saved": 0.0, "layer": 0.0}
-    extra = _ADAPTER_EXTRA[ckpt] if fast else none
+    # the "fast" factors were fitted with the fused adapters, the "default" ones with mlx-lm's:
+    # the extra adds mlx-lm's call's for the projections that keep it (none when "fused") to
+    # the former, and takes it off the latter for the fused ones (a step with MLX's attention
+    # and the fused adapters: MLX_DPO_KERNELS=attention=off)
+    extra = _ADAPTER_EXTRA[ckpt]
     mlx_lm_call = () if lora == "fused" else None if lora == "mlx" else lora  # None: all
-    adapted_out = n_tok * _adapted_out_per_block(arch, mlx_lm_call)
+    mlx_lm_out = _adapted_out_per_block(arch, mlx_lm_call)
+    adapted_out = n_tok * (mlx_lm_out if fast else mlx_lm_out - _adapted_out_per_block(arch))
     # likewise MLX's SwiGLU (the "default" factors were fitted with it)
-    mlp = _SWIGLU_EXTRA[ckpt] if fast and swiglu == "mlx" else none
-    mlp_tokens = n_tok * arch.inter
+    mlp = _SWIGLU_EXTRA[ckpt]
+    mlp_tokens = n_tok * arch.inter * ((swiglu == "mlx") if fast else -(swiglu == "fused"))
     parts["saved activations"] = int(
         deep * act * (
             per_token(f["saved"][ckpt]) + extra["saved"] * adapted_out
