@@ -112,6 +112,9 @@ def measure(
     checkpointing (`ckpts`), in the two-row layout or (`shared`) the shared-prompt one (one row per pair through the
     blocks: what a run of pairs with a common prompt trains with)."""
     out = []
+    # the kernels the steps run: with them opted out MLX's, whatever --kernels says (the
+    # "default" factors take the fused ones' extras off)
+    ran = kernel_choice.chooser().override if cpu_kernels.enabled() else {}
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(tmp, spec)
         net, _ = W.load_model(tmp, quantize, share_prompt=shared)
@@ -161,8 +164,8 @@ def measure(
                     "C": int(batch.positions.shape[1]),
                     "T_att": memory._padded(geo.row_tokens),
                     "shared": shared,
-                    "lora": kernel_choice.chooser().override.get("lora", "mlx"),
-                    "swiglu": kernel_choice.chooser().override.get("swiglu", "mlx"),
+                    "lora": ran.get("lora", "mlx"),
+                    "swiglu": ran.get("swiglu", "mlx"),
                     "ckpt": ckpt,
                     "logps": paths[0],
                     "quantize": quantize,
